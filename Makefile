@@ -1,0 +1,54 @@
+# cid -- the two commands of the README contract are `make demo` and `make test`.
+# Everything they need is installed here: a virtualenv in .venv, and Debian packages
+# (through apt-get) only for the tests that drive real components.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+# Debian packages needed by tests that use real components (added by later features).
+TEST_DEBS ?=
+PYTEST_ARGS ?=
+
+.PHONY: all venv demo test lint sysdeps bench clean install
+
+all: venv
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory _debs DEBS=python3-venv
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+# Install Debian packages when they are missing (root, or through sudo).
+_debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+sysdeps:
+	@if [ -n "$(strip $(TEST_DEBS))" ]; then $(MAKE) --no-print-directory _debs DEBS="$(TEST_DEBS)"; fi
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv sysdeps lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) demo/demo.py
+
+bench: venv
+	$(PY) bench/control_plane.py
+
+install:
+	$(PYTHON) -m pip install .
+
+clean:
+	rm -rf $(VENV) .demo build *.egg-info .pytest_cache .ruff_cache

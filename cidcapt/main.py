@@ -1,0 +1,273 @@
+"""cidcapt's command line: parse arguments, run a capture or an admin view, and map the end to an exit code.
+
+``main(argv, stdout=..., stderr=..., env=...)`` is the console script and the entry point for tests;
+``exit_code`` is the one place that turns an outcome or an error into the exit-code contract below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from cidcapt import __version__
+from cidcapt.capture import CaptureRequest, CaptureRunner, Endpoint, Outcome
+from cidcapt.connection import Clock, Sleep, Timing, parse_server, simple_request
+from cidcapt.render import CAPTURES_HEADERS, STATUS_HEADERS, Renderer, captures_rows, counts, status_rows
+from cidcommon.errors import BAD_REQUEST_CODES, REFUSED_CODES, CidError
+from cidcommon.hostlists import collect, expand
+from cidcommon.paths import default_state_dir, read_token, token_path
+from cidcommon.wire import CLIENT_ROLES, DEFAULT_PORT
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_REQUEST = 2
+EXIT_DEADLINE = 3
+EXIT_UNREACHABLE = 4
+EXIT_REFUSED = 5
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  0  all nodes are ready in the image
+  1  some nodes failed (each is listed with its reason)
+  2  bad request: usage, unknown image, bad hostlist, unknown node (nothing was started)
+  3  deadline passed (the nodes still pending are listed with their step)
+  4  cidd unreachable, or authentication failed
+  5  refused: no right to do this, or a conflict with another job
+
+environment: CID_SERVER (default 127.0.0.1:{DEFAULT_PORT}), CID_ROLE (default admin), CID_TOKEN_FILE,
+CID_STATE_DIR (tokens in <state_dir>/secrets/<role>.token), SLURM_JOB_USER or USER (the --user default).
+"""
+
+
+def exit_code(result: Outcome | BaseException) -> int:
+    """Return the exit code of the contract for how a run ended (an Outcome, or the error that ended it)."""
+    if isinstance(result, Outcome):
+        return {"ok": EXIT_OK, "failed": EXIT_FAILED}.get(result.state, EXIT_DEADLINE)
+    if isinstance(result, CidError):
+        if result.code in BAD_REQUEST_CODES:
+            return EXIT_BAD_REQUEST
+        if result.code in REFUSED_CODES:
+            return EXIT_REFUSED
+    return EXIT_UNREACHABLE  # auth, internal, superseded, unreachable, connection lost, a bad peer
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser writing to the streams given to ``main`` instead of the process's."""
+
+    def __init__(self, *args: Any, out: TextIO, err: TextIO, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._out = out
+        self._err = err
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:
+            (self._err if file is sys.stderr else self._out).write(message)
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and ``message`` to the error stream, then exit with code 2 (SystemExit)."""
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_REQUEST, f"{self.prog}: error: {message}\n")
+
+
+def _server(text: str) -> tuple[str, int]:
+    """argparse type: return (host, port); raises ArgumentTypeError with the reason."""
+    try:
+        return parse_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(minimum: float) -> Any:
+    """Return an argparse type accepting a number of seconds >= ``minimum`` (> 0 when minimum is 0+)."""
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not value >= minimum or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= {minimum:g}")
+        return value
+    return convert
+
+
+def default_user(env: Mapping[str, str]) -> str:
+    """Return the requester: $SLURM_JOB_USER, else $USER, else the name of the process's user id."""
+    for key in ("SLURM_JOB_USER", "USER", "LOGNAME"):
+        if env.get(key):
+            return env[key]
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.ArgumentParser:
+    """Return the argument parser; defaults come from ``env`` (CID_SERVER, CID_ROLE)."""
+    parser = _Parser(
+        prog="cidcapt", out=out, err=err, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Put the nodes of a job into an image and wait until they run it (cid client).\n"
+                    "  cidcapt -j JOB -n HOSTLIST -i IMAGE     switch nodes, wait, exit 0 when all are ready\n"
+                    "  cidcapt --status [HOSTLIST]             show cidd's view of the nodes\n"
+                    "  cidcapt --captures                      list running and recent captures",
+        epilog=EXIT_CODES_HELP,
+    )
+    parser.add_argument("-j", "--job", help="job id (a capture is re-attached by job id)")
+    parser.add_argument("-n", "--nodes", nargs="+", action="extend", metavar="HOSTLIST",
+                        help="nodes: Slurm 'node[01-16]' or Moab 'n1:ppn=8,n2:ppn=8' lists")
+    parser.add_argument("-i", "--image", help="image id, e.g. debian-12-1")
+    parser.add_argument("--status", nargs="?", const="", metavar="HOSTLIST",
+                        help="show the state of the nodes (all of them without HOSTLIST)")
+    parser.add_argument("--captures", action="store_true", help="list running and recently ended captures")
+    parser.add_argument("--server", type=_server, default=env.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}",
+                        metavar="HOST:PORT", help="cidd's address (default $CID_SERVER or %(default)s)")
+    parser.add_argument("--timeout", type=_seconds(0.001), default=3600.0, metavar="SECONDS",
+                        help="give up on the nodes after this long (default %(default)g)")
+    parser.add_argument("--connect-timeout", type=_seconds(0.0), default=10.0, metavar="SECONDS",
+                        help="keep trying to reach cidd for this long (default %(default)g)")
+    parser.add_argument("--json", action="store_true",
+                        help="write events and a final result as JSON lines on stdout")
+    parser.add_argument("--quiet", action="store_true", help="show only the summary and errors")
+    parser.add_argument("--user", default=None, help="the job's user (default $SLURM_JOB_USER or $USER)")
+    parser.add_argument("--role", default=env.get("CID_ROLE") or "admin",
+                        help="role to authenticate as: admin, scheduler, reader (default $CID_ROLE or admin)")
+    parser.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                        help="the role's token file (default $CID_TOKEN_FILE or <state_dir>/secrets/ROLE.token)")
+    parser.add_argument("--version", action="version", version=f"cidcapt {__version__}")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` (code 2) when the options do not make one valid command."""
+    if args.role not in CLIENT_ROLES:
+        parser.error(f"unknown role {args.role!r}; use one of {', '.join(CLIENT_ROLES)}")
+    if args.status is not None and args.captures:
+        parser.error("use either --status or --captures, not both")
+    if args.status is not None or args.captures:
+        if args.job or args.image:
+            parser.error("-j/--job and -i/--image start a capture; they do not go with --status or --captures")
+        if args.captures and args.nodes:
+            parser.error("--captures lists every capture; it takes no -n/--nodes")
+        return
+    missing = [opt for opt, value in (("-j/--job", args.job), ("-n/--nodes", args.nodes), ("-i/--image", args.image))
+               if not value]
+    if missing:
+        parser.error(f"missing {', '.join(missing)}: a capture needs -j JOB -n HOSTLIST -i IMAGE "
+                     "(or use --status / --captures)")
+
+
+def _token(args: argparse.Namespace, env: Mapping[str, str]) -> str:
+    """Return the role's token; raises TokenFileError when the file is missing, empty or not private."""
+    if args.token_file is not None:
+        path = args.token_file
+    elif env.get("CID_TOKEN_FILE"):
+        path = Path(env["CID_TOKEN_FILE"])
+    else:
+        state_dir = Path(env["CID_STATE_DIR"]) if env.get("CID_STATE_DIR") else default_state_dir()
+        path = token_path(state_dir, args.role)
+    return read_token(path)
+
+
+def _compact(text: str) -> tuple[str, tuple[str, ...]]:
+    """Return (compact hostlist, names) of a hostlist; raises BadHostlist."""
+    names = expand(text)
+    return collect(names), tuple(names)
+
+
+def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None,
+         env: Mapping[str, str] | None = None, timing: Timing | None = None, clock: Clock = time.monotonic,
+         sleep: Sleep = time.sleep, now: Clock = time.time) -> int:
+    """Run cidcapt with ``argv`` (default sys.argv[1:]); return the exit code (see EXIT_CODES_HELP).
+
+    ``stdout``/``stderr``/``env`` default to the process's; ``timing``, ``clock``, ``sleep`` and ``now``
+    (wall clock, for ages) let tests shrink the waits. Never raises for expected failures.
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    env = os.environ if env is None else env
+    parser = build_parser(env, out, err)
+    try:
+        args = parser.parse_args(argv)  # a string default (from $CID_SERVER) goes through type= too
+        _check_args(parser, args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_REQUEST
+    renderer = Renderer(out, err, quiet=args.quiet, json_lines=args.json)
+    timing = timing or Timing()
+    try:
+        if args.status is not None or args.captures:
+            return _admin_view(args, env, renderer, timing, clock, sleep, now)
+    except CidError as exc:
+        renderer.error(exc.message)
+        return exit_code(exc)
+    return _capture(args, env, renderer, timing, clock, sleep)
+
+
+def _admin_view(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,
+                clock: Clock, sleep: Sleep, now: Clock) -> int:
+    """Run --status or --captures; return 0. Raises CidError subclasses (mapped by the caller)."""
+    hostlist = args.status or (" ".join(args.nodes) if args.nodes else "")
+    message: dict[str, Any] = {"type": "captures"} if args.captures else {"type": "status"}
+    if hostlist:
+        message["nodes"] = _compact(hostlist)[0]
+    token = _token(args, env)
+    host, port = args.server
+    reply = simple_request(host, port, args.role, token, message, connect_timeout=args.connect_timeout,
+                           timing=timing, clock=clock, sleep=sleep)
+    key = "captures" if args.captures else "nodes"
+    items = reply.get(key)
+    items = items if isinstance(items, list) else []
+    if args.json:
+        renderer.json(items)
+    elif args.captures:
+        renderer.table(CAPTURES_HEADERS, captures_rows(items, now()))
+    else:
+        renderer.table(STATUS_HEADERS, status_rows(items, now()))
+    return EXIT_OK
+
+
+def _capture(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,
+             clock: Clock, sleep: Sleep) -> int:
+    """Run a capture; print its progress, summary and result; return the exit code."""
+    job, image = args.job.strip(), args.image.strip()
+    runner: CaptureRunner | None = None
+    try:
+        nodes, names = _compact(",".join(args.nodes))
+        token = _token(args, env)
+        host, port = args.server
+        request = CaptureRequest(job=job, nodes=nodes, names=names, image=image, timeout=args.timeout,
+                                 user=args.user or default_user(env))
+        runner = CaptureRunner(request, Endpoint(host, port, args.role, token), renderer,
+                               connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep)
+        outcome = runner.run()
+    except CidError as exc:
+        code = exit_code(exc)
+        if runner is not None and runner.accepted:
+            renderer.summary(job, image, "error", runner.nodes)
+        renderer.error(exc.message)
+        if args.json:
+            renderer.json({"type": "result", "job": job, "image": image, "state": "error", "code": exc.code,
+                           "message": exc.message, "exit": code})
+        return code
+    except KeyboardInterrupt:
+        renderer.error(f"interrupted; if cidd accepted the capture it goes on: run the same command again to "
+                       f"re-attach to job {job}")
+        return 130
+    code = exit_code(outcome)
+    note = "cidd sent no result before the deadline" if outcome.local_deadline else ""
+    renderer.summary(outcome.job, image, outcome.state, outcome.nodes, note=note)
+    if args.json:
+        ready, failed, pending = counts(outcome.nodes, image)
+        renderer.json({"type": "result", "job": outcome.job, "image": image, "state": outcome.state,
+                       "ready": ready, "failed": failed, "pending": pending, "nodes": outcome.nodes,
+                       "local_deadline": outcome.local_deadline, "reattached": outcome.reattached,
+                       "exit": code})
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

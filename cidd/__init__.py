@@ -1,0 +1,1 @@
+"""cidd: the cid head-node daemon."""

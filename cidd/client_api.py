@@ -1,0 +1,101 @@
+"""Client requests (docs/protocol.md): ``capture`` (with watching), ``status`` and ``captures``.
+
+Called by cidd.sessions for sessions whose hello named a client role; raises CidError subclasses, which the
+session turns into error replies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+
+from cidcommon import hostlists, wire
+from cidcommon.errors import CidError, Forbidden
+from cidd.engine import Engine
+
+if TYPE_CHECKING:
+    from cidd.sessions import PeerProtocol
+
+log = structlog.get_logger("cidd.client")
+
+KEEPALIVE_S = 15.0
+#: Roles allowed to start captures; every client role may read.
+CAPTURE_ROLES = frozenset({"admin", "scheduler"})
+
+
+class ClientAPI:
+    """Handles the requests of client sessions."""
+
+    def __init__(self, engine: Engine, clock: IReactorTime) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    def handle(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Answer one client request on ``session``. Raises CidError for a bad or refused request."""
+        handler = {"capture": self.capture, "status": self.status, "captures": self.captures}.get(message["type"])
+        if handler is None:
+            raise CidError(f"unknown request type {message['type']!r}; known: capture, status, captures",
+                           code="unknown_type")
+        handler(session, message)
+
+    def capture(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Start or re-attach to a capture; with ``watch``, stream its events until it ends."""
+        if session.role not in CAPTURE_ROLES:
+            raise Forbidden(f"role {session.role!r} may not start captures; use an admin or scheduler token")
+        job = wire.get_str(message, "job")
+        image = wire.get_str(message, "image")
+        names = hostlists.expand(wire.get_str(message, "nodes"))
+        timeout = wire.get_number(message, "timeout")
+        user = message.get("user") if isinstance(message.get("user"), str) else None
+        plan = self.engine.capture(job, names, image, user, session.role or "?", timeout)
+        view = self.engine.describe(plan.capture)
+        session.send(wire.reply(message.get("id"), capture={**view, "attached": plan.attached}))
+        log.info("client.capture", job=job, image=image, nodes=len(names), attached=plan.attached,
+                 session=session.session_id)
+        if not message.get("watch"):
+            return
+        if not plan.capture.running:
+            session.send({"type": "done", **view})
+            return
+        keepalive = LoopingCall(session.send, {"type": "keepalive"})
+        keepalive.clock = self.clock
+
+        def stop() -> None:
+            unwatch()
+            if keepalive.running:
+                keepalive.stop()
+
+        def forward(event: dict[str, Any]) -> None:
+            session.send(event)
+            if event["type"] == "done":
+                stop()
+
+        unwatch = self.engine.watch(job, forward)
+        keepalive.start(KEEPALIVE_S, now=False)
+        session.cleanups.append(stop)
+
+    def status(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Reply with the state of the requested nodes (every node when none is named)."""
+        spec = message.get("nodes")
+        if spec is None:
+            names = sorted(self.engine.nodes)
+        else:
+            names = hostlists.expand(wire.get_str(message, "nodes") or "")
+        unknown = [n for n in names if not self.engine.known(n)]
+        rows = [self.engine.node_status(n) for n in names if self.engine.known(n)]
+        session.send(wire.reply(message.get("id"), nodes=rows, unknown=hostlists.collect(unknown)))
+
+    def captures(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Reply with the running captures and the most recent ended ones."""
+        rows: list[dict[str, Any]] = []
+        for capture in self.engine.store.recent_captures(50):
+            live = self.engine.captures.get(capture.job)
+            current = live if live is not None and live.id == capture.id else capture
+            rows.append({"job": current.job, "image": current.image, "state": current.state.value,
+                         "user": current.user, "created": current.created, "deadline": current.deadline,
+                         "ended": current.ended, "nodes": hostlists.collect(list(current.nodes)),
+                         **current.counts()})
+        session.send(wire.reply(message.get("id"), captures=rows))

@@ -1,0 +1,224 @@
+"""cidd configuration: parsed once from YAML into frozen objects, every problem reported together.
+
+Every key has a working default, so ``cidd`` with no file starts on a laptop: state under the default state
+directory (cidcommon.paths), listening on loopback. See docs/configuration.md for every key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cidcommon import hostlists
+from cidcommon.errors import CidError
+from cidcommon.paths import default_state_dir
+from cidcommon.wire import DEFAULT_HTTP_PORT, DEFAULT_PORT, MAX_LINE
+from cidd.machine_types import LADDER_METHODS, Policy, Rung
+
+
+class ConfigError(CidError):
+    """The configuration file is unreadable or wrong; the message lists every problem, one per line."""
+
+    code = "bad_request"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A range of the node inventory: ``hosts`` (a hostlist) belongs to ``group``."""
+
+    hosts: tuple[str, ...]
+    group: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole daemon configuration."""
+
+    state_dir: Path
+    catalog: Path
+    catalog_required: bool = False
+    image_dir: Path | None = None
+    listen_host: str = "127.0.0.1"
+    listen_port: int = DEFAULT_PORT
+    http_host: str = "127.0.0.1"
+    http_port: int = DEFAULT_HTTP_PORT
+    public_http_url: str | None = None  # how nodes reach the HTTP port; default http://<http_host>:<port>
+    heartbeat: float = 10.0
+    request_timeout: float = 30.0
+    capture_timeout: float = 3600.0
+    max_line: int = MAX_LINE
+    auto_register: bool = True
+    log_format: str = "json"
+    log_level: str = "info"
+    groups: Mapping[str, Policy] = field(default_factory=lambda: {"default": Policy()})
+    nodes: tuple[NodeSpec, ...] = ()
+
+    @property
+    def db_path(self) -> Path:
+        """Return the SQLite database path."""
+        return self.state_dir / "cidd.sqlite"
+
+    @property
+    def http_base(self) -> str:
+        """Return the base URL nodes use for images and boot scripts."""
+        return self.public_http_url or f"http://{self.http_host}:{self.http_port}"
+
+    def inventory(self) -> dict[str, str]:
+        """Return {node name: group name} for every node declared in ``nodes``."""
+        names: dict[str, str] = {}
+        for spec in self.nodes:
+            for name in spec.hosts:
+                names[name] = spec.group
+        return names
+
+    def policy(self, group: str) -> Policy:
+        """Return the policy of ``group`` (the default group's when unknown)."""
+        return self.groups.get(group) or self.groups["default"]
+
+
+class _Reader:
+    """Collects problems while reading a mapping, so that all of them are reported at once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problems: list[str] = []
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(f"{self.path}: {where}: {message}")
+
+    def number(self, data: Mapping[str, Any], key: str, default: float, where: str, minimum: float = 0.0) -> float:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            self.problem(where, f"'{key}' must be a number >= {minimum:g} (got {value!r})")
+            return default
+        return float(value)
+
+    def text(self, data: Mapping[str, Any], key: str, default: str, where: str,
+             choices: tuple[str, ...] | None = None) -> str:
+        value = data.get(key, default)
+        if not isinstance(value, str) or (choices and value not in choices):
+            wanted = f"one of {', '.join(choices)}" if choices else "a string"
+            self.problem(where, f"'{key}' must be {wanted} (got {value!r})")
+            return default
+        return value
+
+    def mapping(self, data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+        value = data.get(key) or {}
+        if not isinstance(value, Mapping):
+            self.problem(where, f"'{key}' must be a mapping")
+            return {}
+        return value
+
+    def unknown(self, data: Mapping[str, Any], known: set[str], where: str) -> None:
+        for key in data:
+            if key not in known:
+                self.problem(where, f"unknown key '{key}' (known: {', '.join(sorted(known))})")
+
+
+_TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
+             "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes"}
+
+
+def _policy(reader: _Reader, name: str, data: Any) -> Policy:
+    where = f"groups.{name}"
+    if not isinstance(data, Mapping):
+        reader.problem(where, "a group must be a mapping")
+        return Policy()
+    reader.unknown(data, {"ladder", "install_timeout", "install_attempts"}, where)
+    rungs: list[Rung] = []
+    for index, item in enumerate(data.get("ladder") or []):
+        spot = f"{where}.ladder[{index}]"
+        if not isinstance(item, Mapping):
+            reader.problem(spot, "a rung is a mapping like {method: reboot, timeout: 300}")
+            continue
+        method = reader.text(item, "method", "reboot", spot)
+        if method not in LADDER_METHODS:
+            reader.problem(spot, f"unknown method '{method}' (known: {', '.join(sorted(LADDER_METHODS))})")
+        rungs.append(Rung(method, reader.number(item, "timeout", 300.0, spot, minimum=1.0)))
+    default = Policy()
+    return Policy(
+        ladder=tuple(rungs) or default.ladder,
+        install_timeout=reader.number(data, "install_timeout", default.install_timeout, where, minimum=1.0),
+        install_attempts=int(reader.number(data, "install_attempts", default.install_attempts, where, 1.0)),
+    )
+
+
+def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None = None) -> Config:
+    """Return the Config described by ``data`` (the loaded YAML). Raises ConfigError listing every problem."""
+    reader = _Reader(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the configuration must be a mapping of keys to values")
+    reader.unknown(data, _TOP_KEYS, "top level")
+    state_dir = Path(reader.text(data, "state_dir", str(env_state_dir or default_state_dir()), "top level"))
+    listen = reader.mapping(data, "listen", "top level")
+    http = reader.mapping(data, "http", "top level")
+    log = reader.mapping(data, "log", "top level")
+    reader.unknown(listen, {"host", "port"}, "listen")
+    reader.unknown(http, {"host", "port", "public_url"}, "http")
+    reader.unknown(log, {"format", "level"}, "log")
+    groups = {"default": Policy()}
+    for name, group in reader.mapping(data, "groups", "top level").items():
+        groups[str(name)] = _policy(reader, str(name), group)
+    specs: list[NodeSpec] = []
+    for index, item in enumerate(data.get("nodes") or []):
+        where = f"nodes[{index}]"
+        if not isinstance(item, Mapping) or "hosts" not in item:
+            reader.problem(where, "each entry needs 'hosts' (a hostlist) and optionally 'group'")
+            continue
+        reader.unknown(item, {"hosts", "group"}, where)
+        group = reader.text(item, "group", "default", where)
+        if group not in groups:
+            reader.problem(where, f"group '{group}' is not defined under 'groups'")
+        try:
+            specs.append(NodeSpec(tuple(hostlists.expand(str(item["hosts"]))), group))
+        except CidError as exc:
+            reader.problem(where, exc.message)
+    catalog = data.get("catalog")
+    config = Config(
+        state_dir=state_dir,
+        catalog=Path(catalog) if catalog else state_dir / "images.yaml",
+        catalog_required=bool(catalog),
+        image_dir=Path(data["image_dir"]) if data.get("image_dir") else None,
+        listen_host=reader.text(listen, "host", "127.0.0.1", "listen"),
+        listen_port=int(reader.number(listen, "port", DEFAULT_PORT, "listen")),
+        http_host=reader.text(http, "host", "127.0.0.1", "http"),
+        http_port=int(reader.number(http, "port", DEFAULT_HTTP_PORT, "http")),
+        public_http_url=http.get("public_url"),
+        heartbeat=reader.number(data, "heartbeat", 10.0, "top level", minimum=0.1),
+        request_timeout=reader.number(data, "request_timeout", 30.0, "top level", minimum=0.1),
+        capture_timeout=reader.number(data, "capture_timeout", 3600.0, "top level", minimum=1.0),
+        max_line=int(reader.number(data, "max_line", MAX_LINE, "top level", minimum=1024)),
+        auto_register=bool(data.get("auto_register", not specs)),
+        log_format=reader.text(log, "format", "json", "log", ("json", "console")),
+        log_level=reader.text(log, "level", "info", "log", ("debug", "info", "warning", "error")),
+        groups=groups,
+        nodes=tuple(specs),
+    )
+    if reader.problems:
+        raise ConfigError("\n".join(reader.problems) + "\nfix these and start cidd again")
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Return the Config from the YAML file ``path``, or the defaults when ``path`` is None.
+
+    Raises ConfigError when the file cannot be read or parsed, or has wrong values (all listed).
+    """
+    if path is None:
+        return parse_config({}, "defaults")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}; check --config") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,331 @@
+"""The engine: feeds events to the node machines, persists each step, then acts (journal pattern).
+
+It owns the node records, the running captures, the per-node deadline timers and the capture watchers.
+It never touches sockets: agent commands go through an ``AgentLink`` (cidd.sessions), and time comes from
+an injected ``IReactorTime`` so tests drive it with ``twisted.internet.task.Clock``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, Protocol
+
+import structlog
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from cidcommon.errors import UnknownImage, UnknownNode
+from cidcommon.hostlists import collect
+from cidd import captures as caps
+from cidd.captures import Capture, Plan
+from cidd.catalog import Catalog
+from cidd.config import Config
+from cidd.machine import Node, State, Step, apply, restore
+from cidd.machine_types import Connected, Disconnected, Event, Installed, Reboot, RungFailed, SendInstall, Switch, Tick
+from cidd.store import Store
+
+log = structlog.get_logger("cidd.engine")
+
+Watcher = Callable[[dict[str, Any]], None]
+
+
+class SessionClosed(Exception):
+    """A command's session closed before the agent answered; not a failure of the command by itself."""
+
+
+class AgentLink(Protocol):
+    """How the engine reaches agents (implemented by cidd.sessions.Sessions)."""
+
+    def command(self, node: str, message: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """Send a request to ``node``'s agent; the Deferred fires with the reply or fails with the reason.
+
+        It fails with SessionClosed when the session closed before the answer.
+        """
+
+
+class Engine:
+    """Node machines, captures and timers of one cidd."""
+
+    def __init__(self, config: Config, catalog: Catalog, store: Store, clock: IReactorTime, link: AgentLink) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.store = store
+        self.clock = clock
+        self.link = link
+        self.groups: dict[str, str] = config.inventory()
+        self.nodes: dict[str, Node] = {}
+        self.health: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.captures: dict[str, Capture] = {}  # running captures by job
+        self._node_jobs: dict[str, set[str]] = {}
+        self._watchers: dict[str, list[Watcher]] = {}
+        self._timers: dict[str, IDelayedCall] = {}
+        self._capture_timers: dict[str, IDelayedCall] = {}
+
+    # --- start-up ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load nodes and running captures, collapse live-only states, re-arm every deadline."""
+        stored = self.store.load_nodes()
+        with self.store.transaction():
+            for name in self.groups:
+                stored.setdefault(name, Node(name))
+            for name, node in stored.items():
+                self.nodes[name] = restore(node)
+                self.store.save_node(self.nodes[name])
+        for name, node in self.nodes.items():
+            self._arm(name, node)
+        for capture in self.store.running_captures():
+            self._track(capture)
+        now = self.clock.seconds()
+        for job in list(self.captures):
+            self._settle(job, {}, now)
+        log.info("engine.started", nodes=len(self.nodes), captures=len(self.captures))
+
+    # --- agents ------------------------------------------------------------------------------------
+
+    def known(self, name: str) -> bool:
+        """Return whether ``name`` is in the inventory (or registered itself)."""
+        return name in self.nodes
+
+    def register(self, name: str) -> bool:
+        """Add ``name`` to the nodes if the inventory allows it; return whether the node is known now."""
+        if name in self.nodes:
+            return True
+        if not self.config.auto_register:
+            return False
+        node = Node(name, since=self.clock.seconds())
+        self.store.save_node(node)
+        self.nodes[name] = node
+        log.info("node.registered", node=name)
+        return True
+
+    def agent_connected(self, name: str, boot_id: str, mode: str, image: str | None) -> None:
+        """An agent's hello was accepted."""
+        self.health.pop(name, None)
+        self.handle(name, Connected(boot_id, mode, image))
+
+    def agent_lost(self, name: str) -> None:
+        """The current session of ``name`` closed."""
+        self.handle(name, Disconnected())
+
+    def heartbeat(self, name: str, figures: dict[str, Any]) -> None:
+        """Record a heartbeat's health figures."""
+        self.health[name] = (self.clock.seconds(), figures)
+
+    def installed(self, name: str, image: str, ok: bool, reason: str | None, retry: bool) -> None:
+        """The installer on ``name`` reported the end of an install."""
+        self.handle(name, Installed(image, ok, reason, retry))
+
+    def progress(self, name: str, message: dict[str, Any]) -> None:
+        """Pass an installer's progress report to the watchers of the node's captures."""
+        for job in self._node_jobs.get(name, ()):
+            self._notify(job, {"type": "progress", "job": job, "node": name, "step": message.get("step"),
+                               "done": message.get("done"), "total": message.get("total"),
+                               "rate": message.get("rate")})
+
+    # --- the machine loop --------------------------------------------------------------------------
+
+    def handle(self, name: str, event: Event) -> None:
+        """Apply ``event`` to node ``name``: persist the step, then run its actions."""
+        node = self.nodes[name]
+        now = self.clock.seconds()
+        step = apply(node, event, self.config.policy(self.groups.get(name, "default")), now)
+        self._commit({name: step}, now)
+
+    def _commit(self, steps: Mapping[str, Step], now: float, capture: Capture | None = None) -> None:
+        """Persist ``steps`` (and ``capture``) in one transaction, then arm timers, notify and act."""
+        with self.store.transaction():
+            if capture is not None:
+                capture = self.store.save_capture(capture)
+                self._track(capture)
+            for name, step in steps.items():
+                if step.node != self.nodes[name]:
+                    self.store.save_node(step.node)
+                if step.transition is not None:
+                    self.store.add_event(now, step.transition)
+            for name, step in steps.items():
+                self.nodes[name] = step.node
+            changed = {name: step.node for name, step in steps.items() if step.transition is not None}
+            jobs_of = {name: tuple(self._node_jobs.get(name, ())) for name in changed}
+            touched = {job for jobs in jobs_of.values() for job in jobs}
+            for job in touched:
+                self._settle(job, changed, now)
+        for name, step in steps.items():
+            self._arm(name, step.node)
+            if step.transition is not None:
+                self._log_transition(step, jobs_of[name])
+            for action in step.actions:
+                self._act(name, action)
+
+    def _log_transition(self, step: Step, jobs: tuple[str, ...]) -> None:
+        """Log a history row and send it to the watchers of ``jobs``."""
+        t = step.transition
+        assert t is not None
+        log.info("node.transition", node=t.node, job=t.job, image=t.image, **{"from": t.from_state},
+                 to=t.to_state, attempt=t.attempt, rung=t.rung, elapsed=round(t.elapsed, 3), detail=t.detail)
+        for job in jobs:
+            self._notify(job, {"type": "node", "job": job, "node": t.node, "from": t.from_state,
+                               "to": t.to_state, "image": t.image, "attempt": t.attempt, "rung": t.rung,
+                               "detail": t.detail, "reason": step.node.reason})
+
+    def _arm(self, name: str, node: Node) -> None:
+        """(Re-)schedule the Tick for ``node``'s deadline, or cancel it when there is none."""
+        timer = self._timers.pop(name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if node.deadline is not None:
+            delay = max(0.0, node.deadline - self.clock.seconds())
+            self._timers[name] = self.clock.callLater(delay, self.handle, name, Tick())
+
+    def _act(self, name: str, action: object) -> None:
+        """Carry out one action of a committed step."""
+        if isinstance(action, Reboot):
+            message = {"type": "reboot", "boot": action.boot, "method": action.method}
+            self._send(name, message, f"agent refused {action.method} into {action.boot}")
+        elif isinstance(action, SendInstall):
+            self._send(name, self.install_message(action.image), "installer refused the install")
+        # SetBoot: boot profiles are published from node records (cidd.boot, with the boot issue).
+
+    def _send(self, name: str, message: dict[str, Any], what: str) -> None:
+        def failed(failure: Any) -> None:
+            if failure.check(SessionClosed):
+                return  # the node went down (to reboot, as asked); the step's deadline still applies
+            reason = f"{what}: {failure.getErrorMessage()}"
+            log.warning("node.command_failed", node=name, command=message["type"], reason=reason)
+            self.handle(name, RungFailed(reason))
+
+        self.link.command(name, message).addErrback(failed)
+
+    def install_message(self, image_id: str) -> dict[str, Any]:
+        """Return the ``install`` request for ``image_id`` (docs/protocol.md)."""
+        image = self.catalog.get(image_id)
+        if image is None:
+            return {"type": "install", "image": image_id, "url": None}
+        fmt = "tar.zst" if image.file.endswith(".zst") else "tar.gz"
+        return {"type": "install", "image": image_id, "url": f"{self.config.http_base}/images/{image.file}",
+                "sha256": image.sha256, "size": image.size, "format": fmt}
+
+    # --- captures ----------------------------------------------------------------------------------
+
+    def capture(self, job: str, names: list[str], image: str, user: str | None, requester: str,
+                timeout: float | None) -> Plan:
+        """Create or re-attach to the capture of ``job``; return its Plan.
+
+        Raises UnknownImage, UnknownNode, Conflict or BadRequest (nothing was started in that case).
+        """
+        if image not in self.catalog:
+            hint = ", ".join(self.catalog.suggestions(image)) or "none"
+            raise UnknownImage(f"unknown image '{image}'; close matches: {hint}; "
+                               "see 'images.yaml' for the catalog")
+        unknown = [name for name in names if name not in self.nodes]
+        if unknown:
+            raise UnknownNode(f"unknown node(s) {collect(unknown)}: not in the inventory and never connected; "
+                              "check the hostlist or the 'nodes' section of cidd.yaml")
+        now = self.clock.seconds()
+        latest = self.captures.get(job) or self.store.latest_capture(job)
+        plan = caps.plan(job, image, names, user, requester, timeout or self.config.capture_timeout, latest,
+                         {name: self.nodes[name] for name in names}, now)
+        if plan.attached:
+            return plan
+        steps: dict[str, Step] = {}
+        for name in plan.to_switch:
+            policy = self.config.policy(self.groups.get(name, "default"))
+            steps[name] = apply(self.nodes[name], Switch(image, job), policy, now)
+        self._commit(steps, now, capture=plan.capture)
+        capture = self.captures.get(job) or self.store.latest_capture(job)
+        log.info("capture.started", job=job, image=image, nodes=len(names), user=user, requester=requester,
+                 switching=len(plan.to_switch), ready=plan.capture.counts()["ready"])
+        assert capture is not None
+        return replace(plan, capture=capture)
+
+    def _track(self, capture: Capture) -> None:
+        """Index a running capture by job and node, and arm its deadline."""
+        if not capture.running:
+            return
+        self.captures[capture.job] = capture
+        for name in capture.nodes:
+            self._node_jobs.setdefault(name, set()).add(capture.job)
+        timer = self._capture_timers.pop(capture.job, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        delay = max(0.0, capture.deadline - self.clock.seconds())
+        self._capture_timers[capture.job] = self.clock.callLater(delay, self._deadline, capture.job)
+
+    def _deadline(self, job: str) -> None:
+        with self.store.transaction():
+            self._settle(job, {}, self.clock.seconds())
+
+    def _settle(self, job: str, changed: Mapping[str, Node], now: float) -> None:
+        """Record node outcomes in a running capture (inside a transaction); finish it when it ended."""
+        capture = self.captures[job]
+        relevant = {n: node for n, node in changed.items() if n in capture.nodes}
+        updated = caps.settle(capture, relevant, now)
+        if updated == capture:
+            return
+        self.store.save_node_results(updated, relevant)
+        if updated.running:
+            self.captures[job] = updated
+            return
+        self.store.save_capture(updated)
+        self._finish(updated)
+
+    def _finish(self, capture: Capture) -> None:
+        """Forget a capture that ended and tell its watchers."""
+        del self.captures[capture.job]
+        timer = self._capture_timers.pop(capture.job, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        for name in capture.nodes:
+            jobs = self._node_jobs.get(name)
+            if jobs:
+                jobs.discard(capture.job)
+        counts = capture.counts()
+        log.info("capture.ended", job=capture.job, image=capture.image, state=capture.state.value,
+                 elapsed=round((capture.ended or 0) - capture.created, 3), **counts)
+        self.clock.callLater(0, self._notify_done, capture)
+
+    def _notify_done(self, capture: Capture) -> None:
+        self._notify(capture.job, {"type": "done", **self.describe(capture)})
+        self._watchers.pop(capture.job, None)
+
+    def watch(self, job: str, watcher: Watcher) -> Callable[[], None]:
+        """Send the events of ``job``'s capture to ``watcher``; return a function that stops it."""
+        self._watchers.setdefault(job, []).append(watcher)
+
+        def unwatch() -> None:
+            watchers = self._watchers.get(job, [])
+            if watcher in watchers:
+                watchers.remove(watcher)
+
+        return unwatch
+
+    def _notify(self, job: str, message: dict[str, Any]) -> None:
+        for watcher in list(self._watchers.get(job, ())):
+            watcher(message)
+
+    # --- views -------------------------------------------------------------------------------------
+
+    def describe(self, capture: Capture) -> dict[str, Any]:
+        """Return the JSON view of a capture with each node's state (docs/protocol.md)."""
+        nodes = {}
+        for name, outcome in capture.nodes.items():
+            node = self.nodes.get(name, Node(name))
+            state = node.state.value
+            if outcome.result is caps.Result.READY:
+                state = State.READY.value
+            elif outcome.result is caps.Result.FAILED:
+                state = State.FAILED.value
+            nodes[name] = {"state": state, "image": node.image, "reason": outcome.reason or (
+                node.reason if state == State.FAILED.value else None)}
+        return {"job": capture.job, "image": capture.image, "state": capture.state.value, "user": capture.user,
+                "created": capture.created, "deadline": capture.deadline, "ended": capture.ended, "nodes": nodes}
+
+    def node_status(self, name: str) -> dict[str, Any]:
+        """Return the JSON view of one node (docs/protocol.md, ``status``)."""
+        node = self.nodes[name]
+        seen, figures = self.health.get(name, (None, {}))
+        return {"node": name, "state": node.state.value, "image": node.image, "target": node.target,
+                "job": node.job, "online": node.online, "mode": node.mode, "last_seen": seen,
+                "reason": node.reason, "attempt": node.attempt, "rung": node.rung, "deadline": node.deadline,
+                "health": figures}

@@ -1,0 +1,287 @@
+"""The per-node image-switch state machine: pure logic, events in, actions out.
+
+No sockets, no SQLite, no reactor: ``apply(node, event, policy, now)`` returns a ``Step`` holding the node's
+new record, the actions to carry out (after the new record has been persisted) and the transition to write to
+the event history. See docs/state-machine.md for the diagram and the rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from cidd.machine_types import (
+    AGENT_METHODS,
+    Action,
+    Connected,
+    Disconnected,
+    Event,
+    Installed,
+    Policy,
+    Reboot,
+    RungFailed,
+    SendInstall,
+    SetBoot,
+    Switch,
+    Tick,
+)
+
+__all__ = ["State", "Node", "Step", "Transition", "apply", "restore", "SWITCHING", "AlreadySwitching"]
+
+
+class State(StrEnum):
+    """Node states (DESIGN.md §2). The three switching states each have a deadline."""
+
+    OFFLINE = "offline"  # no agent session
+    READY = "ready"  # agent connected from an installed system, running ``image``
+    IN_INSTALLER = "in_installer"  # agent connected from the installer, nothing to do
+    TO_INSTALLER = "to_installer"  # next boot is the installer; waiting for the installer's hello
+    INSTALLING = "installing"  # the installer is writing ``target``
+    TO_IMAGE = "to_image"  # ``target`` written and verified; waiting for the installed system's hello
+    FAILED = "failed"  # out of retries or unrecoverable; ``reason`` says why
+
+
+SWITCHING = frozenset({State.TO_INSTALLER, State.INSTALLING, State.TO_IMAGE})
+
+
+class AlreadySwitching(Exception):
+    """Raised by ``apply`` for a Switch to another image while the node is switching (a caller bug)."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """Everything the machine knows about one node; persisted as one row."""
+
+    name: str
+    state: State = State.OFFLINE
+    image: str | None = None  # image last verified running (from the agent's marker)
+    target: str | None = None  # image being (or last) switched to
+    job: str | None = None  # job whose capture started the current switch
+    online: bool = False
+    mode: str | None = None  # "system" or "installer" while online
+    boot_id: str | None = None  # boot id of the latest agent session
+    reboot_from: str | None = None  # boot id when the current rung's reboot was sent; None = not sent yet
+    attempt: int = 0  # install attempts in the current switch
+    rung: int = 0  # ladder rung of the current waiting step
+    deadline: float | None = None
+    since: float = 0.0  # when the current state was entered
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One row of the event history."""
+
+    node: str
+    job: str | None
+    image: str | None
+    from_state: str
+    to_state: str
+    attempt: int
+    rung: int
+    elapsed: float  # seconds spent in from_state
+    detail: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """What ``apply`` returns: the new record, the actions to run after persisting it, the history row."""
+
+    node: Node
+    actions: tuple[Action, ...] = ()
+    transition: Transition | None = None
+
+
+def restore(node: Node) -> Node:
+    """Return ``node`` as loaded after a cidd restart: sessions are gone, so live-only states collapse."""
+    state = node.state
+    if state in (State.READY, State.IN_INSTALLER):
+        state = State.OFFLINE
+    return replace(node, state=state, online=False, mode=None)
+
+
+def apply(node: Node, event: Event, policy: Policy, now: float) -> Step:
+    """Return the Step that ``event`` causes for ``node`` at time ``now`` under ``policy``.
+
+    Raises AlreadySwitching when asked to switch a switching node to a different image.
+    """
+    handler = _HANDLERS[type(event)]
+    return handler(node, event, policy, now)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _step(old: Node, new: Node, actions: tuple[Action, ...], now: float, detail: str) -> Step:
+    """Return a Step, with a history row when the state, rung or attempt changed."""
+    if old.state != new.state:
+        new = replace(new, since=now)
+    moved = (old.state, old.rung, old.attempt) != (new.state, new.rung, new.attempt)
+    transition = None
+    if moved:
+        transition = Transition(
+            node=new.name, job=new.job, image=new.target, from_state=old.state.value,
+            to_state=new.state.value, attempt=new.attempt, rung=new.rung,
+            elapsed=max(0.0, now - old.since), detail=detail,
+        )
+    return Step(new, actions, transition)
+
+
+def _idle_state(node: Node) -> State:
+    """Return the non-switching state matching the node's session."""
+    if not node.online:
+        return State.OFFLINE
+    return State.IN_INSTALLER if node.mode == "installer" else State.READY
+
+
+def _fail(node: Node, now: float, reason: str) -> Step:
+    """Return the Step that puts ``node`` in FAILED with ``reason``."""
+    new = replace(node, state=State.FAILED, deadline=None, reason=reason)
+    return _step(node, new, (), now, reason)
+
+
+def _begin_wait(node: Node, state: State, rung: int, policy: Policy, now: float, detail: str,
+                old: Node | None = None) -> Step:
+    """Return the Step entering waiting ``state`` at ``rung``: the rung's reboot when it can be sent now.
+
+    ``old`` is the record before the event (default ``node``), against which the history row is written.
+    """
+    boot = "installer" if state is State.TO_INSTALLER else "disk"
+    rung_cfg = policy.ladder[rung]
+    new = replace(node, state=state, rung=rung, deadline=now + rung_cfg.timeout, reason=None, reboot_from=None)
+    actions: list[Action] = [SetBoot(boot)] if rung == 0 else []
+    if rung_cfg.method not in AGENT_METHODS or node.online:
+        actions.append(Reboot(boot, rung_cfg.method))
+        new = replace(new, reboot_from=node.boot_id or "")
+        detail = f"{detail}; rung {rung}: {rung_cfg.method}"
+    else:
+        detail = f"{detail}; rung {rung}: {rung_cfg.method} when the agent connects"
+    return _step(old or node, new, tuple(actions), now, detail)
+
+
+def _climb(node: Node, policy: Policy, now: float, why: str) -> Step:
+    """Return the Step for the next rung of the ladder, or FAILED when the ladder is exhausted."""
+    if node.rung + 1 < len(policy.ladder):
+        return _begin_wait(node, node.state, node.rung + 1, policy, now, why)
+    target = "the installer" if node.state is State.TO_INSTALLER else f"image {node.target}"
+    methods = ", ".join(r.method for r in policy.ladder)
+    return _fail(node, now, f"{why}; node did not boot into {target} after every rung of the ladder ({methods})")
+
+
+def _start_install(node: Node, policy: Policy, now: float, detail: str) -> Step:
+    """Return the Step that asks the connected installer to write the target image."""
+    new = replace(node, state=State.INSTALLING, attempt=node.attempt + 1, rung=0,
+                  deadline=now + policy.install_timeout, reason=None, reboot_from=None)
+    return _step(node, new, (SendInstall(node.target or ""),), now, detail)
+
+
+def _ready(node: Node, now: float, detail: str) -> Step:
+    """Return the Step that ends a switch with the node ready in its target image."""
+    new = replace(node, state=State.READY, deadline=None, reason=None, reboot_from=None)
+    return _step(node, new, (), now, detail)
+
+
+# --- handlers ----------------------------------------------------------------------------------------
+
+
+def _on_switch(node: Node, event: Switch, policy: Policy, now: float) -> Step:
+    if node.state in SWITCHING:
+        if node.target != event.image:
+            raise AlreadySwitching(f"{node.name} is switching to {node.target} for job {node.job}")
+        return Step(node)  # join
+    if node.state is State.READY and node.image == event.image:
+        return Step(node)  # already there, agent-verified
+    fresh = replace(node, target=event.image, job=event.job, attempt=0, rung=0, reason=None)
+    if node.online and node.mode == "installer":
+        return _start_install(fresh, policy, now, f"switch to {event.image} for job {event.job}")
+    return _begin_wait(fresh, State.TO_INSTALLER, 0, policy, now, f"switch to {event.image} for job {event.job}")
+
+
+def _on_connected(node: Node, event: Connected, policy: Policy, now: float) -> Step:
+    same_boot = node.reboot_from is not None and event.boot_id == node.reboot_from
+    fresh = replace(node, online=True, mode=event.mode, boot_id=event.boot_id,
+                    image=event.image if event.mode == "system" else node.image)
+    state = node.state
+    if state not in SWITCHING:
+        if state is State.FAILED:
+            return Step(fresh)
+        return _step(node, replace(fresh, state=_idle_state(fresh)), (), now, f"agent connected ({event.mode})")
+    if state is State.TO_INSTALLER:
+        if event.mode == "installer":
+            return _start_install(fresh, policy, now, "installer connected")
+        if event.image == node.target:
+            return _ready(fresh, now, f"already runs {node.target}")
+        if node.reboot_from is None or same_boot:
+            return _resend(node, fresh, "installer", policy, now)
+        return _climb(fresh, policy, now, f"node booted its disk ({event.image}) instead of the installer")
+    if state is State.INSTALLING:
+        if event.mode == "installer":
+            return _start_install(replace(fresh, attempt=fresh.attempt - (1 if event.boot_id == node.boot_id else 0)),
+                                  policy, now, "installer reconnected; install sent again")
+        return _begin_wait(fresh, State.TO_INSTALLER, 0, policy, now,
+                           "node left the installer before the install ended", old=node)
+    # TO_IMAGE
+    if event.mode == "system" and event.image == node.target:
+        return _ready(fresh, now, f"booted {node.target}")
+    if node.reboot_from is None or same_boot:
+        return _resend(node, fresh, "disk", policy, now)
+    if event.mode == "system":
+        return _fail(fresh, now, f"node booted image {event.image or 'unknown'} instead of {node.target}; "
+                                 "check its boot order and the installed boot loader")
+    return _climb(fresh, policy, now, "node booted the installer again instead of its disk")
+
+
+def _resend(old: Node, fresh: Node, boot: str, policy: Policy, now: float) -> Step:
+    """Return the Step that (re)sends the current rung's agent reboot to a node that just connected."""
+    method = policy.ladder[old.rung].method
+    if method not in AGENT_METHODS:
+        return Step(fresh)  # a power rung is under way; wait for it
+    new = replace(fresh, reboot_from=fresh.boot_id or "")
+    return Step(new, (Reboot(boot, method),))
+
+
+def _on_disconnected(node: Node, event: Disconnected, policy: Policy, now: float) -> Step:
+    fresh = replace(node, online=False, mode=None)
+    if node.state in SWITCHING or node.state is State.FAILED:
+        return Step(fresh)
+    return _step(node, replace(fresh, state=State.OFFLINE), (), now, "agent session closed")
+
+
+def _on_installed(node: Node, event: Installed, policy: Policy, now: float) -> Step:
+    if node.state is not State.INSTALLING or event.image != node.target:
+        return Step(node)  # a late report from an abandoned install
+    if event.ok:
+        return _begin_wait(node, State.TO_IMAGE, 0, policy, now, f"{event.image} written and verified")
+    if event.retry and node.attempt < policy.install_attempts:
+        return _start_install(node, policy, now, f"install failed ({event.reason}); trying again")
+    return _fail(node, now, f"install of {event.image} failed after {node.attempt} attempt(s): {event.reason}")
+
+
+def _on_rung_failed(node: Node, event: RungFailed, policy: Policy, now: float) -> Step:
+    if node.state not in (State.TO_INSTALLER, State.TO_IMAGE):
+        if node.state is State.INSTALLING:
+            return _fail(node, now, f"the installer refused to install {node.target}: {event.reason}")
+        return Step(node)
+    return _climb(node, policy, now, event.reason)
+
+
+def _on_tick(node: Node, event: Tick, policy: Policy, now: float) -> Step:
+    if node.state not in SWITCHING or node.deadline is None or now < node.deadline:
+        return Step(node)
+    if node.state is State.INSTALLING:
+        if node.online and node.attempt < policy.install_attempts:
+            return _start_install(node, policy, now, f"install did not finish within {policy.install_timeout:g}s")
+        return _fail(node, now, f"install of {node.target} did not finish within {policy.install_timeout:g}s "
+                                f"({node.attempt} attempt(s))")
+    rung = policy.ladder[node.rung]
+    return _climb(node, policy, now, f"no answer {rung.timeout:g}s after rung {node.rung} ({rung.method})")
+
+
+_HANDLERS = {
+    Switch: _on_switch,
+    Connected: _on_connected,
+    Disconnected: _on_disconnected,
+    Installed: _on_installed,
+    RungFailed: _on_rung_failed,
+    Tick: _on_tick,
+}

@@ -1,0 +1,105 @@
+"""Inputs (events), outputs (actions) and the per-group policy of the node state machine. Pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Ladder methods carried out by the node's agent (they need a live session).
+AGENT_METHODS = frozenset({"reboot", "kexec"})
+#: Every ladder method cidd knows; power methods arrive with BMC support.
+LADDER_METHODS = AGENT_METHODS
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of the escalation ladder: how to make the node reboot, and how long to wait for it."""
+
+    method: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Timeouts and ladder of a node group (from cidd.yaml)."""
+
+    ladder: tuple[Rung, ...] = field(default=(Rung("reboot", 300.0), Rung("reboot", 600.0)))
+    install_timeout: float = 3600.0
+    install_attempts: int = 2
+
+
+# --- events (inputs) ---
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A capture asks for ``image`` on the node on behalf of ``job``."""
+
+    image: str
+    job: str
+
+
+@dataclass(frozen=True)
+class Connected:
+    """An agent said hello: ``mode`` is "system" or "installer"; ``image`` is its marker (system mode)."""
+
+    boot_id: str
+    mode: str
+    image: str | None
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """The node's agent session closed."""
+
+
+@dataclass(frozen=True)
+class Installed:
+    """The installer reported the end of an install."""
+
+    image: str
+    ok: bool
+    reason: str | None = None
+    retry: bool = False
+
+
+@dataclass(frozen=True)
+class RungFailed:
+    """A rung's command could not be carried out (the agent refused it, or it timed out)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: check the node's deadline."""
+
+
+Event = Switch | Connected | Disconnected | Installed | RungFailed | Tick
+
+
+# --- actions (outputs) ---
+
+
+@dataclass(frozen=True)
+class SetBoot:
+    """Publish the node's next boot: "installer" or "disk" (boot profiles, iPXE)."""
+
+    boot: str
+
+
+@dataclass(frozen=True)
+class Reboot:
+    """Make the node boot ``boot`` ("installer" or "disk") using ladder ``method``."""
+
+    boot: str
+    method: str
+
+
+@dataclass(frozen=True)
+class SendInstall:
+    """Ask the installer to write ``image``."""
+
+    image: str
+
+
+Action = SetBoot | Reboot | SendInstall

@@ -1,0 +1,151 @@
+"""``cidd``: the cid head-node daemon. The only module that touches the global reactor.
+
+Exit codes: 0 stopped normally · 1 could not start (port in use, database) · 2 bad configuration or catalog ·
+4 unsafe secrets file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cidcommon import __version__, logs, wire
+from cidcommon.errors import CidError, TokenFileError
+from cidcommon.paths import ensure_token, token_path
+from cidd.catalog import Catalog, CatalogError, load_catalog
+from cidd.config import Config, ConfigError, load_config
+from cidd.engine import Engine
+from cidd.sessions import CiddFactory, Sessions
+from cidd.store import Store, StoreError
+
+log = structlog.get_logger("cidd")
+
+EPILOG = """\
+With no --config, cidd starts on working defaults: state (SQLite database, tokens) under $CID_STATE_DIR,
+else /var/lib/cid for root, else ~/.local/state/cid; it listens on 127.0.0.1:38008 and creates one token
+file per role under <state>/secrets (mode 0600), where cidkid and cidcapt on the same machine find them.
+SIGHUP reloads the image catalog; a catalog with errors is refused and the previous one stays active.
+
+exit codes: 0 stopped · 1 could not start · 2 bad configuration or catalog · 4 unsafe secrets file
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Return the parsed command line."""
+    parser = argparse.ArgumentParser(prog="cidd", description="cid head-node daemon: switches node images "
+                                     "on demand for batch jobs.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", help="YAML configuration file (default: built-in defaults)")
+    parser.add_argument("--state-dir", help="override state_dir (database, tokens)")
+    parser.add_argument("--catalog", help="override the image catalog path (images.yaml)")
+    parser.add_argument("--listen", help="override the agent/client listen address HOST:PORT")
+    parser.add_argument("--log-format", choices=("json", "console"), help="override log.format")
+    parser.add_argument("--version", action="version", version=f"cidd {__version__}")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Return the configuration with the command-line overrides applied. Raises ConfigError."""
+    config = load_config(args.config)
+    if args.state_dir:
+        state_dir = Path(args.state_dir)
+        catalog = config.catalog if config.catalog_required else state_dir / "images.yaml"
+        config = replace(config, state_dir=state_dir, catalog=catalog)
+    if args.catalog:
+        config = replace(config, catalog=Path(args.catalog), catalog_required=True)
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        if not port.isdigit():
+            raise ConfigError(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:38008")
+        config = replace(config, listen_host=host.strip("[]") or "0.0.0.0", listen_port=int(port))
+    if args.log_format:
+        config = replace(config, log_format=args.log_format)
+    return config
+
+
+def read_catalog(config: Config) -> Catalog:
+    """Return the catalog; an absent default catalog is an empty one. Raises CatalogError."""
+    if not config.catalog.exists() and not config.catalog_required:
+        log.warning("catalog.missing", path=str(config.catalog), hint="captures need images; see images.yaml")
+        return Catalog({})
+    return load_catalog(config.catalog)
+
+
+def ensure_tokens(config: Config) -> dict[str, str]:
+    """Return {role: token}, creating missing token files (0600). Raises TokenFileError if one is unsafe."""
+    return {role: ensure_token(token_path(config.state_dir, role)) for role in wire.ROLES}
+
+
+def raise_file_limit() -> None:
+    """Raise the open-file limit to its hard maximum (one descriptor per agent session)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
+    """Open the state, start the engine and listen; return the engine and the listening port."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    tokens = ensure_tokens(config)
+    catalog = read_catalog(config)
+    store = Store(config.db_path)
+    sessions = Sessions()
+    engine = Engine(config, catalog, store, reactor, sessions)
+    engine.start()
+    factory = CiddFactory(engine, sessions, tokens, reactor)
+    port = reactor.listenTCP(config.listen_port, factory, backlog=4096, interface=config.listen_host)
+    log.info("cidd.listening", host=config.listen_host, port=port.getHost().port, state_dir=str(config.state_dir),
+             catalog=str(config.catalog), images=len(catalog), version=__version__)
+    return engine, port
+
+
+def reload_catalog(engine: Engine) -> None:
+    """Swap in a freshly read catalog; on errors keep the old one and log every problem."""
+    try:
+        catalog = read_catalog(engine.config)
+    except CatalogError as exc:
+        log.error("catalog.reload_refused", path=str(engine.config.catalog), problems=str(exc).splitlines())
+        return
+    engine.catalog = catalog
+    log.info("catalog.reloaded", path=str(engine.config.catalog), images=len(catalog))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run cidd until SIGTERM/SIGINT; return the exit code (see EPILOG)."""
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        print(f"cidd: error: {exc.message}", file=sys.stderr)
+        return 2
+    logs.configure(json=config.log_format == "json", level=config.log_level)
+    from twisted.internet import reactor
+
+    raise_file_limit()
+    try:
+        engine, _port = start(config, reactor)
+    except (ConfigError, CatalogError) as exc:
+        print(f"cidd: error: {exc}", file=sys.stderr)
+        return 2
+    except TokenFileError as exc:
+        print(f"cidd: error: {exc.message}", file=sys.stderr)
+        return 4
+    except (StoreError, CidError, OSError, Exception) as exc:  # noqa: BLE001 - one place maps start failures
+        print(f"cidd: error: cannot start: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload_catalog, engine))
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: log.info("cidd.stopping"))
+    reactor.run()
+    engine.store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The ``cidkid`` command: run the node agent, or a simulated fleet of agents (``--sim``).
+
+The only module of cidkid that touches the global reactor. Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad
+command line (address, hostlist, option value), 4 token file missing or unsafe, 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+from twisted.application.service import IService
+
+from cidcommon.errors import BadHostlist, TokenFileError
+from cidcommon.hostlists import expand
+from cidcommon.logs import configure
+from cidcommon.paths import default_state_dir, read_token, token_path
+from cidcommon.wire import DEFAULT_PORT
+from cidkid import AGENT_VERSION
+from cidkid.platform import DEFAULT_MARKER, LinuxPlatform
+from cidkid.protocol import REQUEST_TIMEOUT
+from cidkid.service import AgentService, client_endpoint, parse_server
+from cidkid.sim import SimConfig, SimFleet
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 4
+
+DESCRIPTION = """\
+cid node agent. Connects to cidd, says which node this is and which image it runs, sends heartbeats with
+health figures, and carries out cidd's commands (reboot into the installer or the disk, install an image).
+It reconnects forever, with jittered exponential backoff (1 s growing to 60 s).
+
+With --sim HOSTLIST it runs a whole simulated fleet in this one process instead: every node has a fake disk
+under --sim-dir, fake reboots and fake installs, and a real session with cidd (for tests and benchmarks).
+"""
+
+EPILOG = f"""\
+environment:
+  CID_SERVER       default for --server (else 127.0.0.1:{DEFAULT_PORT})
+  CID_TOKEN_FILE   default for --token-file (else <state dir>/secrets/agent.token)
+  CID_STATE_DIR    the state directory (default /var/lib/cid for root, else ~/.local/state/cid)
+
+exit status:
+  0  stopped by SIGTERM or SIGINT     2  bad command line (address, hostlist, value)
+  4  token file missing or unsafe     1  unexpected error (see the log)
+"""
+
+
+def _rate(text: str) -> float:
+    """Return ``text`` as a probability in [0, 1] (argparse type)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability between 0 and 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """Return ``text`` as a number of seconds >= 0 (argparse type)."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give a number of seconds >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser of cidkid."""
+    p = argparse.ArgumentParser(prog="cidkid", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=AGENT_VERSION)
+    p.add_argument("--server", metavar="HOST:PORT",
+                   default=os.environ.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}",
+                   help="address of cidd's agent port (default: $CID_SERVER, else %(default)s)")
+    p.add_argument("--token-file", metavar="PATH", type=Path,
+                   help="file holding the agent token, mode 0600 (default: $CID_TOKEN_FILE, "
+                        "else <state dir>/secrets/agent.token, the file cidd creates)")
+    p.add_argument("--log-format", choices=("json", "console"), default="json",
+                   help="one JSON object per line (default), or readable console lines")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="least important events to log (default: %(default)s)")
+    p.add_argument("--request-timeout", metavar="S", type=_seconds, default=REQUEST_TIMEOUT,
+                   help="seconds cidd has to answer a request before the session is dropped and re-opened "
+                        "(default: %(default)g)")
+    real = p.add_argument_group("real agent (default)")
+    real.add_argument("--node", metavar="NAME", help="node name as cidd's inventory knows it "
+                      "(default: the short host name)")
+    real.add_argument("--mode", choices=("system", "installer"), default="system",
+                      help="'system' on an installed image (default), 'installer' inside the installer initramfs")
+    real.add_argument("--marker", metavar="PATH", type=Path, default=DEFAULT_MARKER,
+                      help="file whose first line names the installed image (default: %(default)s)")
+    real.add_argument("--target", metavar="PATH", type=Path, default=Path("/"),
+                      help="install target whose free space heartbeats report (default: %(default)s)")
+    sim = p.add_argument_group("simulated fleet (--sim)")
+    sim.add_argument("--sim", metavar="HOSTLIST",
+                     help="run one simulated node per name of HOSTLIST (e.g. 'sim[0001-2000]') instead of a real agent")
+    sim.add_argument("--sim-dir", metavar="DIR", type=Path,
+                     help="directory holding the fake disks, one subdirectory per node (default: <state dir>/sim)")
+    sim.add_argument("--reboot-delay", metavar="S", type=_seconds, default=5.0,
+                     help="seconds a simulated reboot keeps a node away (default: %(default)g)")
+    sim.add_argument("--install-time", metavar="S", type=_seconds, default=10.0,
+                     help="seconds a simulated install takes (default: %(default)g)")
+    sim.add_argument("--hang-reboot-rate", metavar="P", type=_rate, default=0.0,
+                     help="probability that a reboot never comes back (default: %(default)g)")
+    sim.add_argument("--hang-reboot", metavar="HOSTLIST",
+                     help="nodes whose reboots never come back")
+    sim.add_argument("--fail-install-rate", metavar="P", type=_rate, default=0.0,
+                     help="probability that an install fails with 'simulated install failure' (default: %(default)g)")
+    sim.add_argument("--fail-install", metavar="HOSTLIST", help="nodes whose installs always fail")
+    sim.add_argument("--initial-image", metavar="IMAGE",
+                     help="image marker written on every fake disk that has none yet, so the fleet starts in it")
+    sim.add_argument("--seed", metavar="N", type=int, help="seed of the injected failures and backoff jitter")
+    return p
+
+
+def _token_file(args: argparse.Namespace) -> Path:
+    """Return the token file named on the command line, in the environment, or the default one."""
+    if args.token_file:
+        return Path(args.token_file)
+    if os.environ.get("CID_TOKEN_FILE"):
+        return Path(os.environ["CID_TOKEN_FILE"])
+    return token_path(default_state_dir(), "agent")
+
+
+def _names(text: str | None) -> frozenset[str]:
+    """Return the node names of an optional hostlist (raises BadHostlist)."""
+    return frozenset(expand(text)) if text else frozenset()
+
+
+def build_service(args: argparse.Namespace, reactor: Any, token: str) -> IService:
+    """Return the service the command line asks for: one AgentService or a SimFleet.
+
+    Raises ValueError (bad address) and BadHostlist.
+    """
+    host, port = parse_server(args.server)
+    if args.sim:
+        config = SimConfig(
+            reboot_delay=args.reboot_delay, install_time=args.install_time,
+            hang_reboot_nodes=_names(args.hang_reboot), hang_reboot_rate=args.hang_reboot_rate,
+            fail_install_nodes=_names(args.fail_install), fail_install_rate=args.fail_install_rate,
+            initial_image=args.initial_image, seed=args.seed, request_timeout=args.request_timeout)
+        sim_dir = args.sim_dir or default_state_dir() / "sim"
+        return SimFleet(expand(args.sim), host, port, token, sim_dir, reactor, config=config)
+    platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=args.target)
+    return AgentService(platform, client_endpoint(reactor, host, port), token, reactor, node=platform.node,
+                        server=f"{host}:{port}", request_timeout=args.request_timeout)
+
+
+def _route_twisted_logs() -> None:
+    """Send Twisted's own log events to structlog: errors as ``twisted.error``, the rest at debug level."""
+    from twisted.logger import formatEvent, globalLogBeginner
+
+    def observer(event: dict[str, Any]) -> None:
+        failure = event.get("log_failure")
+        text = formatEvent(event)
+        if failure is not None:
+            log.error("twisted.error", message=text, traceback=failure.getTraceback())
+        elif event.get("isError"):
+            log.error("twisted.error", message=text)
+        else:
+            log.debug("twisted.log", message=text)
+
+    globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run cidkid with ``argv`` (default: sys.argv[1:]); return the exit status."""
+    args = build_parser().parse_args(argv)
+    configure(json=args.log_format == "json", level=args.log_level)
+    try:
+        parse_server(args.server)
+        for hostlist in (args.sim, args.hang_reboot, args.fail_install):
+            _names(hostlist)
+    except (ValueError, BadHostlist) as exc:
+        print(f"cidkid: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        token = read_token(_token_file(args))
+    except TokenFileError as exc:
+        print(f"cidkid: {exc.message}", file=sys.stderr)
+        return EXIT_AUTH
+    from twisted.internet import reactor
+
+    service = build_service(args, reactor, token)
+    _route_twisted_logs()
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            service.startService()
+        except Exception as exc:
+            log.exception("agent.start_failed")
+            failed.append(exc)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: service.stopService() if service.running else None)
+    log.info("agent.starting", version=AGENT_VERSION, server=args.server, sim=args.sim)
+    reactor.run()
+    log.info("agent.stopped")
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The seam between the agent and the machine it runs on.
+
+``Platform`` is what ``AgentProtocol`` needs from a node: who it is (``identity``), how it is doing (``health``),
+and the two commands cidd can give it (``reboot``, ``install``). ``LinuxPlatform`` is the real node;
+``cidkid.sim.SimNode`` a simulated one. Later work (kexec, IPMI-less next-boot, the streaming installer) plugs
+in here without touching the wire protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+import structlog
+from twisted.internet import defer, utils
+from twisted.internet.defer import Deferred
+
+log = structlog.get_logger(__name__)
+
+MODES = ("system", "installer")
+BOOT_TARGETS = ("installer", "disk")
+DEFAULT_MARKER = Path("/etc/cid-image")
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+REBOOT_COMMANDS: tuple[tuple[str, ...], ...] = (("systemctl", "reboot"), ("/sbin/reboot",))
+NOT_YET_REASON = "this cidkid build cannot install images yet (real installer arrives with the images feature)"
+
+#: ``progress(step, done, total)``: bytes done so far of ``total`` (None when unknown) in step ``step``.
+ProgressCallback = Callable[[str, int, int | None], None]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the agent says about itself in ``hello``.
+
+    ``mode`` is ``"system"`` (an installed image runs) or ``"installer"``; ``image`` is the image id named by the
+    marker in system mode, else None; ``boot_id`` changes at every boot.
+    """
+
+    node: str
+    mode: str
+    image: str | None
+    boot_id: str
+
+
+@dataclass(frozen=True)
+class InstallRequest:
+    """An ``install`` command: stream ``url`` (``size`` bytes, ``format``) onto the target, check ``sha256``."""
+
+    image: str
+    url: str
+    sha256: str | None = None
+    size: int | None = None
+    format: str = "tar.zst"
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """The outcome of an install: ``reason`` is a sentence when not ``ok``; ``retry`` whether trying again may help."""
+
+    ok: bool
+    reason: str | None = None
+    retry: bool = False
+
+
+class Platform(Protocol):
+    """What the agent needs from a node (real or simulated).
+
+    ``reboot_methods`` names the ``method`` values ``reboot`` accepts; others are refused with ``bad_request``.
+    """
+
+    reboot_methods: frozenset[str] = frozenset({"reboot"})
+
+    def identity(self) -> Identity:
+        """Return who this node is right now (read at every session start)."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """Return the heartbeat figures: ``load1``, ``mem_used_pct``, ``disk_free`` (bytes), ``uptime`` (s)."""
+        ...
+
+    def reboot(self, boot: str, method: str) -> None:
+        """Leave the running system and boot ``boot`` (``installer`` or ``disk``) using ``method``.
+
+        Called after the reply to cidd was written; it must not block the reactor.
+        """
+        ...
+
+    def install(self, request: InstallRequest, progress: ProgressCallback) -> Deferred[InstallResult]:
+        """Install ``request.image`` onto the target, calling ``progress`` along the way.
+
+        Returns a Deferred firing with the InstallResult; failures are results (``ok=False``), not errbacks.
+        """
+        ...
+
+
+def read_marker(path: Path) -> str | None:
+    """Return the image id on the first line of the marker file ``path``, or None when absent, empty or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("agent.marker_unreadable", path=str(path), error=str(exc))
+        return None
+    return first or None
+
+
+def write_marker(path: Path, image: str) -> None:
+    """Write ``image`` as the marker file ``path`` (creating its directory), atomically through a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(image + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def short_hostname() -> str:
+    """Return this machine's host name without its domain."""
+    return socket.gethostname().split(".", 1)[0]
+
+
+def host_health(target: Path) -> dict[str, Any]:
+    """Return the health figures of this machine, with ``disk_free`` measured on the file system of ``target``."""
+    try:
+        disk_free: int | None = psutil.disk_usage(str(target)).free
+    except OSError:
+        disk_free = None
+    return {
+        "load1": round(os.getloadavg()[0], 2),
+        "mem_used_pct": round(psutil.virtual_memory().percent, 1),
+        "disk_free": disk_free,
+        "uptime": round(max(0.0, time.time() - psutil.boot_time()), 1),
+    }
+
+
+class LinuxPlatform(Platform):
+    """A real Linux node.
+
+    ``node`` defaults to the short host name; ``mode`` is what the command line says (the installer initramfs
+    starts cidkid with ``--mode installer``); the image comes from the ``marker`` file; ``reactor`` must provide
+    IReactorProcess (used only to run the reboot command).
+    """
+
+    def __init__(self, reactor: Any, *, node: str | None = None, mode: str = "system",
+                 marker: Path = DEFAULT_MARKER, target: Path = Path("/"),
+                 boot_id_path: Path = BOOT_ID_PATH,
+                 reboot_commands: tuple[tuple[str, ...], ...] = REBOOT_COMMANDS) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self._reactor = reactor
+        self.node = node or short_hostname()
+        self.mode = mode
+        self.marker = Path(marker)
+        self.target = Path(target)
+        self._boot_id_path = Path(boot_id_path)
+        self._fallback_boot_id = str(uuid.uuid4())
+        self._reboot_commands = reboot_commands
+
+    def identity(self) -> Identity:
+        """Return the node name, mode, marker image (system mode only) and kernel boot id."""
+        image = read_marker(self.marker) if self.mode == "system" else None
+        return Identity(node=self.node, mode=self.mode, image=image, boot_id=self._boot_id())
+
+    def _boot_id(self) -> str:
+        """Return the kernel's boot id, or a per-process uuid where the kernel has none."""
+        try:
+            return self._boot_id_path.read_text(encoding="ascii").strip() or self._fallback_boot_id
+        except OSError:
+            return self._fallback_boot_id
+
+    def health(self) -> dict[str, Any]:
+        """Return load, memory use, free bytes on the install target and uptime."""
+        return host_health(self.target)
+
+    def reboot(self, boot: str, method: str) -> None:
+        """Run the first of ``reboot_commands`` that works (``systemctl reboot``, else ``/sbin/reboot``).
+
+        The command runs in a child process; its failure is logged and the next one tried. ``boot`` is only
+        logged: which system comes up next is decided by cidd's boot profile (netboot).
+        """
+        log.warning("agent.rebooting", node=self.node, boot=boot, method=method)
+        commands = []
+        for program, *args in self._reboot_commands:
+            path = program if os.path.isabs(program) else shutil.which(program)
+            if path and os.access(path, os.X_OK):
+                commands.append([path, *args])
+        self._run_first(commands)
+
+    def _run_first(self, commands: list[list[str]]) -> None:
+        """Run ``commands`` in turn until one exits 0; log each failure and a final give-up."""
+        if not commands:
+            log.error("agent.reboot_failed", node=self.node, reason="no reboot command worked")
+            return
+        argv, rest = commands[0], commands[1:]
+        d = utils.getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ), reactor=self._reactor)
+
+        def done(result: tuple[bytes, bytes, int]) -> None:
+            out, err, code = result
+            if code != 0:
+                log.error("agent.reboot_command_failed", node=self.node, command=" ".join(argv), exit=code,
+                          stderr=err.decode("utf-8", "replace").strip()[-500:])
+                self._run_first(rest)
+
+        def failed(failure: Any) -> None:
+            log.error("agent.reboot_command_failed", node=self.node, command=" ".join(argv),
+                      error=failure.getErrorMessage())
+            self._run_first(rest)
+
+        d.addCallbacks(done, failed)
+
+    def install(self, request: InstallRequest, progress: ProgressCallback) -> Deferred[InstallResult]:
+        """Return a failed, non-retryable result: the streaming installer is a later feature."""
+        log.error("agent.install_unsupported", node=self.node, image=request.image)
+        return defer.succeed(InstallResult(ok=False, reason=NOT_YET_REASON, retry=False))

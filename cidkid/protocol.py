@@ -1,0 +1,405 @@
+"""The agent side of one cidd session (docs/protocol.md): hello, heartbeats, and cidd's commands.
+
+``AgentProtocol`` turns bytes into actions on a ``Platform`` and an ``InstallRunner``. It never touches the
+global reactor: time comes from the injected clock, so tests drive it with ``twisted.internet.task.Clock`` and
+``StringTransport``. A session that stops answering (a request unanswered within ``request_timeout``, or nothing
+at all received for 3 x heartbeat) is aborted, so that the service reconnects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from cidcommon.errors import AuthError, BadRequest, CidError, ProtocolError
+from cidcommon.wire import (
+    AGENT_ROLE,
+    MAX_LINE,
+    PROTOCOL_VERSION,
+    LineBuffer,
+    LineTooLong,
+    Message,
+    decode,
+    encode,
+    error,
+    get_number,
+    get_str,
+    reply,
+)
+from cidkid import AGENT_VERSION
+from cidkid.installs import InstallRunner
+from cidkid.platform import BOOT_TARGETS, Identity, InstallRequest, Platform
+
+log = structlog.get_logger(__name__)
+
+REQUEST_TIMEOUT = 30.0
+DEFAULT_HEARTBEAT = 10.0
+#: The session is dropped when nothing was received for this many heartbeat intervals.
+SILENCE_FACTOR = 3
+
+
+class RequestTimeout(CidError):
+    """cidd did not answer a request in time; the session is treated as gone."""
+
+    code = "timeout"
+
+
+class SessionLost(CidError):
+    """The session closed before the answer came."""
+
+    code = "closed"
+
+
+_SERVER_ERRORS: dict[str, type[CidError]] = {"auth": AuthError, "bad_request": BadRequest,
+                                             "bad_message": ProtocolError}
+
+
+def server_error(message: Message) -> CidError:
+    """Return the exception matching a received ``error`` message (AuthError for ``auth``, ...)."""
+    code = message.get("code") if isinstance(message.get("code"), str) else "internal"
+    text = message.get("message") if isinstance(message.get("message"), str) else f"cidd answered {code}"
+    return _SERVER_ERRORS.get(code, CidError)(text, code=code)
+
+
+def parse_install(message: Message) -> InstallRequest:
+    """Return the InstallRequest held by an ``install`` message; raise BadRequest naming a wrong field."""
+    size = get_number(message, "size")
+    return InstallRequest(
+        image=str(get_str(message, "image")),
+        url=str(get_str(message, "url")),
+        sha256=get_str(message, "sha256", required=False),
+        size=int(size) if size is not None else None,
+        format=str(get_str(message, "format", required=False, default="tar.zst")),
+    )
+
+
+def _salvage_id(line: bytes) -> Any:
+    """Return the ``id`` of a line that failed to decode when one can still be read, else None."""
+    try:
+        message = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(message, dict) and isinstance(message.get("id"), int | str) \
+            and not isinstance(message.get("id"), bool):
+        return message["id"]
+    return None
+
+
+class AgentProtocol(Protocol):
+    """One agent session: sends ``hello``, then heartbeats; answers ``reboot`` and ``install``.
+
+    ``when_ready()`` gives a Deferred firing with cidd's hello reply (or failing with AuthError, RequestTimeout,
+    SessionLost, ...). ``on_superseded`` is called when cidd says another session took this node over.
+    """
+
+    def __init__(self, platform: Platform, token: str, clock: IReactorTime, *,
+                 request_timeout: float = REQUEST_TIMEOUT, max_line: int = MAX_LINE,
+                 installs: InstallRunner | None = None, agent: str = AGENT_VERSION,
+                 on_superseded: Callable[[], None] | None = None) -> None:
+        self._platform = platform
+        self._token = token
+        self._clock = clock
+        self.request_timeout = request_timeout
+        self._buffer = LineBuffer(max_line)
+        self._installs = installs
+        self._agent = agent
+        self._on_superseded = on_superseded
+        self._pending: dict[Any, tuple[str, Deferred[Message], IDelayedCall]] = {}
+        self._next_id = 1
+        self._hello_id: Any = None
+        self._waiters: list[Deferred[Message]] = []
+        self._outcome: Message | Failure | None = None
+        self._closing = False
+        self._heartbeat_call: IDelayedCall | None = None
+        self._last_received = 0.0
+        self._log = log
+        self.identity: Identity | None = None
+        self.heartbeat: float | None = None
+        self.session: str | None = None
+        self.established = False
+
+    @property
+    def agent_protocol(self) -> AgentProtocol:
+        """Return this protocol itself (reachable through the proxies ClientService wraps around it)."""
+        return self
+
+    # -- session start -------------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Say ``hello`` with this node's identity; the reply starts the heartbeats."""
+        self.identity = ident = self._platform.identity()
+        self._log = log.bind(node=ident.node)
+        self._last_received = self._clock.seconds()
+        if self._installs is None:
+            self._installs = InstallRunner(self._platform, self._clock, node=ident.node)
+        self._hello_id = self._next_id
+        d = self.request("hello", proto=PROTOCOL_VERSION, role=AGENT_ROLE, token=self._token, node=ident.node,
+                         mode=ident.mode, image=ident.image, boot_id=ident.boot_id, agent=self._agent)
+        d.addCallbacks(self._hello_ok, self._hello_failed)
+
+    def when_ready(self) -> Deferred[Message]:
+        """Return a Deferred firing with cidd's hello reply, or failing when the session did not start.
+
+        Cancelling it aborts the connection.
+        """
+        d: Deferred[Message] = Deferred(lambda _d: self._abort())
+        if self._outcome is None:
+            self._waiters.append(d)
+        elif isinstance(self._outcome, Failure):
+            d.errback(self._outcome)
+        else:
+            d.callback(self._outcome)
+        return d
+
+    def _settle(self, outcome: Message | Failure) -> None:
+        """Record the session start's outcome and hand it to every waiter still waiting."""
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if d.called:
+                continue
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
+    def _hello_ok(self, answer: Message) -> None:
+        """Take the heartbeat interval from cidd's reply, start heartbeats, and fire the ready waiters."""
+        try:
+            interval = get_number(answer, "heartbeat", DEFAULT_HEARTBEAT)
+        except BadRequest:
+            interval = None
+        if not interval:
+            self._log.warning("agent.bad_heartbeat", value=answer.get("heartbeat"), used=DEFAULT_HEARTBEAT)
+            interval = DEFAULT_HEARTBEAT
+        self.heartbeat = interval
+        self.session = answer.get("session") if isinstance(answer.get("session"), str) else None
+        self.established = True
+        self._log.info("agent.connected", server=answer.get("server"), session=self.session,
+                       heartbeat=interval, mode=self.identity.mode if self.identity else None,
+                       image=self.identity.image if self.identity else None)
+        self._heartbeat_call = self._clock.callLater(interval, self._tick)
+        assert self._installs is not None
+        self._installs.attach(self.send)
+        self._settle(answer)
+
+    def _hello_failed(self, failure: Failure) -> None:
+        """Log why cidd refused the session (never the token), close it, and fail the ready waiters."""
+        if failure.check(AuthError):
+            self._log.error("agent.auth_failed", message=failure.value.message)
+        elif failure.check(CidError) and not failure.check(SessionLost, RequestTimeout):
+            self._log.error("agent.hello_refused", code=failure.value.code, message=failure.value.message)
+        else:
+            self._log.info("agent.hello_failed", reason=failure.getErrorMessage())
+        self._close()
+        self._settle(failure)
+
+    # -- sending ---------------------------------------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Write ``message`` as one line (dropped when the session is closing)."""
+        if self.transport is not None and not self._closing:
+            self.transport.write(encode(message))
+
+    def request(self, kind: str, **fields: Any) -> Deferred[Message]:
+        """Send a ``kind`` request; return a Deferred firing with the reply.
+
+        It fails with the server's error (AuthError, CidError...), RequestTimeout (the session is then aborted),
+        or SessionLost.
+        """
+        request_id = self._next_id
+        self._next_id += 1
+        d: Deferred[Message] = Deferred()
+        timer = self._clock.callLater(self.request_timeout, self._timed_out, request_id)
+        self._pending[request_id] = (kind, d, timer)
+        self.send({"type": kind, "id": request_id, **fields})
+        return d
+
+    def _timed_out(self, request_id: Any) -> None:
+        """Treat the session as half-open: log, abort the connection, fail the request."""
+        kind, d, _timer = self._pending.pop(request_id)
+        self._log.warning("agent.request_timeout", request=kind, id=request_id, timeout=self.request_timeout)
+        d.errback(RequestTimeout(f"cidd did not answer '{kind}' within {self.request_timeout:g} s; "
+                                 "the session was dropped and will be re-opened"))
+        self._abort()
+
+    # -- heartbeats ------------------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Send a heartbeat with health figures, unless cidd has been silent for too long (then abort)."""
+        self._heartbeat_call = None
+        if self._closing or self.heartbeat is None:
+            return
+        silent = self._clock.seconds() - self._last_received
+        if silent >= SILENCE_FACTOR * self.heartbeat:
+            self._log.warning("agent.server_silent", silent=round(silent, 1), limit=SILENCE_FACTOR * self.heartbeat)
+            self._abort()
+            return
+        try:
+            health = {k: v for k, v in self._platform.health().items() if v is not None}
+        except Exception as exc:  # a broken sensor must not stop the liveness probe
+            self._log.warning("agent.health_failed", error=str(exc))
+            health = {}
+        self.request("heartbeat", **health).addErrback(lambda _f: None)
+        self._heartbeat_call = self._clock.callLater(self.heartbeat, self._tick)
+
+    # -- receiving -------------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Split ``data`` into lines and handle each; a too-long line closes the session."""
+        if self._closing:
+            return
+        self._last_received = self._clock.seconds()
+        try:
+            lines = self._buffer.feed(data)
+        except LineTooLong as exc:
+            self._log.warning("agent.line_too_long", message=exc.message)
+            self.send(error("too_long", f"{exc.message}; closing the session"))
+            self._close()
+            return
+        for line in lines:
+            if self._closing:
+                return
+            if line.strip():
+                self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        """Decode one line and dispatch it; bad lines get an ``error`` answer, the session stays open."""
+        try:
+            message = decode(line)
+        except ProtocolError as exc:
+            self._log.warning("agent.bad_message", message=exc.message)
+            self.send(error("bad_message", exc.message, _salvage_id(line)))
+            return
+        kind = message["type"]
+        if kind == "reply":
+            self._on_reply(message)
+        elif kind == "error":
+            self._on_error(message)
+        else:
+            self._on_request(kind, message)
+
+    def _on_reply(self, message: Message) -> None:
+        """Fire the Deferred of the request this reply answers."""
+        entry = self._pending.pop(message.get("id"), None)
+        if entry is None:
+            self._log.debug("agent.unexpected_reply", id=message.get("id"))
+            return
+        _kind, d, timer = entry
+        timer.cancel()
+        d.callback(message)
+
+    def _on_error(self, message: Message) -> None:
+        """Fail the request an ``error`` answers; ``superseded`` closes the session."""
+        err = server_error(message)
+        if err.code == "superseded":
+            self._log.warning("agent.superseded", message=err.message)
+            if self._on_superseded is not None:
+                self._on_superseded()
+            self._close()
+            return
+        request_id = message.get("id")
+        if request_id is None and self._hello_id in self._pending:
+            request_id = self._hello_id  # an id-less error before the hello reply answers the hello
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            self._log.warning("agent.server_error", code=err.code, message=err.message, id=request_id)
+            return
+        _kind, d, timer = entry
+        timer.cancel()
+        d.errback(err)
+
+    def _on_request(self, kind: str, message: Message) -> None:
+        """Answer a request from cidd: run its handler, or send the ``error`` it deserves."""
+        request_id = message.get("id")
+        handler = {"reboot": self._reboot, "install": self._install}.get(kind)
+        try:
+            if handler is None:
+                raise CidError(f"{self._agent} does not know the message type {kind!r}; "
+                               "it understands: reboot, install", code="unknown_type")
+            if request_id is None:
+                raise ProtocolError(f"a {kind!r} request needs an 'id'")
+            if not self.established:
+                raise CidError(f"{kind!r} arrived before the reply to hello", code="out_of_order")
+            handler(request_id, message)
+        except CidError as exc:
+            self._log.warning("agent.request_refused", request=kind, id=request_id, code=exc.code,
+                              message=exc.message)
+            self.send(error(exc.code, exc.message, request_id))
+        except Exception as exc:
+            self._log.exception("agent.request_crashed", request=kind, id=request_id)
+            self.send(error("internal", f"cidkid failed on {kind!r} ({exc}); see the agent's log on the node",
+                            request_id))
+
+    def _reboot(self, request_id: Any, message: Message) -> None:
+        """Check ``boot`` and ``method``, reply, then (next turn of the clock) ask the platform to reboot."""
+        boot = get_str(message, "boot")
+        if boot not in BOOT_TARGETS:
+            raise BadRequest(f"'boot' must be one of {', '.join(BOOT_TARGETS)}, not {boot!r}")
+        method = str(get_str(message, "method", required=False, default="reboot"))
+        methods = sorted(self._platform.reboot_methods)
+        if method not in methods:
+            raise BadRequest(f"this agent cannot reboot with method {method!r}; it supports: {', '.join(methods)}")
+        self.send(reply(request_id))
+        self._log.info("agent.reboot_requested", boot=boot, method=method, id=request_id)
+        self._clock.callLater(0, self._do_reboot, boot, method)
+
+    def _do_reboot(self, boot: str, method: str) -> None:
+        """Call ``platform.reboot``, logging (not raising) what goes wrong."""
+        try:
+            self._platform.reboot(boot, method)
+        except Exception:
+            self._log.exception("agent.reboot_failed", boot=boot, method=method)
+
+    def _install(self, request_id: Any, message: Message) -> None:
+        """Refuse outside installer mode; otherwise reply at once, then start the install."""
+        assert self.identity is not None and self._installs is not None
+        if self.identity.mode != "installer":
+            raise BadRequest(f"node {self.identity.node} runs its installed system, not the installer; "
+                             "reboot it with boot=installer before asking for an install")
+        request = parse_install(message)
+        if not self._installs.accepts(request):
+            self.send(reply(request_id, running=True))
+            return
+        self.send(reply(request_id))
+        self._installs.start(request)
+
+    # -- closing ---------------------------------------------------------------------------------------------
+
+    def _close(self) -> None:
+        """Close the session gracefully (pending writes are flushed first)."""
+        if not self._closing and self.transport is not None:
+            self._closing = True
+            self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        """Drop the session at once, without flushing."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Stop the heartbeats, fail every pending request, and hand install events to the next session."""
+        self._closing = True
+        if self._heartbeat_call is not None and self._heartbeat_call.active():
+            self._heartbeat_call.cancel()
+        self._heartbeat_call = None
+        if self._installs is not None:
+            self._installs.detach(self.send)
+        if self.established:
+            self._log.info("agent.disconnected", reason=reason.getErrorMessage(), session=self.session)
+        pending, self._pending = self._pending, {}
+        for kind, d, timer in pending.values():
+            if timer.active():
+                timer.cancel()
+            d.errback(SessionLost(f"the session closed before cidd answered '{kind}'"))
+        self._settle(Failure(SessionLost(f"the session closed: {reason.getErrorMessage()}")))

@@ -1,0 +1,168 @@
+"""Real-process helpers for end-to-end tests: cidd, a simulated cidkid fleet and cidcapt on loopback.
+
+Every process is started by the test and stopped by PID; servers listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CATALOG = REPO / "images.yaml"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    """Return once 127.0.0.1:port accepts connections; raise TimeoutError otherwise."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _env(state_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CID_STATE_DIR"] = str(state_dir)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("CID_SERVER", None)
+    return env
+
+
+@dataclass
+class Cluster:
+    """A cidd process (and optionally simulated fleets) under ``root``."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    groups: dict[str, Any] = field(default_factory=dict)
+    nodes: list[dict[str, str]] = field(default_factory=list)
+    heartbeat: float = 1.0
+    cidd: subprocess.Popen | None = None
+    fleets: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def db(self) -> Path:
+        return self.state_dir / "cidd.sqlite"
+
+    def write_config(self) -> Path:
+        """Write cidd.yaml for this cluster and return its path."""
+        config = {
+            "state_dir": str(self.state_dir), "catalog": str(CATALOG),
+            "listen": {"host": "127.0.0.1", "port": self.port},
+            "http": {"host": "127.0.0.1", "port": free_port()},
+            "heartbeat": self.heartbeat, "request_timeout": 5,
+            "groups": self.groups, "log": {"format": "json"},
+        }
+        if self.nodes:
+            config["nodes"] = self.nodes
+            config["auto_register"] = True
+        path = self.root / "cidd.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def start_cidd(self) -> subprocess.Popen:
+        """Start cidd and wait until it listens."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.write_config()
+        log = open(self.root / "cidd.log", "ab")  # noqa: SIM115 - closed with the process
+        self.cidd = subprocess.Popen([sys.executable, "-m", "cidd.main", "--config", str(config)],
+                                     stdout=log, stderr=subprocess.STDOUT, env=_env(self.state_dir))
+        wait_port(self.port)
+        return self.cidd
+
+    def start_fleet(self, hostlist: str, *extra: str) -> subprocess.Popen:
+        """Start ``cidkid --sim HOSTLIST`` against this cidd."""
+        log = open(self.root / f"fleet-{len(self.fleets)}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cidkid.main", "--sim", hostlist, "--server", self.server,
+             "--sim-dir", str(self.root / "sim"), *extra],
+            stdout=log, stderr=subprocess.STDOUT, env=_env(self.state_dir))
+        self.fleets.append(proc)
+        return proc
+
+    def cidcapt(self, *args: str, timeout: float = 120.0, role: str | None = None) -> subprocess.CompletedProcess:
+        """Run cidcapt against this cidd and return the finished process (text output)."""
+        env = _env(self.state_dir)
+        if role:
+            env["CID_ROLE"] = role
+        return subprocess.run([sys.executable, "-m", "cidcapt.main", "--server", self.server, *args],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+
+    def status(self, hostlist: str | None = None) -> dict[str, dict[str, Any]]:
+        """Return {node: status row} from ``cidcapt --status --json``."""
+        args = ["--status", *([hostlist] if hostlist else []), "--json"]
+        result = self.cidcapt(*args)
+        assert result.returncode == 0, result.stderr
+        rows = json.loads(result.stdout)
+        return {row["node"]: row for row in rows}
+
+    def wait_online(self, count: int, timeout: float = 60.0) -> None:
+        """Return once ``count`` nodes are online; raise TimeoutError otherwise."""
+        end = time.monotonic() + timeout
+        online = 0
+        while time.monotonic() < end:
+            online = sum(1 for row in self.status().values() if row["online"])
+            if online >= count:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"only {online} of {count} nodes online after {timeout}s")
+
+    def kill_cidd(self, sig: int = signal.SIGKILL) -> None:
+        """Stop cidd with ``sig`` and wait for it."""
+        if self.cidd is not None and self.cidd.poll() is None:
+            self.cidd.send_signal(sig)
+            self.cidd.wait(timeout=20)
+
+    def stop(self) -> None:
+        """Stop every process this cluster started (by PID)."""
+        for proc in [*self.fleets, self.cidd]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.fleets, self.cidd]:
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """Return cidd's JSON log events."""
+        events = []
+        for line in (self.root / "cidd.log").read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    pass
+        return events

@@ -1,0 +1,231 @@
+"""cidcapt --status and --captures against a scripted fake cidd, and the pieces under them.
+
+The blocking Connection is tested on a real socket pair; the exit-code mapping over every wire code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from cidcapt.capture import Outcome
+from cidcapt.connection import Connection, Timing, parse_server
+from cidcapt.errors import BadServerReply, ConnectionLost, Unreachable, error_from_wire
+from cidcapt.main import exit_code, main
+from cidcapt.render import format_age, summary_rows
+from cidcapt.testing import FakeCidd, FakeSession
+from cidcommon.errors import CidError, Conflict, UnknownImage
+from cidcommon.wire import encode
+
+TOKEN = "admin-t0ken"
+NOW = 1_700_000_100.0
+FAST = Timing(request_timeout=1.0, silence_timeout=1.0, grace=0.2, backoff_first=0.02, backoff_max=0.1)
+NODES = [
+    {"node": "node01", "state": "ready", "image": "debian-12-1", "target": None, "job": None, "online": True,
+     "last_seen": NOW - 3, "reason": None, "health": {"load1": 0.1}},
+    {"node": "node02", "state": "failed", "image": "debian-12-2", "target": "debian-12-1", "job": "1234",
+     "online": False, "last_seen": NOW - 7200, "reason": "no hello from the image after 3 reboots"},
+    {"node": "node03", "state": "offline", "image": None, "target": None, "job": None, "online": False,
+     "last_seen": None, "reason": None},
+]
+
+
+@pytest.fixture()
+def token_file(tmp_path: Path) -> Path:
+    """Return a private token file holding TOKEN."""
+    path = tmp_path / "reader.token"
+    path.write_text(TOKEN)
+    path.chmod(0o600)
+    return path
+
+
+def run(args: list[str], token_file: Path, cidd: FakeCidd | None = None) -> tuple[int, str, str]:
+    """Run cidcapt's main with a fixed wall clock; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = args + ["--token-file", str(token_file)] + (["--server", cidd.address] if cidd else [])
+    code = main(argv, stdout=out, stderr=err, env={}, timing=FAST, now=lambda: NOW)
+    return code, out.getvalue(), err.getvalue()
+
+
+def status_script(session: FakeSession) -> None:
+    """Script: answer one ``status`` with the nodes it names (all of NODES without ``nodes``)."""
+    session.hello(expect_role="reader")
+    request = session.expect("status")
+    wanted = request.get("nodes")
+    session.reply(request, nodes=[n for n in NODES if wanted is None or n["node"] in ("node01", "node02")])
+
+
+def test_status_prints_a_table_with_ages(token_file: Path) -> None:
+    with FakeCidd(status_script, token=TOKEN) as cidd:
+        code, out, err = run(["--status", "--role", "reader"], token_file, cidd)
+    assert code == 0, err
+    assert "nodes" not in cidd.messages("status")[0]
+    lines = out.splitlines()
+    assert lines[0].split() == ["NODE", "STATE", "IMAGE", "TARGET", "JOB", "ONLINE", "LAST-SEEN", "REASON"]
+    assert lines[1].split() == ["node01", "ready", "debian-12-1", "-", "-", "yes", "3s", "ago", "-"]
+    assert lines[2].split()[:8] == ["node02", "failed", "debian-12-2", "debian-12-1", "1234", "no", "2h", "ago"]
+    assert lines[2].endswith("no hello from the image after 3 reboots")
+    assert lines[3].split() == ["node03", "offline", "-", "-", "-", "no", "-", "-"]
+    assert lines[0].index("LAST-SEEN") == lines[1].index("3s ago")  # columns line up
+
+
+def test_status_of_a_hostlist_sends_it_compact_and_prints_json(token_file: Path) -> None:
+    with FakeCidd(status_script, token=TOKEN) as cidd:
+        code, out, _ = run(["--status", "node02,node01", "--role", "reader", "--json"], token_file, cidd)
+    assert code == 0
+    assert cidd.messages("status")[0]["nodes"] == "node[01-02]"
+    assert [n["node"] for n in json.loads(out)] == ["node01", "node02"]
+
+
+def test_status_bad_hostlist_exits_2(token_file: Path) -> None:
+    code, out, err = run(["--status", "node[1-", "--server", "127.0.0.1:1"], token_file)
+    assert code == 2 and out == ""
+    assert "cidcapt: error: bad hostlist" in err
+
+
+def test_captures_table(token_file: Path) -> None:
+    def script(session: FakeSession) -> None:
+        session.hello()
+        request = session.expect("captures")
+        session.reply(request, captures=[
+            {"job": "1234", "image": "debian-12-1", "state": "running", "nodes": 16, "user": "alice",
+             "created": NOW - 300, "deadline": NOW + 1500},
+            {"job": "1200", "image": "centos-7-1", "state": "failed", "nodes": {"n1": {}, "n2": {}},
+             "created": NOW - 7200, "deadline": NOW - 3000, "ended": NOW - 4000}])
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, out, _ = run(["--captures"], token_file, cidd)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["JOB", "IMAGE", "STATE", "NODES", "USER", "CREATED", "DEADLINE", "ENDED"]
+    assert lines[1].split() == ["1234", "debian-12-1", "running", "16", "alice", "5m", "ago", "in", "25m", "-"]
+    assert lines[2].split() == ["1200", "centos-7-1", "failed", "n[1-2]", "-", "2h", "ago", "50m", "ago", "66m", "ago"]
+
+
+def test_a_peer_that_is_not_cidd_exits_4(token_file: Path) -> None:
+    def script(session: FakeSession) -> None:
+        session.recv()
+        session.send_raw(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, _, err = run(["--captures"], token_file, cidd)
+    assert code == 4
+    assert "is not a cid message" in err and "--server" in err
+
+
+def test_forbidden_status_exits_5(token_file: Path) -> None:
+    def script(session: FakeSession) -> None:
+        session.hello()
+        session.error(session.expect("status"), "forbidden", "role reader may not see node07")
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, _, err = run(["--status", "node07"], token_file, cidd)
+    assert code == 5 and "cidcapt: error: role reader may not see node07" in err
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("head", ("head", 38008)), ("head:4000", ("head", 4000)), ("127.0.0.1:38009", ("127.0.0.1", 38009)),
+    ("[::1]:4000", ("::1", 4000)), ("[::1]", ("::1", 38008)), ("::1", ("::1", 38008)),
+])
+def test_parse_server(text: str, expected: tuple[str, int]) -> None:
+    assert parse_server(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "head:0", "head:70000", "head:http", "[::1", "[::1]x", ":4000"])
+def test_parse_server_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="server address|port"):
+        parse_server(text)
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ("bad_message", 2), ("bad_request", 2), ("unknown_type", 2), ("unknown_image", 2), ("bad_hostlist", 2),
+    ("unknown_node", 2), ("too_long", 2), ("out_of_order", 2), ("conflict", 5), ("forbidden", 5), ("auth", 4),
+    ("internal", 4), ("superseded", 4), ("something_new", 4),
+])
+def test_every_wire_code_maps_to_the_documented_exit_code(code: str, expected: int) -> None:
+    err = error_from_wire({"type": "error", "id": 2, "code": code, "message": "text"})
+    assert err.code == code and err.message == ("authentication failed: text" if code == "auth" else "text")
+    assert exit_code(err) == expected
+
+
+def test_exit_codes_of_outcomes_and_client_errors() -> None:
+    def outcome(state: str) -> Outcome:
+        return Outcome(job="1", image="i", state=state, nodes={})
+
+    assert [exit_code(outcome(s)) for s in ("ok", "failed", "deadline")] == [0, 1, 3]
+    assert exit_code(Unreachable("x")) == 4 and exit_code(ConnectionLost("x")) == 4
+    assert exit_code(BadServerReply("x")) == 4
+    assert isinstance(error_from_wire({"code": "unknown_image", "message": "m"}), UnknownImage)
+    assert isinstance(error_from_wire({"code": "conflict", "message": "m"}), Conflict)
+
+
+@pytest.fixture()
+def pair() -> tuple[Connection, socket.socket]:
+    """Return a Connection on one end of a socket pair, and the other end (playing cidd)."""
+    ours, theirs = socket.socketpair()
+    conn = Connection(ours, address="pair", request_timeout=0.3)
+    yield conn, theirs
+    conn.close()
+    theirs.close()
+
+
+def test_request_returns_its_reply_and_keeps_earlier_events(pair: tuple[Connection, socket.socket]) -> None:
+    conn, peer = pair
+    peer.sendall(encode({"type": "keepalive"}) + encode({"type": "reply", "id": 99}) +
+                 encode({"type": "node", "node": "n1"}) + encode({"type": "reply", "id": 1, "ok": True}) +
+                 encode({"type": "done", "state": "ok"}))
+    assert conn.request({"type": "status"}) == {"type": "reply", "id": 1, "ok": True}
+    sent = json.loads(peer.recv(65536))
+    assert sent == {"type": "status", "id": 1}
+    assert [conn.next_message(0.1)["type"] for _ in range(3)] == ["keepalive", "node", "done"]
+    assert conn.next_message(0.05) is None
+
+
+def test_error_answers_raise_their_class(pair: tuple[Connection, socket.socket]) -> None:
+    conn, peer = pair
+    peer.sendall(encode({"type": "error", "code": "unknown_image", "message": "no such image"}))
+    with pytest.raises(UnknownImage, match="no such image"):
+        conn.request({"type": "capture"})
+
+
+def test_request_timeout_and_close_raise_connection_lost(pair: tuple[Connection, socket.socket]) -> None:
+    conn, peer = pair
+    with pytest.raises(ConnectionLost, match="did not answer 'status' within 0.3 s"):
+        conn.request({"type": "status"})
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    with pytest.raises(ConnectionLost, match="closed the connection"):
+        Connection(ours, address="pair").next_message(1.0)
+    ours.close()
+
+
+@pytest.mark.parametrize("data", [b"not json\n", b"[1, 2]\n", b'{"no": "type"}\n', b"x" * 70_000])
+def test_garbage_from_the_peer_raises_bad_server_reply(pair: tuple[Connection, socket.socket], data: bytes) -> None:
+    conn, peer = pair
+    peer.sendall(data)
+    with pytest.raises(BadServerReply):
+        conn.next_message(1.0)
+
+
+def test_summary_rows_group_only_large_node_sets() -> None:
+    few = {f"n{i}": {"state": "ready", "image": "img"} for i in range(1, 4)}
+    assert summary_rows(few, "img") == [[f"n{i}", "ready", "img", ""] for i in range(1, 4)]
+    many = {f"n{i:02d}": {"state": "ready", "image": "img"} for i in range(1, 21)}
+    many["n05"] = {"state": "to_image", "image": "old", "step": None, "detail": "image written"}
+    assert summary_rows(many, "img") == [["n[01-04,06-20]", "ready", "img", ""],
+                                         ["n05", "to_image", "old", "still to_image (image written)"]]
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (3.4, "3s"), (89, "89s"), (300, "5m"),
+                                               (7200, "2h"), (3 * 86400, "3d"), (-5, "0s")])
+def test_format_age(seconds: float, text: str) -> None:
+    assert format_age(seconds) == text
+
+
+def test_cid_errors_have_user_text() -> None:
+    err = CidError("cidd is gone", code="internal")
+    assert exit_code(err) == 4 and err.message == "cidd is gone"

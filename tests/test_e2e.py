@@ -1,0 +1,160 @@
+"""End-to-end on loopback with real processes: cidd, simulated cidkid fleets, cidcapt as a prolog runs it.
+
+One cidd and two fleets serve the whole module; each test uses its own nodes:
+node[01-10] switch normally, node[11-14] install slowly (for conflicts and joins), node19 fails its
+install, node[18,20] never come back from a reboot.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.procs import Cluster
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--reboot-delay", "0.2", "--install-time", "0.3", "--initial-image", "debian-12-1"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    cluster = Cluster(tmp_path_factory.mktemp("e2e"), groups={
+        "default": {"ladder": [{"method": "reboot", "timeout": 3}, {"method": "reboot", "timeout": 3}],
+                    "install_timeout": 20, "install_attempts": 2},
+    })
+    cluster.start_cidd()
+    try:
+        cluster.start_fleet("node[01-10,18-20]", *FAST, "--fail-install", "node19", "--hang-reboot", "node[18,20]")
+        cluster.start_fleet("node[11-14]", "--reboot-delay", "0.2", "--install-time", "4",
+                            "--initial-image", "debian-12-1")
+        cluster.wait_online(17)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def job_events(cluster: Cluster, job: str) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(cluster.db) as db:
+        return db.execute("SELECT node, from_state, to_state FROM events WHERE job = ? ORDER BY id", (job,)).fetchall()
+
+
+def test_switch_succeeds_and_reports_progress(cluster: Cluster) -> None:
+    result = cluster.cidcapt("-j", "ok1", "-n", "node[01-08]", "-i", "debian-12-2")
+    assert result.returncode == 0, result.stderr
+    assert "node03" in result.stderr and "to_image" in result.stderr  # one line per state change
+    status = cluster.status("node[01-08]")
+    assert {row["state"] for row in status.values()} == {"ready"}
+    assert {row["image"] for row in status.values()} == {"debian-12-2"}
+    steps = {(f, t) for _, f, t in job_events(cluster, "ok1")}
+    assert {("ready", "to_installer"), ("to_installer", "installing"), ("installing", "to_image"),
+            ("to_image", "ready")} <= steps
+
+
+def test_nodes_already_in_the_image_are_skipped(cluster: Cluster) -> None:
+    cluster.cidcapt("-j", "skip0", "-n", "node[01-02]", "-i", "debian-12-2")
+    started = time.monotonic()
+    result = cluster.cidcapt("-j", "skip1", "-n", "node[01-02]", "-i", "debian-12-2")
+    assert result.returncode == 0, result.stderr
+    assert job_events(cluster, "skip1") == []  # no reboot, no transition
+    assert time.monotonic() - started < 10
+
+
+def test_partial_failure_lists_each_failed_node_with_its_reason(cluster: Cluster) -> None:
+    result = cluster.cidcapt("-j", "part1", "-n", "node[09-10,19]", "-i", "rocky-9-3")
+    assert result.returncode == 1, result.stderr
+    failed_lines = [line for line in result.stderr.splitlines() if "node19" in line and "failed" in line]
+    assert failed_lines and any("simulated install failure" in line for line in failed_lines)
+    status = cluster.status("node[09-10,19]")
+    assert status["node09"]["state"] == "ready" and status["node10"]["image"] == "rocky-9-3"
+    assert status["node19"]["state"] == "failed"
+
+
+def test_deadline_gives_exit_3_with_the_pending_step(cluster: Cluster) -> None:
+    result = cluster.cidcapt("-j", "late1", "-n", "node20", "-i", "rocky-9-3", "--timeout", "2")
+    assert result.returncode == 3, result.stderr
+    assert "node20" in result.stderr and "to_installer" in result.stderr
+
+
+def test_ladder_exhausted_fails_with_a_reason(cluster: Cluster) -> None:
+    result = cluster.cidcapt("-j", "hang1", "-n", "node18", "-i", "rocky-9-3", "--timeout", "60")
+    assert result.returncode == 1, result.stderr
+    assert "ladder" in result.stderr and "node18" in result.stderr
+    rungs = [row for row in job_events(cluster, "hang1") if row[1] == row[2] == "to_installer"]
+    assert rungs, "the history records the climb to rung 1"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-j", "bad1", "-n", "node01", "-i", "debian-13-9"], "unknown image"),
+    (["-j", "bad2", "-n", "node[01-", "-i", "debian-12-1"], "hostlist"),
+    (["-j", "bad3", "-n", "nosuch[1-2]", "-i", "debian-12-1"], "unknown node"),
+    (["-n", "node01", "-i", "debian-12-1"], ""),  # usage: no job id
+])
+def test_bad_requests_give_exit_2_and_start_nothing(cluster: Cluster, args: list[str], message: str) -> None:
+    result = cluster.cidcapt(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr.lower()
+    if "-j" in args:
+        assert job_events(cluster, args[1]) == []
+
+
+def test_conflict_is_refused_naming_the_holder_and_same_image_joins(cluster: Cluster) -> None:
+    holder = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "-j", "hold1",
+                               "-n", "node[11-12]", "-i", "rocky-9-3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**cluster_env(cluster)})
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if cluster.status("node12")["node12"]["state"] in ("to_installer", "installing"):
+                break
+            time.sleep(0.1)
+        refused = cluster.cidcapt("-j", "other1", "-n", "node[12-13]", "-i", "debian-12-2")
+        assert refused.returncode == 5, refused.stderr
+        assert "hold1" in refused.stderr
+        assert job_events(cluster, "other1") == []
+        joined = cluster.cidcapt("-j", "join1", "-n", "node12", "-i", "rocky-9-3")
+        assert joined.returncode == 0, joined.stderr
+        again = cluster.cidcapt("-j", "hold1", "-n", "node[11-12]", "-i", "rocky-9-3")
+        assert again.returncode == 0, again.stderr
+        assert holder.wait(timeout=60) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def cluster_env(cluster: Cluster) -> dict[str, str]:
+    from tests.procs import _env
+
+    return _env(cluster.state_dir)
+
+
+def test_wrong_token_gives_exit_4(cluster: Cluster, tmp_path) -> None:
+    bad = tmp_path / "bad.token"
+    bad.write_text("not-the-token\n")
+    bad.chmod(0o600)
+    result = cluster.cidcapt("--token-file", str(bad), "-j", "tok1", "-n", "node01", "-i", "debian-12-1")
+    assert result.returncode == 4, result.stderr
+    assert "authentication failed" in result.stderr
+    assert job_events(cluster, "tok1") == []
+
+
+def test_reader_role_may_not_capture(cluster: Cluster) -> None:
+    result = cluster.cidcapt("-j", "read1", "-n", "node01", "-i", "debian-12-1", role="reader")
+    assert result.returncode == 5, result.stderr
+    assert cluster.cidcapt("--status", "node01", role="reader").returncode == 0
+
+
+def test_cidd_survives_garbage_from_a_peer(cluster: Cluster) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", cluster.port)) as sock:
+        sock.sendall(b"\x00\xff not json\n" + b"x" * 70000 + b"\n")
+        sock.settimeout(5)
+        data = sock.recv(65536)
+    assert b'"type":"error"' in data
+    assert cluster.cidcapt("--status", "node01").returncode == 0

@@ -1,0 +1,238 @@
+"""cidd's session layer with StringTransport and a Clock: every message kind, garbage, auth, liveness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from cidd.catalog import load_catalog
+from cidd.config import parse_config
+from cidd.engine import Engine
+from cidd.sessions import HELLO_TIMEOUT, CiddFactory, PeerProtocol, Sessions
+from cidd.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENS = {"agent": "agent-secret", "admin": "admin-secret", "scheduler": "sched-secret", "reader": "read-secret"}
+
+
+class Peer:
+    """One PeerProtocol on a StringTransport, with helpers to send lines and read what cidd wrote."""
+
+    def __init__(self, factory: CiddFactory) -> None:
+        self.proto: PeerProtocol = factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+        self.proto.makeConnection(self.transport)
+
+    def send(self, message: dict | bytes) -> None:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
+        self.proto.dataReceived(data)
+
+    def received(self) -> list[dict]:
+        lines = self.transport.value().decode().splitlines()
+        self.transport.clear()
+        return [json.loads(line) for line in lines]
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting or self.transport.disconnected
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = Clock()
+    clock.advance(1000)
+    config = parse_config({"state_dir": str(tmp_path), "heartbeat": 5, "request_timeout": 7,
+                           "groups": {"default": {"ladder": [{"method": "reboot", "timeout": 50}]}}})
+    store = Store(":memory:")
+    sessions = Sessions()
+    engine = Engine(config, load_catalog(REPO / "images.yaml"), store, clock, sessions)
+    engine.start()
+    factory = CiddFactory(engine, sessions, TOKENS, clock)
+    return clock, engine, factory
+
+
+def agent_hello(node="n1", mode="system", image="debian-12-1", boot="b1", token="agent-secret") -> dict:
+    return {"type": "hello", "id": 1, "proto": 1, "role": "agent", "token": token, "node": node, "mode": mode,
+            "image": image, "boot_id": boot, "extra_key_is_ignored": True}
+
+
+def client(factory, role="admin") -> Peer:
+    peer = Peer(factory)
+    peer.send({"type": "hello", "id": 1, "proto": 1, "role": role, "token": TOKENS[role]})
+    assert peer.received()[0]["type"] == "reply"
+    return peer
+
+
+def test_agent_hello_is_accepted_and_the_node_becomes_ready(world):
+    _clock, engine, factory = world
+    peer = Peer(factory)
+    peer.send(agent_hello())
+    [reply] = peer.received()
+    assert reply["type"] == "reply" and reply["id"] == 1 and reply["proto"] == 1 and reply["heartbeat"] == 5
+    assert engine.nodes["n1"].state == "ready" and engine.nodes["n1"].image == "debian-12-1"
+
+
+@pytest.mark.parametrize("hello, text", [
+    (agent_hello(token="wrong"), "authentication failed"),
+    ({**agent_hello(), "token": None}, "authentication failed"),
+    ({**agent_hello(), "role": "root"}, "authentication failed"),
+    ({**agent_hello(), "role": "agent", "token": "admin-secret"}, "authentication failed"),  # another role's token
+    ({**agent_hello(), "proto": 9}, "protocol version"),
+])
+def test_unauthenticated_peers_get_an_error_and_are_disconnected(world, hello, text):
+    _clock, engine, factory = world
+    peer = Peer(factory)
+    peer.send(hello)
+    [error] = peer.received()
+    assert error["type"] == "error" and error["code"] == "auth" and text in error["message"]
+    assert peer.closed
+    assert "n1" not in engine.nodes
+
+
+def test_anything_before_hello_is_out_of_order_and_closes(world):
+    peer = Peer(world[2])
+    peer.send({"type": "status", "id": 4})
+    [error] = peer.received()
+    assert error["code"] == "out_of_order" and error["id"] == 4 and peer.closed
+
+
+def test_a_silent_peer_is_dropped_after_the_hello_timeout(world):
+    clock, _engine, factory = world
+    peer = Peer(factory)
+    clock.advance(HELLO_TIMEOUT + 0.1)
+    assert peer.received()[0]["code"] == "out_of_order" and peer.closed
+
+
+def test_garbage_lines_get_errors_and_too_many_close_the_session(world):
+    peer = client(world[2])
+    for line in (b"not json\n", b"[1,2]\n", b'{"no_type": 1}\n', b'{"type": "status", "id": [1]}\n'):
+        peer.send(line)
+    errors = peer.received()
+    assert [e["code"] for e in errors] == ["bad_message"] * 4
+    assert not peer.closed
+    for _ in range(6):
+        peer.send(b"\xff\xfe\n")
+    assert peer.closed
+
+
+def test_an_oversized_line_is_refused_and_closes_only_that_session(world):
+    _clock, engine, factory = world
+    other = client(factory)
+    peer = client(factory)
+    peer.send(b"{" + b" " * 70000)
+    assert peer.received()[0]["code"] == "too_long" and peer.closed
+    other.send({"type": "status", "id": 2})
+    assert other.received()[0]["type"] == "reply"
+
+
+def test_unknown_request_type_and_second_hello(world):
+    peer = client(world[2])
+    peer.send({"type": "format_disks", "id": 3})
+    peer.send({"type": "hello", "id": 4, "proto": 1, "role": "admin", "token": "admin-secret"})
+    unknown, again = peer.received()
+    assert unknown["code"] == "unknown_type" and unknown["id"] == 3
+    assert again["code"] == "out_of_order"
+
+
+def test_heartbeat_is_answered_and_silence_drops_the_agent(world):
+    clock, engine, factory = world
+    peer = Peer(factory)
+    peer.send(agent_hello())
+    peer.received()
+    clock.advance(4)
+    peer.send({"type": "heartbeat", "id": 2, "load1": 0.5, "mem_used_pct": 10.0, "disk_free": 123})
+    assert peer.received() == [{"type": "reply", "id": 2}]
+    assert engine.node_status("n1")["health"]["disk_free"] == 123
+    clock.advance(14)  # < 3 x heartbeat since the last line
+    assert not peer.closed
+    clock.advance(2)  # half-open: nothing for 3 x heartbeat
+    assert peer.transport.disconnecting or peer.closed or getattr(peer.transport, "aborting", False)
+
+
+def test_newest_agent_session_wins(world):
+    _clock, engine, factory = world
+    old = Peer(factory)
+    old.send(agent_hello(boot="b1"))
+    new = Peer(factory)
+    new.send(agent_hello(boot="b1"))
+    assert old.received()[-1]["code"] == "superseded" and old.closed
+    old.proto.connectionLost()
+    assert factory.sessions.agents["n1"] is new.proto
+    assert engine.nodes["n1"].online
+
+
+def test_full_switch_through_sessions(world):
+    clock, engine, factory = world
+    agent = Peer(factory)
+    agent.send(agent_hello())
+    agent.received()
+    admin = client(factory)
+    admin.send({"type": "capture", "id": 2, "job": "42", "nodes": "n1", "image": "rocky-9-3", "watch": True})
+    [reply] = admin.received()
+    assert reply["capture"]["nodes"]["n1"]["state"] == "to_installer" and reply["capture"]["attached"] is False
+    [reboot] = agent.received()
+    assert reboot["type"] == "reboot" and reboot["boot"] == "installer"
+    agent.send({"type": "reply", "id": reboot["id"]})
+    agent.proto.connectionLost()
+    installer = Peer(factory)
+    installer.send(agent_hello(mode="installer", image=None, boot="b2"))
+    reply, install = installer.received()
+    assert install["type"] == "install" and install["image"] == "rocky-9-3" and install["url"].endswith(".tar.zst")
+    installer.send({"type": "reply", "id": install["id"]})
+    installer.send({"type": "progress", "image": "rocky-9-3", "step": "writing", "done": 5, "total": 10})
+    installer.send({"type": "installed", "image": "rocky-9-3", "ok": True})
+    [to_disk] = installer.received()
+    assert to_disk["type"] == "reboot" and to_disk["boot"] == "disk"
+    installer.proto.connectionLost()
+    system = Peer(factory)
+    system.send(agent_hello(image="rocky-9-3", boot="b3"))
+    clock.advance(0)
+    events = admin.received()
+    kinds = [(e["type"], e.get("to")) for e in events]
+    assert ("progress", None) in kinds
+    assert [e["to"] for e in events if e["type"] == "node"] == ["installing", "to_image", "ready"]
+    assert events[-1]["type"] == "done" and events[-1]["state"] == "ok"
+    clock.advance(20)
+    assert {"type": "keepalive"} not in admin.received()  # keepalives stop with the capture
+
+
+def test_agent_error_reply_climbs_the_ladder_and_a_timeout_aborts(world):
+    clock, engine, factory = world
+    agent = Peer(factory)
+    agent.send(agent_hello())
+    agent.received()
+    engine.capture("7", ["n1"], "rocky-9-3", None, "admin", 600)
+    [reboot] = agent.received()
+    agent.send({"type": "error", "id": reboot["id"], "code": "bad_request", "message": "no reboot here"})
+    node = engine.nodes["n1"]
+    assert node.state == "failed" and "no reboot here" in node.reason  # one rung only in this config
+
+
+def test_reader_may_read_but_not_capture(world):
+    peer = client(world[2], role="reader")
+    peer.send({"type": "capture", "id": 2, "job": "1", "nodes": "n1", "image": "rocky-9-3"})
+    peer.send({"type": "status", "id": 3})
+    peer.send({"type": "captures", "id": 4})
+    refused, status, captures = peer.received()
+    assert refused["code"] == "forbidden" and status["type"] == "reply" and captures["captures"] == []
+
+
+def test_capture_request_errors(world):
+    _clock, engine, factory = world
+    agent = Peer(factory)
+    agent.send(agent_hello())
+    peer = client(factory)
+    peer.send({"type": "capture", "id": 2, "job": "1", "nodes": "n1", "image": "debian-13-1"})
+    peer.send({"type": "capture", "id": 3, "job": "1", "nodes": "n[1-", "image": "rocky-9-3"})
+    peer.send({"type": "capture", "id": 4, "job": "1", "nodes": "zz9", "image": "rocky-9-3"})
+    peer.send({"type": "capture", "id": 5, "nodes": "n1", "image": "rocky-9-3"})
+    peer.send({"type": "capture", "id": 6, "job": "1", "nodes": "n1", "image": "rocky-9-3", "timeout": "soon"})
+    codes = [(e["id"], e["code"]) for e in peer.received()]
+    assert codes == [(2, "unknown_image"), (3, "bad_hostlist"), (4, "unknown_node"), (5, "bad_request"),
+                     (6, "bad_request")]
+    assert engine.captures == {}
