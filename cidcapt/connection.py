@@ -17,7 +17,7 @@ from typing import Any
 from cidcapt import __version__
 from cidcapt.errors import BadServerReply, ConnectionLost, Unreachable, error_from_wire
 from cidcommon.errors import ProtocolError
-from cidcommon.wire import DEFAULT_PORT, MAX_LINE, PROTOCOL_VERSION, LineBuffer, Message, decode, encode
+from cidcommon.wire import DEFAULT_PORT, MAX_REPLY_LINE, PROTOCOL_VERSION, LineBuffer, Message, decode, encode
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -119,7 +119,7 @@ class Connection:
     """One session with cidd on an already-connected socket; close it with ``close`` or ``with``."""
 
     def __init__(self, sock: socket.socket, *, address: str = "cidd", request_timeout: float = 30.0,
-                 clock: Clock = time.monotonic, max_line: int = MAX_LINE) -> None:
+                 clock: Clock = time.monotonic, max_line: int = MAX_REPLY_LINE) -> None:
         self.sock = sock
         self.address = address
         self.request_timeout = request_timeout

@@ -15,6 +15,8 @@ PROTOCOL_VERSION = 1
 DEFAULT_PORT = 38008
 DEFAULT_HTTP_PORT = 38080
 MAX_LINE = 65536
+#: Clients accept longer lines from cidd: a status or capture of 10,000 nodes is a few MiB.
+MAX_REPLY_LINE = 64 * 1024 * 1024
 AGENT_ROLE = "agent"
 CLIENT_ROLES = ("admin", "scheduler", "reader")
 ROLES = (AGENT_ROLE, *CLIENT_ROLES)

@@ -91,10 +91,12 @@ def node_outcome(image: str, node: Node) -> NodeResult:
 
 
 def plan(job: str, image: str, names: list[str], user: str | None, requester: str, timeout: float,
-         latest: Capture | None, nodes: Mapping[str, Node], now: float) -> Plan:
+         latest: Capture | None, nodes: Mapping[str, Node], now: float,
+         running: Mapping[str, Capture] | None = None) -> Plan:
     """Return the Plan for a capture request.
 
-    ``latest`` is the job's most recent capture, if any; ``nodes`` holds every requested node's record.
+    ``latest`` is the job's most recent capture, if any; ``nodes`` holds every requested node's record;
+    ``running`` holds the running captures by job (a node in one of them is held by that job).
     Raises Conflict when the job id is in use with another image, or when another job holds a node for a
     different image; raises BadRequest when a running capture of the job names other nodes.
     """
@@ -107,8 +109,12 @@ def plan(job: str, image: str, names: list[str], user: str | None, requester: st
             raise BadRequest(f"job {job} is already capturing {collect(list(latest.nodes))}, not "
                              f"{collect(names)}; re-run with the same nodes to re-attach")
         return Plan(latest, attached=True, to_switch=())
-    holders = sorted({(n.job or "?", n.target or "?", name) for name, n in nodes.items()
-                      if n.state in SWITCHING and n.target != image})
+    holders = {(n.job or "?", n.target or "?", name) for name, n in nodes.items()
+               if n.state in SWITCHING and n.target != image}
+    for other in (running or {}).values():
+        if other.job != job and other.image != image:
+            holders.update((other.job, other.image, name) for name in names if name in other.nodes)
+    holders = sorted(holders)
     if holders:
         by_job: dict[tuple[str, str], list[str]] = {}
         for holder, target, name in holders:

@@ -107,6 +107,27 @@ class _Reader:
             return default
         return value
 
+    def flag(self, data: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            self.problem(where, f"'{key}' must be true or false (got {value!r})")
+            return default
+        return value
+
+    def port(self, data: Mapping[str, Any], key: str, default: int, where: str) -> int:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+            self.problem(where, f"'{key}' must be a TCP port number from 0 to 65535 (got {value!r})")
+            return default
+        return value
+
+    def optional_text(self, data: Mapping[str, Any], key: str, where: str) -> str | None:
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            self.problem(where, f"'{key}' must be a non-empty string (got {value!r})")
+            return None
+        return value
+
     def mapping(self, data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
         value = data.get(key) or {}
         if not isinstance(value, Mapping):
@@ -167,7 +188,11 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
     for name, group in reader.mapping(data, "groups", "top level").items():
         groups[str(name)] = _policy(reader, str(name), group)
     specs: list[NodeSpec] = []
-    for index, item in enumerate(data.get("nodes") or []):
+    node_items = data.get("nodes") or []
+    if not isinstance(node_items, list):
+        reader.problem("nodes", "'nodes' must be a list of {hosts: HOSTLIST, group: NAME} entries")
+        node_items = []
+    for index, item in enumerate(node_items):
         where = f"nodes[{index}]"
         if not isinstance(item, Mapping) or "hosts" not in item:
             reader.problem(where, "each entry needs 'hosts' (a hostlist) and optionally 'group'")
@@ -180,22 +205,23 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
             specs.append(NodeSpec(tuple(hostlists.expand(str(item["hosts"]))), group))
         except CidError as exc:
             reader.problem(where, exc.message)
-    catalog = data.get("catalog")
+    catalog = reader.optional_text(data, "catalog", "top level")
+    image_dir = reader.optional_text(data, "image_dir", "top level")
     config = Config(
         state_dir=state_dir,
         catalog=Path(catalog) if catalog else state_dir / "images.yaml",
         catalog_required=bool(catalog),
-        image_dir=Path(data["image_dir"]) if data.get("image_dir") else None,
+        image_dir=Path(image_dir) if image_dir else None,
         listen_host=reader.text(listen, "host", "127.0.0.1", "listen"),
-        listen_port=int(reader.number(listen, "port", DEFAULT_PORT, "listen")),
+        listen_port=reader.port(listen, "port", DEFAULT_PORT, "listen"),
         http_host=reader.text(http, "host", "127.0.0.1", "http"),
-        http_port=int(reader.number(http, "port", DEFAULT_HTTP_PORT, "http")),
-        public_http_url=http.get("public_url"),
+        http_port=reader.port(http, "port", DEFAULT_HTTP_PORT, "http"),
+        public_http_url=reader.optional_text(http, "public_url", "http"),
         heartbeat=reader.number(data, "heartbeat", 10.0, "top level", minimum=0.1),
         request_timeout=reader.number(data, "request_timeout", 30.0, "top level", minimum=0.1),
         capture_timeout=reader.number(data, "capture_timeout", 3600.0, "top level", minimum=1.0),
         max_line=int(reader.number(data, "max_line", MAX_LINE, "top level", minimum=1024)),
-        auto_register=bool(data.get("auto_register", not specs)),
+        auto_register=reader.flag(data, "auto_register", not specs, "top level"),
         log_format=reader.text(log, "format", "json", "log", ("json", "console")),
         log_level=reader.text(log, "level", "info", "log", ("debug", "info", "warning", "error")),
         groups=groups,

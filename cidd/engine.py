@@ -225,7 +225,7 @@ class Engine:
         now = self.clock.seconds()
         latest = self.captures.get(job) or self.store.latest_capture(job)
         plan = caps.plan(job, image, names, user, requester, timeout or self.config.capture_timeout, latest,
-                         {name: self.nodes[name] for name in names}, now)
+                         {name: self.nodes[name] for name in names}, now, self.captures)
         if plan.attached:
             return plan
         steps: dict[str, Step] = {}

@@ -192,6 +192,8 @@ def _on_switch(node: Node, event: Switch, policy: Policy, now: float) -> Step:
     if node.state is State.READY and node.image == event.image:
         return Step(node)  # already there, agent-verified
     fresh = replace(node, target=event.image, job=event.job, attempt=0, rung=0, reason=None)
+    if node.online and node.mode == "system" and node.image == event.image:  # a failed node, now fine
+        return _ready(fresh, now, f"already runs {event.image}")
     if node.online and node.mode == "installer":
         return _start_install(fresh, policy, now, f"switch to {event.image} for job {event.job}")
     return _begin_wait(fresh, State.TO_INSTALLER, 0, policy, now, f"switch to {event.image} for job {event.job}")
@@ -216,8 +218,13 @@ def _on_connected(node: Node, event: Connected, policy: Policy, now: float) -> S
         return _climb(fresh, policy, now, f"node booted its disk ({event.image}) instead of the installer")
     if state is State.INSTALLING:
         if event.mode == "installer":
-            return _start_install(replace(fresh, attempt=fresh.attempt - (1 if event.boot_id == node.boot_id else 0)),
-                                  policy, now, "installer reconnected; install sent again")
+            if event.boot_id == node.boot_id:  # same installer boot: resume the same attempt
+                return _start_install(replace(fresh, attempt=fresh.attempt - 1), policy, now,
+                                      "installer reconnected; install sent again")
+            if node.attempt >= policy.install_attempts:
+                return _fail(fresh, now, f"the installer restarted during every one of {node.attempt} "
+                                         f"install attempt(s) of {node.target}; check the node's console")
+            return _start_install(fresh, policy, now, "installer restarted; install sent again")
         return _begin_wait(fresh, State.TO_INSTALLER, 0, policy, now,
                            "node left the installer before the install ended", old=node)
     # TO_IMAGE

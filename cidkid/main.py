@@ -143,7 +143,7 @@ def build_service(args: argparse.Namespace, reactor: Any, token: str) -> IServic
             fail_install_nodes=_names(args.fail_install), fail_install_rate=args.fail_install_rate,
             initial_image=args.initial_image, seed=args.seed, request_timeout=args.request_timeout)
         sim_dir = args.sim_dir or default_state_dir() / "sim"
-        return SimFleet(expand(args.sim), host, port, token, sim_dir, reactor, config=config)
+        return SimFleet(args.sim, host, port, token, sim_dir, reactor, config=config)
     platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=args.target)
     return AgentService(platform, client_endpoint(reactor, host, port), token, reactor, node=platform.node,
                         server=f"{host}:{port}", request_timeout=args.request_timeout)

@@ -163,6 +163,7 @@ class LinuxPlatform(Platform):
         self._boot_id_path = Path(boot_id_path)
         self._fallback_boot_id = str(uuid.uuid4())
         self._reboot_commands = reboot_commands
+        self.last_reboot: Deferred[list[str] | None] | None = None
 
     def identity(self) -> Identity:
         """Return the node name, mode, marker image (system mode only) and kernel boot id."""
@@ -183,7 +184,8 @@ class LinuxPlatform(Platform):
     def reboot(self, boot: str, method: str) -> None:
         """Run the first of ``reboot_commands`` that works (``systemctl reboot``, else ``/sbin/reboot``).
 
-        The command runs in a child process; its failure is logged and the next one tried. ``boot`` is only
+        The commands run in child processes, one after the other until one exits 0; failures are logged.
+        ``last_reboot`` is a Deferred firing with the command that worked (None if none did). ``boot`` is only
         logged: which system comes up next is decided by cidd's boot profile (netboot).
         """
         log.warning("agent.rebooting", node=self.node, boot=boot, method=method)
@@ -192,29 +194,30 @@ class LinuxPlatform(Platform):
             path = program if os.path.isabs(program) else shutil.which(program)
             if path and os.access(path, os.X_OK):
                 commands.append([path, *args])
-        self._run_first(commands)
+        self.last_reboot = self._run_first(commands)
 
-    def _run_first(self, commands: list[list[str]]) -> None:
-        """Run ``commands`` in turn until one exits 0; log each failure and a final give-up."""
+    def _run_first(self, commands: list[list[str]]) -> Deferred[list[str] | None]:
+        """Run ``commands`` in turn until one exits 0; return a Deferred firing with it (None: all failed)."""
         if not commands:
             log.error("agent.reboot_failed", node=self.node, reason="no reboot command worked")
-            return
+            return defer.succeed(None)
         argv, rest = commands[0], commands[1:]
         d = utils.getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ), reactor=self._reactor)
 
-        def done(result: tuple[bytes, bytes, int]) -> None:
-            out, err, code = result
-            if code != 0:
-                log.error("agent.reboot_command_failed", node=self.node, command=" ".join(argv), exit=code,
-                          stderr=err.decode("utf-8", "replace").strip()[-500:])
-                self._run_first(rest)
+        def done(result: tuple[bytes, bytes, int]) -> Deferred[list[str] | None] | list[str]:
+            _out, err, code = result
+            if code == 0:
+                return argv
+            log.error("agent.reboot_command_failed", node=self.node, command=" ".join(argv), exit=code,
+                      stderr=err.decode("utf-8", "replace").strip()[-500:])
+            return self._run_first(rest)
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Any) -> Deferred[list[str] | None]:
             log.error("agent.reboot_command_failed", node=self.node, command=" ".join(argv),
                       error=failure.getErrorMessage())
-            self._run_first(rest)
+            return self._run_first(rest)
 
-        d.addCallbacks(done, failed)
+        return d.addCallbacks(done, failed)
 
     def install(self, request: InstallRequest, progress: ProgressCallback) -> Deferred[InstallResult]:
         """Return a failed, non-retryable result: the streaming installer is a later feature."""

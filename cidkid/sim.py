@@ -20,10 +20,11 @@ from typing import Any
 import structlog
 from twisted.application.service import Service
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
+from cidcommon.hostlists import expand
 from cidcommon.wire import Message
 from cidkid.platform import (
     Identity,
@@ -113,7 +114,10 @@ class SimNode(Platform):
         self._clock = clock
         self._endpoint = endpoint
         self._token = token
-        self._rng = rng or random.Random(self.config.seed)
+        seed = self.config.seed
+        # Per-node generators: a node's k-th reboot or install has the same fate whatever the others do.
+        self._rng = rng or random.Random(None if seed is None else f"{seed}:{name}")
+        self._backoff_rng = random.Random(None if seed is None else f"{seed}:{name}:backoff")
         self._health = health or SharedHealth(clock, Path(sim_dir))
         self._server = server
         self._on_ready = on_ready
@@ -228,6 +232,8 @@ class SimNode(Platform):
 
     def _boot_cancelled(self, failure: Failure) -> None:
         """Swallow the cancellation of a pending boot (power off); log anything else."""
+        if failure.check(FirstError):
+            failure = failure.value.subFailure
         if not failure.check(CancelledError):
             log.error("sim.boot_failed", node=self.name, error=failure.getErrorMessage())
 
@@ -244,7 +250,7 @@ class SimNode(Platform):
         log.debug("sim.booted", node=self.name, mode=mode, image=self.image, boot_id=self.boot_id)
         self.service = AgentService(self, self._endpoint, self._token, self._clock, node=self.name,
                                     server=self._server, request_timeout=self.config.request_timeout,
-                                    backoff=Backoff(rng=self._rng), on_ready=self._ready)
+                                    backoff=Backoff(rng=self._backoff_rng), on_ready=self._ready)
         self.service.startService()
 
     def _ready(self, _protocol: AgentProtocol, _answer: Message) -> None:
@@ -257,18 +263,20 @@ class SimNode(Platform):
 class SimFleet(Service):
     """Many SimNodes in one process, each with its own AgentService against ``server_host:server_port``.
 
+    ``names`` is a hostlist (``"sim[0001-2000]"``, raises BadHostlist) or a sequence of node names.
     ``reactor`` is the clock and (unless ``endpoint`` is given) the TCP reactor. ``startService`` powers the nodes
     on over a ramp of ``ramp_batch`` nodes per ``ramp_interval`` s; ``stopService`` returns a Deferred that fires
     when every session is closed; ``when_announced(n)`` fires once ``n`` nodes (default all) were greeted by cidd.
     """
 
-    def __init__(self, names: Sequence[str], server_host: str, server_port: int, token: str, sim_dir: Path,
+    def __init__(self, names: str | Sequence[str], server_host: str, server_port: int, token: str, sim_dir: Path,
                  reactor: Any, *, config: SimConfig | None = None, endpoint: IStreamClientEndpoint | None = None,
                  ramp_batch: int = 200, ramp_interval: float = 0.1) -> None:
+        if isinstance(names, str):
+            names = expand(names)
         self.config = config or SimConfig()
         self.sim_dir = Path(sim_dir)
         self._clock: IReactorTime = reactor
-        self._rng = random.Random(self.config.seed)
         self._ramp_batch = max(1, ramp_batch)
         self._ramp_interval = ramp_interval
         self._ramp: list[IDelayedCall] = []
@@ -277,7 +285,7 @@ class SimFleet(Service):
         self.endpoint = endpoint or client_endpoint(reactor, server_host, server_port)
         health = SharedHealth(reactor, self.sim_dir)
         self.nodes: dict[str, SimNode] = {
-            name: SimNode(name, self.sim_dir, reactor, self.endpoint, token, config=self.config, rng=self._rng,
+            name: SimNode(name, self.sim_dir, reactor, self.endpoint, token, config=self.config,
                           health=health, server=self.server, on_ready=self._node_ready)
             for name in names
         }
@@ -322,10 +330,11 @@ class SimFleet(Service):
                     write_marker(node.marker, self.config.initial_image)
         log.info("sim.fleet_starting", nodes=len(self.nodes), server=self.server, sim_dir=str(self.sim_dir))
         nodes = list(self.nodes.values())
-        for index in range(0, len(nodes), self._ramp_batch):
-            batch = nodes[index:index + self._ramp_batch]
-            delay = (index // self._ramp_batch) * self._ramp_interval
-            self._ramp.append(self._clock.callLater(delay, self._power_on, batch))
+        batches = [nodes[i:i + self._ramp_batch] for i in range(0, len(nodes), self._ramp_batch)]
+        for number, batch in enumerate(batches[1:], start=1):
+            self._ramp.append(self._clock.callLater(number * self._ramp_interval, self._power_on, batch))
+        if batches:
+            self._power_on(batches[0])
 
     def _power_on(self, batch: Iterable[SimNode]) -> None:
         """Start every node of ``batch``."""

@@ -54,9 +54,10 @@ def failed(name: str, target: str, reason: str = "boom") -> Node:
     return Node(name, state=State.FAILED, image=C, target=target, job="old", reason=reason)
 
 
-def new_plan(names, nodes, image=A, job="j1", latest=None, now=NOW, timeout=600.0):
-    """Return plan() for ``names`` with ``nodes`` (a list of Node records)."""
-    return plan(job, image, list(names), "alice", "slurm", timeout, latest, {n.name: n for n in nodes}, now)
+def new_plan(names, nodes, image=A, job="j1", latest=None, now=NOW, timeout=600.0, running=()):
+    """Return plan() for ``names`` with ``nodes`` (a list of Node records) and ``running`` captures."""
+    return plan(job, image, list(names), "alice", "slurm", timeout, latest, {n.name: n for n in nodes}, now,
+                {c.job: c for c in running})
 
 
 def running_capture(names=("n1", "n2"), image=A, job="j1", created=NOW - 50, deadline=NOW + 550,
@@ -119,6 +120,22 @@ def test_conflict_with_another_job_s_switching_nodes_names_the_holder_job_and_im
     assert f"n[1-2] held by job j9 for image {B}" in message
     assert f"n3 held by job j8 for image {C}" in message
     assert "n4" not in message
+
+
+def test_a_node_held_by_another_job_s_running_capture_for_another_image_is_a_conflict():
+    # n1 is ready in B for job j9, whose capture still runs (waiting for n2): it holds n1, whatever n1's state.
+    other = running_capture(("n1", "n2"), image=B, job="j9", results={"n1": NodeResult(Result.READY)})
+    with pytest.raises(Conflict) as err:
+        new_plan(["n1", "n3"], [ready("n1", B), offline("n3")], running=[other])
+    assert f"n1 held by job j9 for image {B}" in str(err.value)
+    assert "n3" not in str(err.value)
+
+
+def test_running_captures_of_the_same_image_or_other_nodes_are_no_conflict():
+    same_image = running_capture(("n1",), image=A, job="j8")
+    other_nodes = running_capture(("n5",), image=B, job="j9")
+    p = new_plan(["n1", "n2"], [switching("n1", A, "j8"), offline("n2")], running=[same_image, other_nodes])
+    assert p.to_switch == ("n2",)  # n1 joins j8's switch
 
 
 def test_failed_or_ready_nodes_of_another_image_are_no_conflict():
@@ -289,15 +306,9 @@ def test_engine_scenario_a_running_capture_holds_a_ready_node(engine):
     assert engine.nodes["n1"].state is State.READY and engine.nodes["n2"].state is State.TO_INSTALLER
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: cidd/captures.py:110-111 (plan) only sees conflicts on nodes in a SWITCHING state; "
-                   "a node already recorded ready by another job's running capture is switched away to another "
-                   "image, and that capture still ends 'ok' (sticky result) while the node is being reinstalled")
 def test_another_job_cannot_take_a_node_a_running_capture_holds_ready(engine):
-    conflict = None
-    try:
+    with pytest.raises(Conflict) as err:
         engine.capture("jY", ["n1"], B, "bob", "slurm", 600.0)
-    except Conflict as exc:
-        conflict = exc
-    assert conflict is not None, f"n1 was taken: {engine.nodes['n1'].state} to {engine.nodes['n1'].target}"
-    assert "jX" in str(conflict)
+    assert f"n1 held by job jX for image {A}" in str(err.value)
+    assert engine.nodes["n1"].state is State.READY  # nothing was started
+    assert "jY" not in engine.captures

@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -428,3 +430,24 @@ def test_line_split_across_packets_is_reassembled() -> None:
     for i in range(len(data)):
         proto.dataReceived(data[i:i + 1])
     assert sent(transport) == [{"type": "reply", "id": 8}]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=200).filter(lambda b: b"\n" not in b),
+    st.dictionaries(st.sampled_from(["type", "id", "boot", "method", "image", "url", "size", "code"]),
+                    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                              st.text(max_size=20), st.sampled_from(["reboot", "install", "reply", "error",
+                                                                     "heartbeat", "disk", "installer"])),
+                    max_size=6).map(lambda d: json.dumps(d).encode()),
+), max_size=12), st.sampled_from(["system", "installer"]))
+def test_any_input_gets_answers_never_an_exception(lines: list[bytes], mode: str) -> None:
+    platform = FakePlatform(mode=mode)
+    proto, transport, clock = established(platform)
+    sent(transport)
+    proto.dataReceived(b"\n".join(lines) + b"\n")
+    clock.advance(0)
+    for answer in sent(transport):  # everything the agent wrote is a well-formed message
+        assert answer["type"] in ("reply", "error", "installed", "progress")
+        if answer["type"] == "error":
+            assert isinstance(answer["code"], str) and isinstance(answer["message"], str)

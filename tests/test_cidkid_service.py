@@ -10,19 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from cidcommon.wire import encode
 from cidkid.platform import Identity, InstallRequest, InstallResult, Platform, ProgressCallback
 from cidkid.protocol import AgentProtocol
 from cidkid.service import AgentService, Backoff, parse_server
+from cidkid.testing import LoopTransport, MemoryEndpoint
 
 
 class Node(Platform):
@@ -39,54 +36,6 @@ class Node(Platform):
         raise AssertionError("not used")
 
 
-class LoopTransport(StringTransport):
-    """A StringTransport whose close reaches the protocol on the next clock turn, like a real one."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__()
-        self.clock = clock
-        self.protocol: Any = None
-        self.closed = False
-
-    def _close(self, reason: Failure) -> None:
-        if not self.closed:
-            self.closed = True
-            self.clock.callLater(0, self.protocol.connectionLost, reason)
-
-    def loseConnection(self) -> None:
-        super().loseConnection()
-        self._close(Failure(ConnectionDone()))
-
-    def abortConnection(self) -> None:
-        super().abortConnection()
-        self._close(Failure(ConnectionLost()))
-
-
-@implementer(IStreamClientEndpoint)
-class FakeEndpoint:
-    """Connects at once to a LoopTransport (or refuses while ``refuse`` is set); records every attempt."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.refuse = False
-        self.attempts: list[float] = []
-        self.connections: list[tuple[Any, LoopTransport]] = []
-
-    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
-        self.attempts.append(self.clock.seconds())
-        if self.refuse:
-            return fail(ConnectionRefusedError())
-        proto = factory.buildProtocol(None)
-        transport = LoopTransport(self.clock)
-        transport.protocol = proto
-        proto.makeConnection(transport)
-        self.connections.append((proto, transport))
-        return succeed(proto)
-
-    def last(self) -> tuple[Any, LoopTransport]:
-        return self.connections[-1]
-
-
 class FixedJitter(random.Random):
     """uniform() always returns the middle of its range: no jitter, so delays are the base delays."""
 
@@ -98,6 +47,11 @@ def messages(transport: StringTransport) -> list[dict[str, Any]]:
     lines = transport.value().splitlines()
     transport.clear()
     return [json.loads(line) for line in lines]
+
+
+def last(endpoint: MemoryEndpoint) -> tuple[Any, LoopTransport]:
+    transport = endpoint.transports[-1]
+    return transport.protocol, transport
 
 
 def answer_hello(proto: Any, transport: StringTransport, **fields: Any) -> None:
@@ -120,8 +74,8 @@ def twisted_errors() -> Any:
     globalLogPublisher.removeObserver(observer)
 
 
-def make_service(clock: Clock, **kwargs: Any) -> tuple[AgentService, FakeEndpoint, list[Any]]:
-    endpoint = FakeEndpoint(clock)
+def make_service(clock: Clock, **kwargs: Any) -> tuple[AgentService, MemoryEndpoint, list[Any]]:
+    endpoint = MemoryEndpoint(clock)
     ready: list[Any] = []
     service = AgentService(Node(), endpoint, "tok-XYZZY", clock, server="head:38008",
                            backoff=kwargs.pop("backoff", Backoff(rng=FixedJitter())),
@@ -174,7 +128,7 @@ def test_service_is_ready_after_hello_reply_and_reconnects_after_a_drop(twisted_
     service, endpoint, ready = make_service(clock)
     service.startService()
     connected = service.whenConnected()
-    proto, transport = endpoint.last()
+    proto, transport = last(endpoint)
     assert not connected.called  # a TCP connection is not enough: hello must be answered
     answer_hello(proto, transport)
     assert connected.called and isinstance(connected.result, AgentProtocol)
@@ -182,10 +136,10 @@ def test_service_is_ready_after_hello_reply_and_reconnects_after_a_drop(twisted_
     transport.abortConnection()  # e.g. a half-open session found by a heartbeat timeout
     clock.advance(0)
     clock.advance(0.99)
-    assert len(endpoint.connections) == 1
+    assert len(endpoint.transports) == 1
     clock.advance(0.01)
-    assert len(endpoint.connections) == 2  # first retry after initial delay (1 s, no jitter here)
-    answer_hello(*endpoint.last())
+    assert len(endpoint.transports) == 2  # first retry after initial delay (1 s, no jitter here)
+    answer_hello(*last(endpoint))
     assert len(ready) == 2
     assert twisted_errors == []
 
@@ -211,16 +165,16 @@ def test_auth_failure_retries_at_the_longest_delay_and_logs_every_time(twisted_e
     with capture_logs() as logs:
         service.startService()
         for round_ in range(3):
-            proto, transport = endpoint.last()
+            proto, transport = last(endpoint)
             hello = messages(transport)[0]
             proto.dataReceived(encode({"type": "error", "id": hello["id"], "code": "auth",
                                        "message": "wrong token for role agent"}))
             clock.advance(0)
             assert transport.closed
             clock.advance(59.9)
-            assert len(endpoint.connections) == round_ + 1
+            assert len(endpoint.transports) == round_ + 1
             clock.advance(0.1)
-            assert len(endpoint.connections) == round_ + 2
+            assert len(endpoint.transports) == round_ + 2
     assert ready == []
     assert len([e for e in logs if e["event"] == "agent.auth_failed"]) == 3
     retries = [e for e in logs if e["event"] == "agent.retry_after_auth_failure"]
@@ -233,11 +187,11 @@ def test_session_closed_before_hello_reply_counts_as_a_failed_attempt(twisted_er
     clock = Clock()
     service, endpoint, _ready = make_service(clock)
     service.startService()
-    _proto, transport = endpoint.last()
+    _proto, transport = last(endpoint)
     transport.loseConnection()  # cidd went away before answering
     clock.advance(0)
     clock.advance(1.0)
-    assert len(endpoint.connections) == 2
+    assert len(endpoint.transports) == 2
     assert twisted_errors == []
 
 
@@ -246,12 +200,12 @@ def test_stop_while_waiting_for_hello_aborts_and_stops(twisted_errors: list[Any]
     service, endpoint, _ready = make_service(clock)
     service.startService()
     stopped = service.stopService()
-    _proto, transport = endpoint.last()
+    _proto, transport = last(endpoint)
     assert transport.disconnected
     clock.advance(0)
     assert stopped.called
     clock.advance(120)
-    assert len(endpoint.connections) == 1
+    assert len(endpoint.transports) == 1
     assert twisted_errors == []
 
 
@@ -259,15 +213,15 @@ def test_stop_while_connected_closes_gracefully(twisted_errors: list[Any]) -> No
     clock = Clock()
     service, endpoint, _ready = make_service(clock)
     service.startService()
-    answer_hello(*endpoint.last())
+    answer_hello(*last(endpoint))
     stopped = service.stopService()
-    _proto, transport = endpoint.last()
+    _proto, transport = last(endpoint)
     assert transport.disconnecting and not transport.disconnected  # pending writes are flushed first
     assert not stopped.called
     clock.advance(0)
     assert stopped.called
     clock.advance(120)
-    assert len(endpoint.connections) == 1
+    assert len(endpoint.transports) == 1
     assert twisted_errors == []
 
 
@@ -275,14 +229,14 @@ def test_superseded_session_waits_the_longest_delay(twisted_errors: list[Any]) -
     clock = Clock()
     service, endpoint, _ready = make_service(clock)
     service.startService()
-    proto, transport = endpoint.last()
+    proto, transport = last(endpoint)
     answer_hello(proto, transport)
     proto.dataReceived(encode({"type": "error", "code": "superseded", "message": "newer session"}))
     clock.advance(0)
     clock.advance(59)
-    assert len(endpoint.connections) == 1
+    assert len(endpoint.transports) == 1
     clock.advance(1)
-    assert len(endpoint.connections) == 2
+    assert len(endpoint.transports) == 2
     assert twisted_errors == []
 
 

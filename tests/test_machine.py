@@ -394,19 +394,21 @@ def test_installer_reconnecting_from_the_same_boot_gets_the_install_again_as_the
 def test_installer_reconnecting_from_a_new_boot_counts_a_new_attempt():
     node = replace(installing(attempt=1, boot="i1"), online=False, mode=None)
     s = step(node, Connected("i2", "installer", None), 2500.0)
-    assert (s.node.state, s.node.attempt, s.node.boot_id) == (State.INSTALLING, 2, "i2")
+    assert (s.node.state, s.node.attempt, s.node.boot_id, s.node.deadline) == (State.INSTALLING, 2, "i2", 3500.0)
     assert s.actions == (SendInstall(B),)
+    assert row(s) == ("installing", "installing", 2, 0, 500.0, "installer restarted; install sent again")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: cidd/machine.py:218-220 (_on_connected, INSTALLING) starts another "
-                   "install attempt on a new installer boot without checking policy.install_attempts, so an "
-                   "installer crash/reboot loop never ends the switch")
 def test_new_installer_boot_after_the_last_attempt_fails_instead_of_installing_again():
+    # An installer that crashes and reboots at every attempt must not loop for ever.
     node = replace(installing(attempt=2, boot="i1"), online=False, mode=None)  # install_attempts == 2
     s = step(node, Connected("i2", "installer", None), 2500.0)
-    assert s.node.state is State.FAILED
+    reason = (f"the installer restarted during every one of 2 install attempt(s) of {B}; "
+              "check the node's console")
+    assert (s.node.state, s.node.reason, s.node.deadline) == (State.FAILED, reason, None)
+    assert (s.node.online, s.node.mode, s.node.boot_id) == (True, "installer", "i2")
     assert s.actions == ()
+    assert row(s) == ("installing", "failed", 2, 0, 500.0, reason)
 
 
 def test_system_hello_while_installing_goes_back_to_waiting_for_the_installer():
@@ -637,15 +639,22 @@ def test_failed_node_sitting_in_the_installer_goes_straight_to_installing():
     assert row(s)[:4] == ("failed", "installing", 1, 0)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: cidd/machine.py:192 (_on_switch) only skips the switch for READY; a "
-                   "FAILED node whose live agent reports the requested image is rebooted and reinstalled, against "
-                   "DESIGN.md §2 'a capture for an image the node already runs (agent-verified) finishes at once'")
 def test_failed_node_already_running_the_requested_image_is_ready_without_reboot():
     node = failed(online=True, mode="system", image=B)  # e.g. it came up in B after the ladder gave up
     s = step(node, Switch(B, "j2"), 1000.0)
-    assert s.node.state is State.READY
+    n = s.node
+    assert (n.state, n.image, n.target, n.job, n.attempt, n.rung) == (State.READY, B, B, "j2", 0, 0)
+    assert (n.reason, n.deadline, n.reboot_from) == (None, None, None)
     assert s.actions == ()
+    assert row(s) == ("failed", "ready", 0, 0, 500.0, f"already runs {B}")
+
+
+@pytest.mark.parametrize("online, mode", [(False, None), (True, "installer")], ids=["offline", "in-installer"])
+def test_failed_node_last_seen_in_the_image_but_not_running_it_now_is_switched(online, mode):
+    node = failed(online=online, mode=mode, image=B)
+    s = step(node, Switch(B, "j2"), 1000.0)
+    assert s.node.state in SWITCHING
+    assert s.actions[0] in (SetBoot("installer"), SendInstall(B))
 
 
 # --- one full walk, as the engine would drive it ------------------------------------------------------------

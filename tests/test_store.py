@@ -195,12 +195,10 @@ def test_in_memory_store_works():
         s.close()
 
 
-@pytest.mark.xfail(strict=True, raises=sqlite3.DatabaseError,
-                   reason="BUG: cidd/store.py:66-67 (Store.__init__) lets sqlite3.DatabaseError ('file is not a "
-                   "database') escape for a file that is not SQLite, though StoreError is documented as 'the "
-                   "database cannot be opened' (store.py:56)")
 def test_a_file_that_is_not_a_database_raises_store_error(db_path):
     db_path.parent.mkdir(parents=True)
     db_path.write_bytes(b"this is not an sqlite database, just some text\n" * 100)
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError) as err:
         Store(db_path)
+    assert f"cannot open the database {db_path}" in str(err.value)
+    assert "file is not a database" in str(err.value)

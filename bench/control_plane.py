@@ -1,0 +1,133 @@
+"""Control-plane benchmark: N simulated agents on loopback against one real cidd process.
+
+    python bench/control_plane.py [--nodes 2000] [--hb-window 20] [--repeat 5]
+
+Real processes: cidd, one `cidkid --sim` fleet holding N sessions, and cidcapt as a prolog runs it.
+Figures (medians where repeated), with a baseline measured in the same run (the machines are noisy):
+
+- sessions, rss_mib, heartbeat_cpu_pct: cidd's resident memory and CPU while N agents heartbeat every 10 s;
+- capture_ready_s: a capture of all N nodes that already run the image (cidcapt start to exit), against
+  baseline_status1_s, a `cidcapt --status` of one node (same process start-up, one round trip);
+- switch_s: a full switch of all N nodes with zero reboot delay and zero install time.
+
+Targets on the 2-core reference machine at N=2,000: capture_ready under 0.5 s, switch under 40 s.
+Not part of the test suite: it prints figures, it does not pass or fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+    """Run argv; return (seconds, finished process)."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    return time.perf_counter() - start, done
+
+
+def online(server: str, env: dict[str, str]) -> int:
+    """Return how many nodes cidd reports online."""
+    done = subprocess.run([sys.executable, "-m", "cidcapt.main", "--server", server, "--status", "--json"],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return 0
+    return sum(1 for row in json.loads(done.stdout) if row["online"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=2000)
+    parser.add_argument("--hb-window", type=float, default=20.0, help="seconds of heartbeat CPU measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions of the short measurements")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="cid-bench-"))
+    port = free_port()
+    server = f"127.0.0.1:{port}"
+    env = {**os.environ, "CID_STATE_DIR": str(root / "state"), "PYTHONPATH": str(REPO)}
+    config = {"state_dir": str(root / "state"), "catalog": str(REPO / "images.yaml"),
+              "listen": {"host": "127.0.0.1", "port": port}, "heartbeat": 10, "log": {"level": "warning"},
+              "groups": {"default": {"ladder": [{"method": "reboot", "timeout": 600}]}}}
+    (root / "cidd.yaml").write_text(yaml.safe_dump(config))
+    hosts = f"sim[0001-{args.nodes:04d}]"
+    procs: list[subprocess.Popen] = []
+    try:
+        cidd = subprocess.Popen([sys.executable, "-m", "cidd.main", "--config", str(root / "cidd.yaml")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=open(root / "cidd.log", "wb"))  # noqa: SIM115
+        procs.append(cidd)
+        time.sleep(1.0)
+        start = time.perf_counter()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cidkid.main", "--sim", hosts, "--server", server, "--sim-dir", str(root / "sim"),
+             "--reboot-delay", "0", "--install-time", "0", "--initial-image", "debian-12-1", "--log-level",
+             "warning"], env=env, stdout=subprocess.DEVNULL, stderr=open(root / "fleet.log", "wb")))  # noqa: SIM115
+        count = 0
+        while time.perf_counter() - start < 300:
+            count = online(server, env)
+            if count >= args.nodes:
+                break
+            time.sleep(1.0)
+        connect_s = time.perf_counter() - start
+        print(f"connected {count}/{args.nodes} agents in {connect_s:.1f}s", flush=True)
+        cidd_ps = psutil.Process(cidd.pid)
+        time.sleep(12)  # let every agent send its first heartbeats
+        cpu0 = sum(cidd_ps.cpu_times()[:2])
+        time.sleep(args.hb_window)
+        heartbeat_cpu = (sum(cidd_ps.cpu_times()[:2]) - cpu0) / args.hb_window * 100
+        rss_mib = cidd_ps.memory_info().rss / 2**20
+        capt = [sys.executable, "-m", "cidcapt.main", "--server", server]
+        baseline = [timed([*capt, "--status", "sim0001"], env)[0] for _ in range(args.repeat)]
+        ready_runs = []
+        for i in range(args.repeat):
+            seconds, done = timed([*capt, "-j", f"ready{i}", "-n", hosts, "-i", "debian-12-1", "--quiet"], env)
+            assert done.returncode == 0, done.stderr[-2000:]
+            ready_runs.append(seconds)
+        switch_runs = []
+        for i, image in enumerate(("debian-12-2", "rocky-9-3")):
+            seconds, done = timed([*capt, "-j", f"switch{i}", "-n", hosts, "-i", image, "--quiet", "--timeout",
+                                   "600"], env)
+            assert done.returncode == 0, done.stderr[-2000:]
+            switch_runs.append(seconds)
+            print(f"switch {i + 1}: {seconds:.1f}s", flush=True)
+        base = statistics.median(baseline)
+        ready = statistics.median(ready_runs)
+        print(f"baseline_status1_s={base:.3f} capture_ready_runs={[round(r, 3) for r in ready_runs]}")
+        print(f"capture_ready_ratio_to_baseline={ready / base:.2f}")
+        print(f"sessions={count} rss_mib={rss_mib:.0f} heartbeat_cpu_pct={heartbeat_cpu:.1f}")
+        print(f"capture_ready_s={ready:.3f}")
+        print(f"switch_s={statistics.median(switch_runs):.1f}")
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

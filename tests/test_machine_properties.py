@@ -1,0 +1,271 @@
+"""Property tests: random event sequences through the node machine and the capture rules.
+
+A hypothesis state machine drives three nodes with random events (captures asking for one of three images,
+raw switches, agent hellos with random mode/image/boot id, disconnects, install reports, failed rungs, time
+passing with ticks) through ``cidd.machine.apply``, and a few jobs through ``cidd.captures.plan``/``settle``
+the way the engine does: plan, then Switch the nodes to switch, then settle the running captures after every
+step. After every step it checks the invariants of DESIGN.md §2-§3; at the end it lets time run past every
+deadline without agent activity and checks that no node is left waiting.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # let the tests run without installing the package
+    sys.path.insert(0, str(ROOT))
+
+from cidcommon.errors import BadRequest, Conflict  # noqa: E402
+from cidd.captures import JOB_MEMORY_S, Capture, Result, plan, settle  # noqa: E402
+from cidd.machine import SWITCHING, AlreadySwitching, Node, State, Step, apply  # noqa: E402
+from cidd.machine_types import (  # noqa: E402
+    AGENT_METHODS,
+    Connected,
+    Disconnected,
+    Installed,
+    Policy,
+    Reboot,
+    Rung,
+    RungFailed,
+    SendInstall,
+    SetBoot,
+    Switch,
+    Tick,
+)
+
+NAMES = ("n0", "n1", "n2")
+IMAGES = ("img-a-1", "img-b-1", "img-c-1")
+JOBS = ("j0", "j1", "j2", "j3")
+BOOTS = ("b0", "b1", "b2", "b3")  # few boot ids, so that same-boot reconnects happen often
+POLICY = Policy(ladder=(Rung("reboot", 50.0), Rung("kexec", 120.0)), install_timeout=200.0, install_attempts=2)
+BOOT_OF = {State.TO_INSTALLER: "installer", State.TO_IMAGE: "disk"}
+DRAIN_ROUNDS = 2 * (len(POLICY.ladder) + POLICY.install_attempts) + 2
+
+
+class Fleet(RuleBasedStateMachine):
+    """Three nodes, a few jobs, and the clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.nodes = {name: Node(name) for name in NAMES}
+        self.hello: dict[str, tuple[str, str | None] | None] = dict.fromkeys(NAMES)  # (mode, image) while online
+        self.captures: dict[str, list[Capture]] = {}
+
+    # --- helpers ------------------------------------------------------------------------------------------
+
+    def _apply(self, name: str, event) -> Step:
+        old = self.nodes[name]
+        s = apply(old, event, POLICY, self.now)
+        self._check_step(old, s)
+        self.nodes[name] = s.node
+        self._settle_all()
+        return s
+
+    def _check_step(self, old: Node, s: Step) -> None:
+        new = s.node
+        assert new.name == old.name
+        if old.state != new.state:
+            assert s.transition is not None, f"{old.state} -> {new.state} without a history row"
+            assert new.since == self.now
+        if s.transition is not None:
+            t = s.transition
+            assert (t.node, t.from_state, t.to_state) == (old.name, old.state.value, new.state.value)
+            assert (t.attempt, t.rung, t.job, t.image) == (new.attempt, new.rung, new.job, new.target)
+            assert t.elapsed == max(0.0, self.now - old.since)
+            assert t.detail
+        for action in s.actions:
+            if isinstance(action, SendInstall):
+                assert new.state is State.INSTALLING and action.image == new.target
+            elif isinstance(action, SetBoot):
+                assert new.state in BOOT_OF and action.boot == BOOT_OF[new.state] and new.rung == 0
+            elif isinstance(action, Reboot):
+                assert new.state in BOOT_OF and action.boot == BOOT_OF[new.state]
+                assert action.method == POLICY.ladder[new.rung].method
+                assert new.online or action.method not in AGENT_METHODS, "agent reboot sent to an offline node"
+                assert new.reboot_from is not None
+            else:  # pragma: no cover - an unknown action kind
+                raise AssertionError(f"unknown action {action!r}")
+
+    def _running(self) -> list[Capture]:
+        return [caps[-1] for caps in self.captures.values() if caps[-1].running]
+
+    def _settle_all(self) -> None:
+        for caps in self.captures.values():
+            old = caps[-1]
+            new = settle(old, {name: self.nodes[name] for name in old.nodes}, self.now)
+            self._check_settled(old, new)
+            caps[-1] = new
+
+    def _check_settled(self, old: Capture, new: Capture) -> None:
+        assert list(new.nodes) == list(old.nodes)
+        if not old.running:
+            assert new is old, "an ended capture changed"
+            return
+        for name, before in old.nodes.items():
+            after = new.nodes[name]
+            if before.result is not Result.PENDING:
+                assert after == before, f"sticky result of {name} changed"
+            elif after.result is Result.READY:
+                node = self.nodes[name]
+                assert node.state is State.READY and node.image == new.image, f"{name} recorded ready: {node}"
+            elif after.result is Result.FAILED:
+                assert self.nodes[name].state is State.FAILED
+        if not new.running:
+            assert new.ended == self.now
+
+    # --- rules ----------------------------------------------------------------------------------------------
+
+    @rule(job=st.sampled_from(JOBS), image=st.sampled_from(IMAGES),
+          names=st.lists(st.sampled_from(NAMES), min_size=1, max_size=len(NAMES), unique=True),
+          timeout=st.sampled_from([30.0, 300.0, 1000.0]))
+    def capture(self, job: str, image: str, names: list[str], timeout: float) -> None:
+        latest = self.captures[job][-1] if job in self.captures else None
+        nodes = {name: self.nodes[name] for name in names}
+        running = {c.job: c for c in self._running()}
+        held = [n.name for n in nodes.values() if n.state in SWITCHING and n.target != image]
+        held += [name for c in running.values() if c.job != job and c.image != image
+                 for name in names if name in c.nodes]
+        try:
+            p = plan(job, image, names, "user", "test", timeout, latest, nodes, self.now, running)
+        except Conflict:
+            job_reused = latest is not None and latest.image != image and (
+                latest.running or self.now - latest.ended < JOB_MEMORY_S)
+            assert job_reused or held, "Conflict without a reason"
+            return
+        except BadRequest:
+            assert latest is not None and latest.running and set(latest.nodes) != set(names)
+            return
+        if p.attached:
+            assert latest is not None and latest.running and latest.image == image
+            assert p.capture is latest and p.to_switch == ()
+            return
+        assert not held, f"plan accepted nodes held for another image: {held}"
+        assert not (latest is not None and latest.running), "a second capture for a running job"
+        for name, outcome in p.capture.nodes.items():
+            node = self.nodes[name]
+            if outcome.result is Result.READY:
+                assert node.state is State.READY and node.image == image
+            joined = node.state in SWITCHING and node.target == image
+            assert (name in p.to_switch) == (outcome.result is Result.PENDING and not joined)
+        for name in p.to_switch:
+            self._apply(name, Switch(image, job))  # AlreadySwitching here would be a plan bug
+        self.captures.setdefault(job, []).append(p.capture)
+        self._settle_all()
+
+    @rule(name=st.sampled_from(NAMES), image=st.sampled_from(IMAGES))
+    def raw_switch(self, name: str, image: str) -> None:
+        node = self.nodes[name]
+        if node.state in SWITCHING and node.target != image:
+            with pytest.raises(AlreadySwitching):
+                apply(node, Switch(image, "raw"), POLICY, self.now)
+            return
+        s = self._apply(name, Switch(image, "raw"))
+        if node.state in SWITCHING or (node.state is State.READY and node.image == image):
+            assert s == Step(node)  # join / already there
+        elif node.online and node.mode == "system" and node.image == image:
+            assert s.node.state is State.READY and s.actions == ()  # a failed node that runs the image
+        else:
+            assert s.node.state in SWITCHING and s.node.target == image
+
+    @rule(name=st.sampled_from(NAMES), boot=st.sampled_from(BOOTS), mode=st.sampled_from(["system", "installer"]),
+          image=st.sampled_from((*IMAGES, None)))
+    def connect(self, name: str, boot: str, mode: str, image: str | None) -> None:
+        if mode == "installer":
+            image = None
+        self.hello[name] = (mode, image)
+        self._apply(name, Connected(boot, mode, image))
+
+    @rule(name=st.sampled_from(NAMES))
+    def disconnect(self, name: str) -> None:
+        self.hello[name] = None
+        self._apply(name, Disconnected())
+
+    @rule(name=st.sampled_from(NAMES), ok=st.booleans(), retry=st.booleans(), right_image=st.booleans(),
+          other=st.sampled_from(IMAGES))
+    def installed(self, name: str, ok: bool, retry: bool, right_image: bool, other: str) -> None:
+        image = self.nodes[name].target if right_image and self.nodes[name].target else other
+        self._apply(name, Installed(image, ok, None if ok else "disk error", retry))
+
+    @rule(name=st.sampled_from(NAMES))
+    def rung_failed(self, name: str) -> None:
+        self._apply(name, RungFailed("agent refused"))
+
+    @rule(dt=st.sampled_from([0.0, 1.0, 20.0, 60.0, 130.0, 250.0, 2 * JOB_MEMORY_S]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        for name in NAMES:
+            self._apply(name, Tick())
+        self._settle_all()
+
+    @precondition(lambda self: any(n.state in SWITCHING for n in self.nodes.values()))
+    @rule()
+    def drain_now(self) -> None:
+        self.drain()
+
+    def drain(self) -> None:
+        """Let time run past every deadline with no agent activity; every switch must end."""
+        for _ in range(DRAIN_ROUNDS):
+            deadlines = [n.deadline for n in self.nodes.values() if n.deadline is not None]
+            if not deadlines:
+                break
+            self.now = max(self.now, max(deadlines))
+            for name in NAMES:
+                self._apply(name, Tick())
+        stuck = {n.name: n.state.value for n in self.nodes.values() if n.state in SWITCHING}
+        assert not stuck, f"nodes still switching after {DRAIN_ROUNDS} rounds of ticks: {stuck}"
+        self._settle_all()
+        assert not self._running(), "a capture still runs though none of its nodes is switching"
+
+    def teardown(self) -> None:
+        self.drain()
+
+    # --- invariants -----------------------------------------------------------------------------------------
+
+    @invariant()
+    def nodes_are_consistent(self) -> None:
+        for name, node in self.nodes.items():
+            hello = self.hello[name]
+            assert node.online == (hello is not None)
+            if node.state in SWITCHING:
+                assert node.deadline is not None and node.target is not None
+            else:
+                assert node.deadline is None
+            if node.state is State.READY:
+                assert hello == ("system", node.image), f"{name} ready in {node.image}, agent said {hello}"
+            if node.state is State.IN_INSTALLER:
+                assert hello is not None and hello[0] == "installer"
+            if node.state is State.FAILED:
+                assert node.reason
+            if node.online:
+                assert node.mode == hello[0]
+
+    @invariant()
+    def captures_are_consistent(self) -> None:
+        switching_for: dict[str, set[str]] = {}
+        held_for: dict[str, set[str]] = {}
+        for capture in self._running():
+            assert self.now < capture.deadline, "a running capture outlived its deadline"
+            for name, outcome in capture.nodes.items():
+                held_for.setdefault(name, set()).add(capture.image)
+                if outcome.result is Result.PENDING:
+                    node = self.nodes[name]
+                    assert node.state in SWITCHING and node.target == capture.image, (
+                        f"{name} pending in {capture.job} ({capture.image}) but {node.state} to {node.target}")
+                    switching_for.setdefault(name, set()).add(capture.image)
+        for name, images in switching_for.items():
+            assert len(images) == 1, f"{name} switching for {images} by running captures at once"
+        for name, images in held_for.items():
+            assert len(images) == 1, f"{name} held for {images} by running captures at once"
+
+
+Fleet.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
+TestFleet = Fleet.TestCase
