@@ -120,7 +120,7 @@ def plan(job: str, image: str, names: list[str], user: str | None, requester: st
         for holder, target, name in holders:
             by_job.setdefault((holder, target), []).append(name)
         held = "; ".join(f"{collect(ns)} held by job {j} for image {t}" for (j, t), ns in by_job.items())
-        raise Conflict(f"nodes are switching to another image for another job: {held}; "
+        raise Conflict(f"nodes are held for another image by another job: {held}; "
                        "wait for that job's capture to end")
     results: dict[str, NodeResult] = {}
     to_switch: list[str] = []

@@ -78,8 +78,9 @@ class Engine:
         for capture in self.store.running_captures():
             self._track(capture)
         now = self.clock.seconds()
-        for job in list(self.captures):
-            self._settle(job, {}, now)
+        with self.store.transaction():
+            for job in list(self.captures):
+                self._settle(job, {}, now)
         log.info("engine.started", nodes=len(self.nodes), captures=len(self.captures))
 
     # --- agents ------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ class Engine:
 
     def agent_connected(self, name: str, boot_id: str, mode: str, image: str | None) -> None:
         """An agent's hello was accepted."""
-        self.health.pop(name, None)
+        self.health[name] = (self.clock.seconds(), {})
         self.handle(name, Connected(boot_id, mode, image))
 
     def agent_lost(self, name: str) -> None:

@@ -169,7 +169,13 @@ def _climb(node: Node, policy: Policy, now: float, why: str) -> Step:
 
 
 def _start_install(node: Node, policy: Policy, now: float, detail: str) -> Step:
-    """Return the Step that asks the connected installer to write the target image."""
+    """Return the Step that asks the connected installer to write the target image (a new attempt).
+
+    When every attempt of ``policy.install_attempts`` was used, the node fails instead.
+    """
+    if node.attempt >= policy.install_attempts:
+        return _fail(node, now, f"{detail}, but all {policy.install_attempts} install attempt(s) of "
+                                f"{node.target} were used; check the node's console and the image")
     new = replace(node, state=State.INSTALLING, attempt=node.attempt + 1, rung=0,
                   deadline=now + policy.install_timeout, reason=None, reboot_from=None)
     return _step(node, new, (SendInstall(node.target or ""),), now, detail)
@@ -218,13 +224,9 @@ def _on_connected(node: Node, event: Connected, policy: Policy, now: float) -> S
         return _climb(fresh, policy, now, f"node booted its disk ({event.image}) instead of the installer")
     if state is State.INSTALLING:
         if event.mode == "installer":
-            if event.boot_id == node.boot_id:  # same installer boot: resume the same attempt
-                return _start_install(replace(fresh, attempt=fresh.attempt - 1), policy, now,
-                                      "installer reconnected; install sent again")
-            if node.attempt >= policy.install_attempts:
-                return _fail(fresh, now, f"the installer restarted during every one of {node.attempt} "
-                                         f"install attempt(s) of {node.target}; check the node's console")
-            return _start_install(fresh, policy, now, "installer restarted; install sent again")
+            if event.boot_id == node.boot_id:  # same installer boot: resume, same attempt and deadline
+                return Step(fresh, (SendInstall(node.target or ""),))
+            return _start_install(fresh, policy, now, "installer restarted")
         return _begin_wait(fresh, State.TO_INSTALLER, 0, policy, now,
                            "node left the installer before the install ended", old=node)
     # TO_IMAGE

@@ -203,7 +203,7 @@ def test_request_timeout_and_close_raise_connection_lost(pair: tuple[Connection,
     ours.close()
 
 
-@pytest.mark.parametrize("data", [b"not json\n", b"[1, 2]\n", b'{"no": "type"}\n', b"x" * 70_000])
+@pytest.mark.parametrize("data", [b"not json\n", b"[1, 2]\n", b'{"no": "type"}\n', b"x" * 70_000 + b"\n"])
 def test_garbage_from_the_peer_raises_bad_server_reply(pair: tuple[Connection, socket.socket], data: bytes) -> None:
     conn, peer = pair
     peer.sendall(data)

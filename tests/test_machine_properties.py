@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # let the tests run without installing the packag
 
 from cidcommon.errors import BadRequest, Conflict  # noqa: E402
 from cidd.captures import JOB_MEMORY_S, Capture, Result, plan, settle  # noqa: E402
-from cidd.machine import SWITCHING, AlreadySwitching, Node, State, Step, apply  # noqa: E402
+from cidd.machine import SWITCHING, AlreadySwitching, Node, State, Step, apply, restore  # noqa: E402
 from cidd.machine_types import (  # noqa: E402
     AGENT_METHODS,
     Connected,
@@ -75,6 +75,8 @@ class Fleet(RuleBasedStateMachine):
         if old.state != new.state:
             assert s.transition is not None, f"{old.state} -> {new.state} without a history row"
             assert new.since == self.now
+        if old.state in SWITCHING and new.state is State.READY:
+            assert new.image == new.target == old.target, f"switch to {old.target} ended ready in {new.image}"
         if s.transition is not None:
             t = s.transition
             assert (t.node, t.from_state, t.to_state) == (old.name, old.state.value, new.state.value)
@@ -183,6 +185,33 @@ class Fleet(RuleBasedStateMachine):
         self.hello[name] = (mode, image)
         self._apply(name, Connected(boot, mode, image))
 
+    @rule(name=st.sampled_from(NAMES), boot=st.sampled_from(BOOTS))
+    def agent_follows(self, name: str, boot: str) -> None:
+        """The node does what it was asked (the happy path, to reach the deep states often)."""
+        node = self.nodes[name]
+        if node.state is State.TO_INSTALLER:
+            self.hello[name] = ("installer", None)
+            self._apply(name, Connected(boot, "installer", None))
+        elif node.state is State.INSTALLING:
+            self._apply(name, Installed(node.target, True))
+        elif node.state is State.TO_IMAGE:
+            self.hello[name] = ("system", node.target)
+            self._apply(name, Connected(boot, "system", node.target))
+
+    @rule(name=st.sampled_from(NAMES), boot=st.sampled_from(BOOTS), image=st.sampled_from((*IMAGES, None)),
+          installer=st.booleans())
+    def agent_strays(self, name: str, boot: str, image: str | None, installer: bool) -> None:
+        """A switching node boots something else than what it was asked (its old disk, another image...)."""
+        node = self.nodes[name]
+        if node.state not in SWITCHING:
+            return
+        if installer and node.state is not State.TO_INSTALLER:
+            self.hello[name] = ("installer", None)
+            self._apply(name, Connected(boot, "installer", None))
+        elif image != node.target:
+            self.hello[name] = ("system", image)
+            self._apply(name, Connected(boot, "system", image))
+
     @rule(name=st.sampled_from(NAMES))
     def disconnect(self, name: str) -> None:
         self.hello[name] = None
@@ -198,9 +227,29 @@ class Fleet(RuleBasedStateMachine):
     def rung_failed(self, name: str) -> None:
         self._apply(name, RungFailed("agent refused"))
 
+    @rule()
+    def cidd_restarts(self) -> None:
+        """cidd restarts: records are loaded back through restore(); every agent session is gone."""
+        for name, node in self.nodes.items():
+            restored = restore(node)
+            assert restored.state is (State.OFFLINE if node.state in (State.READY, State.IN_INSTALLER) else node.state)
+            assert (restored.deadline, restored.target, restored.rung, restored.attempt) == (
+                node.deadline, node.target, node.rung, node.attempt)
+            self.nodes[name] = restored
+            self.hello[name] = None
+        self._settle_all()
+
     @rule(dt=st.sampled_from([0.0, 1.0, 20.0, 60.0, 130.0, 250.0, 2 * JOB_MEMORY_S]))
     def tick(self, dt: float) -> None:
         self.now += dt
+        for name in NAMES:
+            self._apply(name, Tick())
+        self._settle_all()
+
+    @precondition(lambda self: bool(self._running()))
+    @rule()
+    def tick_to_a_capture_deadline(self) -> None:
+        self.now = min(c.deadline for c in self._running())
         for name in NAMES:
             self._apply(name, Tick())
         self._settle_all()
