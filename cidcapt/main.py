@@ -124,6 +124,9 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
     parser.add_argument("--status", nargs="?", const="", metavar="HOSTLIST",
                         help="show the state of the nodes (all of them without HOSTLIST)")
     parser.add_argument("--captures", action="store_true", help="list running and recently ended captures")
+    parser.add_argument("--reload", action="store_true",
+                        help="ask cidd to reload its image catalog (admin); a catalog with errors is refused "
+                        "with every error listed, and the previous one stays active")
     parser.add_argument("--server", type=_server, default=env.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}",
                         metavar="HOST:PORT", help="cidd's address (default $CID_SERVER or %(default)s)")
     parser.add_argument("--timeout", type=_seconds(0.001), default=3600.0, metavar="SECONDS",
@@ -146,8 +149,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Exit through ``parser.error`` (code 2) when the options do not make one valid command."""
     if args.role not in CLIENT_ROLES:
         parser.error(f"unknown role {args.role!r}; use one of {', '.join(CLIENT_ROLES)}")
-    if args.status is not None and args.captures:
-        parser.error("use either --status or --captures, not both")
+    if sum((args.status is not None, args.captures, args.reload)) > 1:
+        parser.error("use only one of --status, --captures and --reload")
+    if args.reload and (args.job or args.image or args.nodes):
+        parser.error("--reload takes no -j, -n or -i")
+    if args.reload:
+        return
     if args.status is not None or args.captures:
         if args.job or args.image:
             parser.error("-j/--job and -i/--image start a capture; they do not go with --status or --captures")
@@ -199,6 +206,8 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
     renderer = Renderer(out, err, quiet=args.quiet, json_lines=args.json)
     timing = timing or Timing()
     try:
+        if args.reload:
+            return _reload(args, env, renderer, timing, clock, sleep)
         if args.status is not None or args.captures:
             return _admin_view(args, env, renderer, timing, clock, sleep, now)
     except CidError as exc:
@@ -227,6 +236,19 @@ def _admin_view(args: argparse.Namespace, env: Mapping[str, str], renderer: Rend
         renderer.table(CAPTURES_HEADERS, captures_rows(items, now()))
     else:
         renderer.table(STATUS_HEADERS, status_rows(items, now()))
+    return EXIT_OK
+
+
+def _reload(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,
+            clock: Clock, sleep: Sleep) -> int:
+    """Ask cidd to reload its catalog; return 0. Raises CidError subclasses (mapped by the caller)."""
+    host, port = args.server
+    reply = simple_request(host, port, args.role, _token(args, env), {"type": "reload"},
+                           connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep)
+    if args.json:
+        renderer.json({"images": reply.get("images"), "catalog": reply.get("catalog")})
+    else:
+        renderer.say(f"catalog {reply.get('catalog')} reloaded: {reply.get('images')} images", always=True)
     return EXIT_OK
 
 

@@ -13,7 +13,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from cidcommon import hostlists, wire
-from cidcommon.errors import CidError, Forbidden
+from cidcommon.errors import BadRequest, CidError, Forbidden
+from cidd.catalog import CatalogError
 from cidd.engine import Engine
 
 if TYPE_CHECKING:
@@ -35,9 +36,11 @@ class ClientAPI:
 
     def handle(self, session: PeerProtocol, message: wire.Message) -> None:
         """Answer one client request on ``session``. Raises CidError for a bad or refused request."""
-        handler = {"capture": self.capture, "status": self.status, "captures": self.captures}.get(message["type"])
+        handlers = {"capture": self.capture, "status": self.status, "captures": self.captures,
+                    "reload": self.reload}
+        handler = handlers.get(message["type"])
         if handler is None:
-            raise CidError(f"unknown request type {message['type']!r}; known: capture, status, captures",
+            raise CidError(f"unknown request type {message['type']!r}; known: {', '.join(handlers)}",
                            code="unknown_type")
         handler(session, message)
 
@@ -99,3 +102,13 @@ class ClientAPI:
                          "ended": current.ended, "nodes": hostlists.collect(list(current.nodes)),
                          **current.counts()})
         session.send(wire.reply(message.get("id"), captures=rows))
+
+    def reload(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Reload the image catalog (admin only); reply with the number of images, or every problem."""
+        if session.role != "admin":
+            raise Forbidden(f"role {session.role!r} may not reload the catalog; use the admin token")
+        try:
+            catalog = self.engine.reload_catalog()
+        except CatalogError as exc:
+            raise BadRequest(f"{exc}") from None
+        session.send(wire.reply(message.get("id"), images=len(catalog), catalog=str(self.engine.config.catalog)))

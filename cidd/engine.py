@@ -19,7 +19,7 @@ from cidcommon.errors import UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
 from cidd import captures as caps
 from cidd.captures import Capture, Plan
-from cidd.catalog import Catalog
+from cidd.catalog import Catalog, load_catalog
 from cidd.config import Config
 from cidd.machine import Node, State, Step, apply, restore
 from cidd.machine_types import Connected, Disconnected, Event, Installed, Reboot, RungFailed, SendInstall, Switch, Tick
@@ -305,6 +305,23 @@ class Engine:
         for watcher in list(self._watchers.get(job, ())):
             watcher(message)
 
+    # --- catalog -----------------------------------------------------------------------------------
+
+    def reload_catalog(self) -> Catalog:
+        """Read the catalog again and make it active at once; return it.
+
+        Raises CatalogError (listing every problem) and keeps the active catalog when the file is wrong.
+        Running captures keep going: an image they use stays known to them by id.
+        """
+        try:
+            catalog = read_catalog(self.config)
+        except Exception as exc:
+            log.error("catalog.reload_refused", path=str(self.config.catalog), problems=str(exc).splitlines())
+            raise
+        self.catalog = catalog
+        log.info("catalog.reloaded", path=str(self.config.catalog), images=len(catalog))
+        return catalog
+
     # --- views -------------------------------------------------------------------------------------
 
     def describe(self, capture: Capture) -> dict[str, Any]:
@@ -330,3 +347,14 @@ class Engine:
                 "job": node.job, "online": node.online, "mode": node.mode, "last_seen": seen,
                 "reason": node.reason, "attempt": node.attempt, "rung": node.rung, "deadline": node.deadline,
                 "health": figures}
+
+
+def read_catalog(config: Config) -> Catalog:
+    """Return the catalog named by ``config``; an absent default catalog is an empty one.
+
+    Raises CatalogError with every problem when the file cannot be read or is wrong.
+    """
+    if not config.catalog.exists() and not config.catalog_required:
+        log.warning("catalog.missing", path=str(config.catalog), hint="captures need images; see images.yaml")
+        return Catalog({})
+    return load_catalog(config.catalog)

@@ -19,9 +19,9 @@ import structlog
 from cidcommon import __version__, logs, wire
 from cidcommon.errors import CidError, TokenFileError
 from cidcommon.paths import ensure_token, token_path
-from cidd.catalog import Catalog, CatalogError, load_catalog
+from cidd.catalog import CatalogError
 from cidd.config import Config, ConfigError, load_config
-from cidd.engine import Engine
+from cidd.engine import Engine, read_catalog
 from cidd.sessions import CiddFactory, Sessions
 from cidd.store import Store, StoreError
 
@@ -70,14 +70,6 @@ def build_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def read_catalog(config: Config) -> Catalog:
-    """Return the catalog; an absent default catalog is an empty one. Raises CatalogError."""
-    if not config.catalog.exists() and not config.catalog_required:
-        log.warning("catalog.missing", path=str(config.catalog), hint="captures need images; see images.yaml")
-        return Catalog({})
-    return load_catalog(config.catalog)
-
-
 def ensure_tokens(config: Config) -> dict[str, str]:
     """Return {role: token}, creating missing token files (0600). Raises TokenFileError if one is unsafe."""
     return {role: ensure_token(token_path(config.state_dir, role)) for role in wire.ROLES}
@@ -107,14 +99,11 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
 
 
 def reload_catalog(engine: Engine) -> None:
-    """Swap in a freshly read catalog; on errors keep the old one and log every problem."""
+    """Swap in a freshly read catalog (SIGHUP); on errors the old one stays and every problem is logged."""
     try:
-        catalog = read_catalog(engine.config)
-    except CatalogError as exc:
-        log.error("catalog.reload_refused", path=str(engine.config.catalog), problems=str(exc).splitlines())
-        return
-    engine.catalog = catalog
-    log.info("catalog.reloaded", path=str(engine.config.catalog), images=len(catalog))
+        engine.reload_catalog()
+    except CatalogError:
+        pass  # logged by the engine with every problem
 
 
 def main(argv: list[str] | None = None) -> int:

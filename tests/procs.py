@@ -73,10 +73,17 @@ class Cluster:
     def db(self) -> Path:
         return self.state_dir / "cidd.sqlite"
 
+    @property
+    def catalog(self) -> Path:
+        """This cluster's own copy of the sample catalog (tests may change it)."""
+        return self.root / "images.yaml"
+
     def write_config(self) -> Path:
-        """Write cidd.yaml for this cluster and return its path."""
+        """Write cidd.yaml (and the catalog copy, once) for this cluster and return its path."""
+        if not self.catalog.exists():
+            self.catalog.write_text(CATALOG.read_text())
         config = {
-            "state_dir": str(self.state_dir), "catalog": str(CATALOG),
+            "state_dir": str(self.state_dir), "catalog": str(self.catalog),
             "listen": {"host": "127.0.0.1", "port": self.port},
             "http": {"host": "127.0.0.1", "port": free_port()},
             "heartbeat": self.heartbeat, "request_timeout": 5,

@@ -158,3 +158,42 @@ def test_cidd_survives_garbage_from_a_peer(cluster: Cluster) -> None:
         data = sock.recv(65536)
     assert b'"type":"error"' in data
     assert cluster.cidcapt("--status", "node01").returncode == 0
+
+
+def test_catalog_reload_is_live_and_a_broken_catalog_keeps_the_old_one(cluster: Cluster) -> None:
+    import signal
+
+    from cidd.catalog import Image, upsert_entry_text
+
+    before = cluster.catalog.read_text()
+    def others_dropped() -> int:
+        return sum(1 for e in cluster.log_events() if e.get("event") == "agent.disconnected"
+                   and e.get("node") not in ("node07", "node18", "node20"))
+
+    dropped = others_dropped()
+    try:
+        cluster.catalog.write_text(upsert_entry_text(before, Image("alma", "9", "4", "alma-9-4.tar.zst")))
+        reloaded = cluster.cidcapt("--reload")
+        assert reloaded.returncode == 0 and "4 images" in reloaded.stderr, reloaded.stderr
+        assert cluster.cidcapt("-j", "new1", "-n", "node07", "-i", "alma-9-4").returncode == 0
+        # A broken catalog: every problem with its line, exit 2, the previous catalog stays active.
+        cluster.catalog.write_text(before + "  - name: Bad-Name\n    version: 1\n")
+        refused = cluster.cidcapt("--reload")
+        assert refused.returncode == 2, refused.stderr
+        assert "images.yaml:" in refused.stderr and "Bad-Name" in refused.stderr, refused.stderr
+        assert cluster.cidcapt("-j", "new2", "-n", "node07", "-i", "debian-12-2").returncode == 0
+        assert cluster.cidcapt("-j", "new3", "-n", "node07", "-i", "alma-9-4").returncode == 0
+        # SIGHUP reloads too.
+        cluster.catalog.write_text(before)
+        cluster.cidd.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if cluster.cidcapt("-j", "new4", "-n", "node07", "-i", "alma-9-4").returncode == 2:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("SIGHUP did not reload the catalog")
+        assert cluster.cidcapt("--reload", role="scheduler").returncode == 5
+    finally:
+        cluster.catalog.write_text(before)
+    assert others_dropped() == dropped  # only node07 rebooted (its switches); no session dropped by a reload
