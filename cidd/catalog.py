@@ -195,7 +195,7 @@ def _line(node: yaml.Node) -> int:
 def _compose(text: str, path: str) -> yaml.Node | None:
     """Return the root node of ``text`` (None if empty); raise CatalogError on a YAML syntax error."""
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         detail = f"{exc.context}: {exc.problem}" if exc.context else str(exc.problem)

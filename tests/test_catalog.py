@@ -223,7 +223,7 @@ def test_several_problems_are_reported_together():
 def test_yaml_syntax_error_has_its_line():
     problem = only_problem(cat(*BASE[:3], "    file: a: b.tar.zst", "    size: 1"))
     assert problem.line == 5
-    assert problem.message.startswith("YAML syntax error: mapping values are not allowed here")
+    assert problem.message.startswith("YAML syntax error: mapping values are not allowed")
 
 
 def test_yaml_syntax_error_unclosed_flow():
