@@ -21,6 +21,7 @@ from cidd import captures as caps
 from cidd.captures import Capture, Plan
 from cidd.catalog import Catalog, load_catalog
 from cidd.config import Config
+from cidd.images_http import image_path
 from cidd.machine import Node, State, Step, apply, restore
 from cidd.machine_types import Connected, Disconnected, Event, Installed, Reboot, RungFailed, SendInstall, Switch, Tick
 from cidd.store import Store
@@ -204,7 +205,7 @@ class Engine:
         if image is None:
             return {"type": "install", "image": image_id, "url": None}
         fmt = "tar.zst" if image.file.endswith(".zst") else "tar.gz"
-        return {"type": "install", "image": image_id, "url": f"{self.config.http_base}/images/{image.file}",
+        return {"type": "install", "image": image_id, "url": self.config.http_base + image_path(image),
                 "sha256": image.sha256, "size": image.size, "format": fmt}
 
     # --- captures ----------------------------------------------------------------------------------

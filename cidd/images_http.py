@@ -90,7 +90,7 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
         return None
     first = int(first_text)
     last = int(last_text) if last_text else size - 1
-    if last < first:
+    if last_text and last < first:
         return None  # invalid range-spec: ignore the header
     if first >= size:
         raise Unsatisfiable()

@@ -22,7 +22,10 @@ from cidcommon.paths import ensure_token, token_path
 from cidd.catalog import CatalogError
 from cidd.config import Config, ConfigError, load_config
 from cidd.engine import Engine, read_catalog
+from cidd.images_http import listen_http
+from cidd.metrics import Metrics
 from cidd.sessions import CiddFactory, Sessions
+from cidd.status_http import EngineCollector, StatusResource
 from cidd.store import Store, StoreError
 
 log = structlog.get_logger("cidd")
@@ -93,6 +96,9 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
     engine.start()
     factory = CiddFactory(engine, sessions, tokens, reactor)
     port = reactor.listenTCP(config.listen_port, factory, backlog=4096, interface=config.listen_host)
+    metrics = Metrics()
+    metrics.registry.register(EngineCollector(engine))
+    listen_http(config, lambda: engine.catalog, metrics, reactor, extra={b"status": StatusResource(engine)})
     log.info("cidd.listening", host=config.listen_host, port=port.getHost().port, state_dir=str(config.state_dir),
              catalog=str(config.catalog), images=len(catalog), version=__version__)
     return engine, port

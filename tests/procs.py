@@ -55,6 +55,7 @@ class Cluster:
 
     root: Path
     port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     groups: dict[str, Any] = field(default_factory=dict)
     nodes: list[dict[str, str]] = field(default_factory=list)
     heartbeat: float = 1.0
@@ -85,7 +86,7 @@ class Cluster:
         config = {
             "state_dir": str(self.state_dir), "catalog": str(self.catalog),
             "listen": {"host": "127.0.0.1", "port": self.port},
-            "http": {"host": "127.0.0.1", "port": free_port()},
+            "http": {"host": "127.0.0.1", "port": self.http_port},
             "heartbeat": self.heartbeat, "request_timeout": 5,
             "groups": self.groups, "log": {"format": "json"},
         }

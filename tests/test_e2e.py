@@ -197,3 +197,20 @@ def test_catalog_reload_is_live_and_a_broken_catalog_keeps_the_old_one(cluster: 
     finally:
         cluster.catalog.write_text(before)
     assert others_dropped() == dropped  # only node07 rebooted (its switches); no session dropped by a reload
+
+
+def test_http_status_metrics_and_image_refusals(cluster: Cluster) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = f"http://127.0.0.1:{cluster.http_port}"
+    status = json.load(urllib.request.urlopen(f"{base}/status", timeout=10))
+    rows = {row["node"]: row for row in status["nodes"]}
+    assert rows["node01"]["online"] is True and "debian-12-1" in status["images"]
+    metrics = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    assert 'cid_nodes{state="ready"}' in metrics and "cid_nodes_online" in metrics
+    for path in ("/images/debian-12-1.tar.zst", "/images/../cidd.sqlite", "/images/%2e%2e/state/cidd.sqlite"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + path, timeout=10)
+        assert refused.value.code == 404  # the sample's files do not exist; nothing outside is served

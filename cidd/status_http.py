@@ -1,0 +1,58 @@
+"""Read-only views of cidd over HTTP: ``/status`` (JSON) and node/capture gauges for ``/metrics``.
+
+The JSON has the same node rows as the ``status`` request of the wire protocol (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from cidd.engine import Engine
+from cidd.machine import State
+
+
+class StatusResource(Resource):
+    """``GET /status``: every node's state and the running captures, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def render_GET(self, request: Request) -> bytes:
+        """Return the JSON document."""
+        engine = self.engine
+        body = {
+            "nodes": [engine.node_status(name) for name in sorted(engine.nodes)],
+            "captures": [engine.describe(capture) for capture in engine.captures.values()],
+            "images": sorted(engine.catalog),
+        }
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+class EngineCollector(Collector):
+    """Prometheus collector computing node and capture gauges at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield cid_nodes{state}, cid_nodes_online and cid_captures_running."""
+        by_state = Counter(node.state.value for node in self.engine.nodes.values())
+        nodes = GaugeMetricFamily("cid_nodes", "Nodes by state", labels=["state"])
+        for state in State:
+            nodes.add_metric([state.value], by_state.get(state.value, 0))
+        yield nodes
+        online = sum(1 for node in self.engine.nodes.values() if node.online)
+        yield GaugeMetricFamily("cid_nodes_online", "Nodes with a live agent session", value=online)
+        yield GaugeMetricFamily("cid_captures_running", "Captures that have not ended",
+                                value=len(self.engine.captures))
