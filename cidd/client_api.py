@@ -37,7 +37,7 @@ class ClientAPI:
     def handle(self, session: PeerProtocol, message: wire.Message) -> None:
         """Answer one client request on ``session``. Raises CidError for a bad or refused request."""
         handlers = {"capture": self.capture, "status": self.status, "captures": self.captures,
-                    "reload": self.reload}
+                    "reload": self.reload, "features": self.features}
         handler = handlers.get(message["type"])
         if handler is None:
             raise CidError(f"unknown request type {message['type']!r}; known: {', '.join(handlers)}",
@@ -112,3 +112,9 @@ class ClientAPI:
         except CatalogError as exc:
             raise BadRequest(f"{exc}") from None
         session.send(wire.reply(message.get("id"), images=len(catalog), catalog=str(self.engine.config.catalog)))
+
+    def features(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Reply with the scheduler feature -> image map and the default image (every client role)."""
+        config = self.engine.config
+        session.send(wire.reply(message.get("id"), features=dict(config.features),
+                                default_image=config.default_image))

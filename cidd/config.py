@@ -7,6 +7,7 @@ directory (cidcommon.paths), listening on loopback. See docs/configuration.md fo
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,8 @@ class Config:
     log_level: str = "info"
     groups: Mapping[str, Policy] = field(default_factory=lambda: {"default": Policy()})
     nodes: tuple[NodeSpec, ...] = ()
+    features: Mapping[str, str] = field(default_factory=dict)  # scheduler node feature -> image id
+    default_image: str | None = None  # image for jobs that ask for no cid feature (None: leave nodes alone)
 
     @property
     def db_path(self) -> Path:
@@ -142,7 +145,24 @@ class _Reader:
 
 
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
-             "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes"}
+             "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler"}
+_FEATURE = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def _scheduler(reader: _Reader, data: Mapping[str, Any]) -> tuple[dict[str, str], str | None]:
+    """Return (feature -> image, default image) from the ``scheduler`` section."""
+    section = reader.mapping(data, "scheduler", "top level")
+    reader.unknown(section, {"features", "default_image"}, "scheduler")
+    features: dict[str, str] = {}
+    for feature, image in reader.mapping(section, "features", "scheduler").items():
+        if not isinstance(feature, str) or not _FEATURE.match(feature):
+            reader.problem("scheduler.features", f"feature {feature!r} must use only letters, digits, '_' and "
+                           "'.' (Slurm refuses other characters in a feature name)")
+        elif not isinstance(image, str) or not image:
+            reader.problem(f"scheduler.features.{feature}", "must name an image id like debian-12-1")
+        else:
+            features[feature] = image
+    return features, reader.optional_text(section, "default_image", "scheduler")
 
 
 def _policy(reader: _Reader, name: str, data: Any) -> Policy:
@@ -205,6 +225,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
             specs.append(NodeSpec(tuple(hostlists.expand(str(item["hosts"]))), group))
         except CidError as exc:
             reader.problem(where, exc.message)
+    features, default_image = _scheduler(reader, data)
     catalog = reader.optional_text(data, "catalog", "top level")
     image_dir = reader.optional_text(data, "image_dir", "top level")
     config = Config(
@@ -226,6 +247,8 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         log_level=reader.text(log, "level", "info", "log", ("debug", "info", "warning", "error")),
         groups=groups,
         nodes=tuple(specs),
+        features=features,
+        default_image=default_image,
     )
     if reader.problems:
         raise ConfigError("\n".join(reader.problems) + "\nfix these and start cidd again")

@@ -278,3 +278,14 @@ def test_nodes_given_as_a_string_is_one_problem(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse({"nodes": "n[1-4]"}, tmp_path)
     assert problems(err) == ["cidd.yaml: nodes: 'nodes' must be a list of {hosts: HOSTLIST, group: NAME} entries"]
+
+
+def test_scheduler_features_map_and_bad_feature_names():
+    from cidd.config import ConfigError, parse_config
+
+    config = parse_config({"scheduler": {"features": {"img_deb12.1": "debian-12-1"}, "default_image": "debian-12-1"}})
+    assert config.features == {"img_deb12.1": "debian-12-1"} and config.default_image == "debian-12-1"
+    with pytest.raises(ConfigError) as err:
+        parse_config({"scheduler": {"features": {"bad-name": "x-1-1", "ok": ""}, "extra": 1}}, "c.yaml")
+    text = str(err.value)
+    assert "'bad-name' must use only letters" in text and "scheduler.features.ok" in text and "'extra'" in text

@@ -236,3 +236,16 @@ def test_capture_request_errors(world):
     assert codes == [(2, "unknown_image"), (3, "bad_hostlist"), (4, "unknown_node"), (5, "bad_request"),
                      (6, "bad_request")]
     assert engine.captures == {}
+
+
+def test_features_request_returns_the_scheduler_map(tmp_path):
+    clock = Clock()
+    config = parse_config({"state_dir": str(tmp_path), "scheduler": {
+        "features": {"img_debian12": "debian-12-1", "img_rocky9": "rocky-9-3"}, "default_image": "debian-12-1"}})
+    engine = Engine(config, load_catalog(REPO / "images.yaml"), Store(":memory:"), clock, Sessions())
+    engine.start()
+    peer = client(CiddFactory(engine, engine.link, TOKENS, clock), role="reader")
+    peer.send({"type": "features", "id": 9})
+    [reply] = peer.received()
+    assert reply["features"] == {"img_debian12": "debian-12-1", "img_rocky9": "rocky-9-3"}
+    assert reply["default_image"] == "debian-12-1"
