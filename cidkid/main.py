@@ -21,7 +21,7 @@ from cidcommon.logs import configure
 from cidcommon.paths import default_state_dir, read_token, token_path
 from cidcommon.wire import DEFAULT_PORT
 from cidkid import AGENT_VERSION
-from cidkid.platform import DEFAULT_MARKER, LinuxPlatform
+from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_MARKER, LinuxPlatform
 from cidkid.protocol import REQUEST_TIMEOUT
 from cidkid.service import AgentService, client_endpoint, parse_server
 from cidkid.sim import SimConfig, SimFleet
@@ -92,8 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'system' on an installed image (default), 'installer' inside the installer initramfs")
     real.add_argument("--marker", metavar="PATH", type=Path, default=DEFAULT_MARKER,
                       help="file whose first line names the installed image (default: %(default)s)")
-    real.add_argument("--target", metavar="PATH", type=Path, default=Path("/"),
-                      help="install target whose free space heartbeats report (default: %(default)s)")
+    real.add_argument("--target", metavar="DIR", type=Path,
+                      help="system mode: the file system whose free space heartbeats report (default: /); "
+                           "installer mode: the directory images are installed into, emptied first "
+                           f"(default: {DEFAULT_INSTALL_TARGET})")
+    real.add_argument("--install-device", metavar="DEV", type=Path,
+                      help="installer mode: format DEV (mkfs.ext4 -F -q -L cid-root) and mount it on --target "
+                           "before each install, unmount it after (default: install into --target as it is)")
     sim = p.add_argument_group("simulated fleet (--sim)")
     sim.add_argument("--sim", metavar="HOSTLIST",
                      help="run one simulated node per name of HOSTLIST (e.g. 'sim[0001-2000]') instead of a real agent")
@@ -130,6 +135,21 @@ def _names(text: str | None) -> frozenset[str]:
     return frozenset(expand(text)) if text else frozenset()
 
 
+def target_of(args: argparse.Namespace) -> Path:
+    """Return --target, else the default of the mode: /mnt/cid-target for the installer, / for a system."""
+    if args.target is not None:
+        return Path(args.target)
+    return DEFAULT_INSTALL_TARGET if args.mode == "installer" else Path("/")
+
+
+def check_install_options(args: argparse.Namespace) -> None:
+    """Raise ValueError for installer options that make no sense together."""
+    if args.install_device is not None and args.mode != "installer":
+        raise ValueError("--install-device only applies with --mode installer")
+    if args.install_device is not None and target_of(args).resolve() == Path("/"):
+        raise ValueError("--target must not be / with --install-device")
+
+
 def build_service(args: argparse.Namespace, reactor: Any, token: str) -> IService:
     """Return the service the command line asks for: one AgentService or a SimFleet.
 
@@ -144,7 +164,8 @@ def build_service(args: argparse.Namespace, reactor: Any, token: str) -> IServic
             initial_image=args.initial_image, seed=args.seed, request_timeout=args.request_timeout)
         sim_dir = args.sim_dir or default_state_dir() / "sim"
         return SimFleet(args.sim, host, port, token, sim_dir, reactor, config=config)
-    platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=args.target)
+    platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=target_of(args),
+                             install_device=args.install_device)
     return AgentService(platform, client_endpoint(reactor, host, port), token, reactor, node=platform.node,
                         server=f"{host}:{port}", request_timeout=args.request_timeout)
 
@@ -172,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(json=args.log_format == "json", level=args.log_level)
     try:
         parse_server(args.server)
+        check_install_options(args)
         for hostlist in (args.sim, args.hang_reboot, args.fail_install):
             _names(hostlist)
     except (ValueError, BadHostlist) as exc:

@@ -1,9 +1,9 @@
 """The seam between the agent and the machine it runs on.
 
 ``Platform`` is what ``AgentProtocol`` needs from a node: who it is (``identity``), how it is doing (``health``),
-and the two commands cidd can give it (``reboot``, ``install``). ``LinuxPlatform`` is the real node;
-``cidkid.sim.SimNode`` a simulated one. Later work (kexec, IPMI-less next-boot, the streaming installer) plugs
-in here without touching the wire protocol.
+and the two commands cidd can give it (``reboot``, ``install``). ``LinuxPlatform`` is the real node (its installs
+go through the streaming installer, ``cidkid.installer``, onto a ``cidkid.target`` target); ``cidkid.sim.SimNode``
+a simulated one. Later work (kexec, IPMI-less next-boot) plugs in here without touching the wire protocol.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import psutil
 import structlog
-from twisted.internet import defer, utils
+from twisted.internet import defer, threads, utils
 from twisted.internet.defer import Deferred
 
 log = structlog.get_logger(__name__)
@@ -30,7 +30,11 @@ BOOT_TARGETS = ("installer", "disk")
 DEFAULT_MARKER = Path("/etc/cid-image")
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 REBOOT_COMMANDS: tuple[tuple[str, ...], ...] = (("systemctl", "reboot"), ("/sbin/reboot",))
+#: The former refusal of LinuxPlatform.install, kept only for code that still imports it.
 NOT_YET_REASON = "this cidkid build cannot install images yet (real installer arrives with the images feature)"
+DEFAULT_INSTALL_TARGET = Path("/mnt/cid-target")
+SYSTEM_MODE_REASON = ("this node runs its installed system, not the installer: it installs images only in "
+                      "installer mode (reboot it with boot=installer)")
 
 #: ``progress(step, done, total)``: bytes done so far of ``total`` (None when unknown) in step ``step``.
 ProgressCallback = Callable[[str, int, int | None], None]
@@ -146,13 +150,18 @@ class LinuxPlatform(Platform):
 
     ``node`` defaults to the short host name; ``mode`` is what the command line says (the installer initramfs
     starts cidkid with ``--mode installer``); the image comes from the ``marker`` file; ``reactor`` must provide
-    IReactorProcess (used only to run the reboot command).
+    IReactorProcess (the reboot command) and IReactorThreads (installs run in its thread pool).
+
+    ``target`` is the directory whose free space heartbeats report and, in installer mode, the directory images
+    are installed into (emptied first); with ``install_device`` that block device is formatted and mounted on
+    ``target`` for each install, and unmounted after it.
     """
 
     def __init__(self, reactor: Any, *, node: str | None = None, mode: str = "system",
                  marker: Path = DEFAULT_MARKER, target: Path = Path("/"),
                  boot_id_path: Path = BOOT_ID_PATH,
-                 reboot_commands: tuple[tuple[str, ...], ...] = REBOOT_COMMANDS) -> None:
+                 reboot_commands: tuple[tuple[str, ...], ...] = REBOOT_COMMANDS,
+                 install_device: Path | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self._reactor = reactor
@@ -160,6 +169,7 @@ class LinuxPlatform(Platform):
         self.mode = mode
         self.marker = Path(marker)
         self.target = Path(target)
+        self.install_device = Path(install_device) if install_device is not None else None
         self._boot_id_path = Path(boot_id_path)
         self._fallback_boot_id = str(uuid.uuid4())
         self._reboot_commands = reboot_commands
@@ -220,6 +230,53 @@ class LinuxPlatform(Platform):
         return d.addCallbacks(done, failed)
 
     def install(self, request: InstallRequest, progress: ProgressCallback) -> Deferred[InstallResult]:
-        """Return a failed, non-retryable result: the streaming installer is a later feature."""
-        log.error("agent.install_unsupported", node=self.node, image=request.image)
-        return defer.succeed(InstallResult(ok=False, reason=NOT_YET_REASON, retry=False))
+        """Prepare the target and stream the image onto it in a thread of the reactor's pool.
+
+        ``progress`` is called on the reactor thread. Returns a Deferred firing with the InstallResult: a failure
+        to prepare or finish the target (mkfs, mount, unmount, emptying) is a failed result with its reason,
+        and outside installer mode the install is refused (the running system is never overwritten).
+        """
+        if self.mode != "installer":
+            log.error("agent.install_refused", node=self.node, image=request.image, reason=SYSTEM_MODE_REASON)
+            return defer.succeed(InstallResult(ok=False, reason=SYSTEM_MODE_REASON, retry=False))
+        from cidkid.installer import stream_install
+        from cidkid.target import DeviceTarget, DirectoryTarget, Target
+
+        target: Target = (DeviceTarget(self.install_device, self.target) if self.install_device is not None
+                          else DirectoryTarget(self.target))
+        reactor = self._reactor
+
+        def report(step: str, done: int, total: int | None) -> None:
+            reactor.callFromThread(progress, step, done, total)
+
+        def work() -> InstallResult:
+            return install_onto(target, request, report, stream_install)
+
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+
+def install_onto(target: Any, request: InstallRequest, progress: ProgressCallback,
+                 stream: Callable[[InstallRequest, Path, ProgressCallback], InstallResult]) -> InstallResult:
+    """Prepare ``target``, run ``stream`` into it, then finish the target; return the InstallResult (blocking).
+
+    Errors of ``prepare``/``finish`` (``cidcommon.errors.CidError``) become failed, non-retryable results; a
+    failing ``finish`` turns a success into a failure, since the data may not have reached the disk.
+    """
+    from cidcommon.errors import CidError
+
+    try:
+        path = target.prepare()
+    except CidError as exc:
+        log.error("agent.target_failed", target=repr(target), step="prepare", reason=exc.message)
+        return InstallResult(ok=False, reason=exc.message, retry=False)
+    result = InstallResult(ok=False, reason="the installer stopped unexpectedly", retry=False)
+    try:
+        result = stream(request, path, progress)
+    finally:
+        try:
+            target.finish()
+        except CidError as exc:
+            log.error("agent.target_failed", target=repr(target), step="finish", reason=exc.message)
+            if result.ok:
+                result = InstallResult(ok=False, reason=exc.message, retry=False)
+    return result
