@@ -117,4 +117,4 @@ class ClientAPI:
         """Reply with the scheduler feature -> image map and the default image (every client role)."""
         config = self.engine.config
         session.send(wire.reply(message.get("id"), features=dict(config.features),
-                                default_image=config.default_image))
+                                default_image=config.default_image, release_to_default=config.release_to_default))

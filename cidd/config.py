@@ -60,6 +60,7 @@ class Config:
     nodes: tuple[NodeSpec, ...] = ()
     features: Mapping[str, str] = field(default_factory=dict)  # scheduler node feature -> image id
     default_image: str | None = None  # image for jobs that ask for no cid feature (None: leave nodes alone)
+    release_to_default: bool = False  # epilog: put nodes back into default_image after each job
 
     @property
     def db_path(self) -> Path:
@@ -149,10 +150,10 @@ _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat",
 _FEATURE = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
-def _scheduler(reader: _Reader, data: Mapping[str, Any]) -> tuple[dict[str, str], str | None]:
-    """Return (feature -> image, default image) from the ``scheduler`` section."""
+def _scheduler(reader: _Reader, data: Mapping[str, Any]) -> tuple[dict[str, str], str | None, bool]:
+    """Return (feature -> image, default image, release to default) from the ``scheduler`` section."""
     section = reader.mapping(data, "scheduler", "top level")
-    reader.unknown(section, {"features", "default_image"}, "scheduler")
+    reader.unknown(section, {"features", "default_image", "release_to_default"}, "scheduler")
     features: dict[str, str] = {}
     for feature, image in reader.mapping(section, "features", "scheduler").items():
         if not isinstance(feature, str) or not _FEATURE.match(feature):
@@ -162,7 +163,11 @@ def _scheduler(reader: _Reader, data: Mapping[str, Any]) -> tuple[dict[str, str]
             reader.problem(f"scheduler.features.{feature}", "must name an image id like debian-12-1")
         else:
             features[feature] = image
-    return features, reader.optional_text(section, "default_image", "scheduler")
+    default_image = reader.optional_text(section, "default_image", "scheduler")
+    release = reader.flag(section, "release_to_default", False, "scheduler")
+    if release and not default_image:
+        reader.problem("scheduler", "'release_to_default' needs a 'default_image'")
+    return features, default_image, release
 
 
 def _policy(reader: _Reader, name: str, data: Any) -> Policy:
@@ -225,7 +230,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
             specs.append(NodeSpec(tuple(hostlists.expand(str(item["hosts"]))), group))
         except CidError as exc:
             reader.problem(where, exc.message)
-    features, default_image = _scheduler(reader, data)
+    features, default_image, release_to_default = _scheduler(reader, data)
     catalog = reader.optional_text(data, "catalog", "top level")
     image_dir = reader.optional_text(data, "image_dir", "top level")
     config = Config(
@@ -249,6 +254,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         nodes=tuple(specs),
         features=features,
         default_image=default_image,
+        release_to_default=release_to_default,
     )
     if reader.problems:
         raise ConfigError("\n".join(reader.problems) + "\nfix these and start cidd again")
