@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from twisted.internet.task import LoopingCall
 
 from cidcommon import __version__, logs, wire
 from cidcommon.errors import CidError, TokenFileError
@@ -24,6 +25,7 @@ from cidd.config import Config, ConfigError, load_config
 from cidd.engine import Engine, read_catalog
 from cidd.images_http import listen_http
 from cidd.metrics import Metrics
+from cidd.sdnotify import Notifier
 from cidd.sessions import CiddFactory, Sessions
 from cidd.status_http import EngineCollector, StatusResource
 from cidd.store import Store, StoreError
@@ -136,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cidd: error: cannot start: {exc}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload_catalog, engine))
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: log.info("cidd.stopping"))
+    notifier = Notifier()
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: (log.info("cidd.stopping"), notifier.stopping()))
+    reactor.callWhenRunning(notifier.ready, f"serving {len(engine.nodes)} nodes")
+    if notifier.watchdog_interval:
+        # The keep-alive runs on the reactor: a blocked reactor misses it and systemd restarts cidd.
+        LoopingCall(notifier.watchdog).start(notifier.watchdog_interval, now=False)
     reactor.run()
     engine.store.close()
     return 0
