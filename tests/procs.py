@@ -59,6 +59,7 @@ class Cluster:
     groups: dict[str, Any] = field(default_factory=dict)
     nodes: list[dict[str, str]] = field(default_factory=list)
     heartbeat: float = 1.0
+    extra_config: dict[str, Any] = field(default_factory=dict)
     cidd: subprocess.Popen | None = None
     fleets: list[subprocess.Popen] = field(default_factory=list)
 
@@ -90,6 +91,7 @@ class Cluster:
             "heartbeat": self.heartbeat, "request_timeout": 5,
             "groups": self.groups, "log": {"format": "json"},
         }
+        config.update(self.extra_config)
         if self.nodes:
             config["nodes"] = self.nodes
             config["auto_register"] = True
