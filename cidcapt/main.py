@@ -12,10 +12,11 @@ import pwd
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from cidcapt import __version__
+from cidcapt import __version__, slurm
 from cidcapt.capture import CaptureRequest, CaptureRunner, Endpoint, Outcome
 from cidcapt.connection import Clock, Sleep, Timing, parse_server, simple_request
 from cidcapt.render import CAPTURES_HEADERS, STATUS_HEADERS, Renderer, captures_rows, counts, status_rows
@@ -39,6 +40,8 @@ exit codes:
   3  deadline passed (the nodes still pending are listed with their step)
   4  cidd unreachable, or authentication failed
   5  refused: no right to do this, or a conflict with another job
+With --slurm the same codes; on 1 and 3 the failed and pending nodes are first drained (scontrol, reason
+"cid: ..."), so that Slurm requeues the job onto other nodes. --release exits 0 except for bad usage (2).
 
 environment: CID_SERVER (default 127.0.0.1:{DEFAULT_PORT}), CID_ROLE (default admin), CID_TOKEN_FILE,
 CID_STATE_DIR (tokens in <state_dir>/secrets/<role>.token), SLURM_JOB_USER or USER (the --user default).
@@ -114,7 +117,9 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
         description="Put the nodes of a job into an image and wait until they run it (cid client).\n"
                     "  cidcapt -j JOB -n HOSTLIST -i IMAGE     switch nodes, wait, exit 0 when all are ready\n"
                     "  cidcapt --status [HOSTLIST]             show cidd's view of the nodes\n"
-                    "  cidcapt --captures                      list running and recent captures",
+                    "  cidcapt --captures                      list running and recent captures\n"
+                    "  cidcapt --slurm [-i IMAGE]              PrologSlurmctld: switch the job's nodes, or drain them\n"
+                    "  cidcapt --release --slurm               EpilogSlurmctld: back to cidd's default image, no wait",
         epilog=EXIT_CODES_HELP,
     )
     parser.add_argument("-j", "--job", help="job id (a capture is re-attached by job id)")
@@ -127,6 +132,15 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
     parser.add_argument("--reload", action="store_true",
                         help="ask cidd to reload its image catalog (admin); a catalog with errors is refused "
                         "with every error listed, and the previous one stays active")
+    parser.add_argument("--slurm", action="store_true",
+                        help="PrologSlurmctld mode: job, nodes and user from SLURM_JOB_ID, SLURM_JOB_NODELIST and "
+                        "SLURM_JOB_USER; the image from -i, else from the cid features named in SLURM_JOB_CONSTRAINTS "
+                        "(cidd's scheduler.features), else cidd's default_image (none: exit 0, nodes untouched); "
+                        "on exit 1 or 3 the failed and pending nodes are drained with scontrol")
+    parser.add_argument("--release", action="store_true",
+                        help="epilog helper: when cidd's release_to_default is on, start switching the job's nodes "
+                        "(--slurm, or -j/-n) back to the default image as job JOB.release, without waiting; "
+                        "short timeouts; a cid problem is a warning and exit 0")
     parser.add_argument("--server", type=_server, default=env.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}",
                         metavar="HOST:PORT", help="cidd's address (default $CID_SERVER or %(default)s)")
     parser.add_argument("--timeout", type=_seconds(0.001), default=3600.0, metavar="SECONDS",
@@ -151,6 +165,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"unknown role {args.role!r}; use one of {', '.join(CLIENT_ROLES)}")
     if sum((args.status is not None, args.captures, args.reload)) > 1:
         parser.error("use only one of --status, --captures and --reload")
+    if args.slurm or args.release:
+        _check_slurm_args(parser, args)
+        return
     if args.reload and (args.job or args.image or args.nodes):
         parser.error("--reload takes no -j, -n or -i")
     if args.reload:
@@ -166,6 +183,18 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if missing:
         parser.error(f"missing {', '.join(missing)}: a capture needs -j JOB -n HOSTLIST -i IMAGE "
                      "(or use --status / --captures)")
+
+
+def _check_slurm_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` (code 2) when --slurm/--release are combined with options they exclude."""
+    if args.status is not None or args.captures or args.reload:
+        parser.error("--slurm and --release do not go with --status, --captures or --reload")
+    if args.slurm and (args.job or args.nodes):
+        parser.error("--slurm reads the job and its nodes from SLURM_JOB_ID and SLURM_JOB_NODELIST; drop -j/-n")
+    if args.release and not args.slurm and not (args.job and args.nodes):
+        parser.error("--release needs --slurm, or -j JOB -n HOSTLIST")
+    if args.release and args.image:
+        parser.error("--release switches the nodes to cidd's default_image; it takes no -i")
 
 
 def _token(args: argparse.Namespace, env: Mapping[str, str]) -> str:
@@ -203,9 +232,14 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
         _check_args(parser, args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_REQUEST
-    renderer = Renderer(out, err, quiet=args.quiet, json_lines=args.json)
+    renderer_class = slurm.SummaryRecorder if args.slurm and not args.release else Renderer
+    renderer = renderer_class(out, err, quiet=args.quiet, json_lines=args.json)
     timing = timing or Timing()
     try:
+        if args.release:
+            return _release(args, env, renderer, timing, clock, sleep)
+        if isinstance(renderer, slurm.SummaryRecorder):
+            return _slurm_prolog(args, env, renderer, timing, clock, sleep)
         if args.reload:
             return _reload(args, env, renderer, timing, clock, sleep)
         if args.status is not None or args.captures:
@@ -249,6 +283,65 @@ def _reload(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer
         renderer.json({"images": reply.get("images"), "catalog": reply.get("catalog")})
     else:
         renderer.say(f"catalog {reply.get('catalog')} reloaded: {reply.get('images')} images", always=True)
+    return EXIT_OK
+
+
+def _slurm_prolog(args: argparse.Namespace, env: Mapping[str, str], renderer: slurm.SummaryRecorder,
+                  timing: Timing, clock: Clock, sleep: Sleep) -> int:
+    """--slurm: run the capture a PrologSlurmctld needs, drain the nodes that failed or stayed pending.
+
+    Returns the exit code of the capture (0 also when the job asks for no cid image). Raises CidError
+    subclasses for problems before the capture (environment, constraint, cidd's feature map); the caller maps them.
+    """
+    job = slurm.SlurmJob.from_env(env)
+    image = (args.image or "").strip()
+    if not image:
+        host, port = args.server
+        reply = simple_request(host, port, args.role, _token(args, env), {"type": "features"},
+                               connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep)
+        features = reply.get("features") if isinstance(reply.get("features"), dict) else {}
+        default = reply.get("default_image") if isinstance(reply.get("default_image"), str) else None
+        image = slurm.choose_image(job.constraints, features, default) or ""
+        if not image:
+            asked = f"constraint {job.constraints!r} names no cid feature" if job.constraints else "no constraint"
+            renderer.say(f"job {job.job_id}: {asked}, and cidd has no default_image: nodes {job.nodes} left as "
+                         "they are", always=True)
+            return EXIT_OK
+    args.job, args.nodes, args.image = job.job_id, [job.nodes], image
+    args.user = args.user or job.user
+    code = _capture(args, env, renderer, timing, clock, sleep)
+    if renderer.state in ("failed", "deadline"):
+        commands = slurm.drain_commands(job.job_id, image, renderer.nodes)
+        slurm.run_drains(commands, env, lambda text: renderer.say(text, always=True))
+    return code
+
+
+def _release(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,
+             clock: Clock, sleep: Sleep) -> int:
+    """--release: start switching the job's nodes back to cidd's default image, without waiting; return 0.
+
+    Raises SlurmUsageError or BadHostlist (exit 2) for bad usage only; a cid problem is printed as a warning.
+    """
+    if args.slurm:
+        job = slurm.SlurmJob.from_env(env)
+        job_id, nodes, user = job.job_id, job.nodes, job.user
+    else:
+        job_id, nodes, user = args.job.strip(), ",".join(args.nodes), None
+    compact = _compact(nodes)[0]
+    quick = replace(timing, request_timeout=min(timing.request_timeout, slurm.RELEASE_REQUEST_S),
+                    attempt_timeout=min(timing.attempt_timeout, slurm.RELEASE_CONNECT_S))
+    host, port = args.server
+    try:
+        token = _token(args, env)
+
+        def ask(message: dict[str, Any]) -> dict[str, Any]:
+            return simple_request(host, port, args.role, token, message, timing=quick, clock=clock, sleep=sleep,
+                                  connect_timeout=min(args.connect_timeout, slurm.RELEASE_CONNECT_S))
+
+        done = slurm.release(job_id, compact, args.user or user or default_user(env), ask, timeout=args.timeout)
+        renderer.say(done, always=True)
+    except CidError as exc:
+        renderer.say(f"warning: job {job_id}: nodes {compact} not released: {exc.message}", always=True)
     return EXIT_OK
 
 

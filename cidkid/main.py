@@ -21,7 +21,7 @@ from cidcommon.logs import configure
 from cidcommon.paths import default_state_dir, read_token, token_path
 from cidcommon.wire import DEFAULT_PORT
 from cidkid import AGENT_VERSION
-from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_MARKER, LinuxPlatform
+from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_MARKER, REBOOT_COMMANDS, LinuxPlatform
 from cidkid.protocol import REQUEST_TIMEOUT
 from cidkid.service import AgentService, client_endpoint, parse_server
 from cidkid.sim import SimConfig, SimFleet
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="system mode: the file system whose free space heartbeats report (default: /); "
                            "installer mode: the directory images are installed into, emptied first "
                            f"(default: {DEFAULT_INSTALL_TARGET})")
+    real.add_argument("--reboot-command", metavar="CMD",
+                      help="shell command that reboots this node, run with $CID_BOOT=installer|disk and "
+                      "$CID_METHOD set (default: 'systemctl reboot', else /sbin/reboot)")
     real.add_argument("--install-device", metavar="DEV", type=Path,
                       help="installer mode: format DEV (mkfs.ext4 -F -q -L cid-root) and mount it on --target "
                            "before each install, unmount it after (default: install into --target as it is)")
@@ -164,8 +167,9 @@ def build_service(args: argparse.Namespace, reactor: Any, token: str) -> IServic
             initial_image=args.initial_image, seed=args.seed, request_timeout=args.request_timeout)
         sim_dir = args.sim_dir or default_state_dir() / "sim"
         return SimFleet(args.sim, host, port, token, sim_dir, reactor, config=config)
+    reboot = (("/bin/sh", "-c", args.reboot_command),) if args.reboot_command else REBOOT_COMMANDS
     platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=target_of(args),
-                             install_device=args.install_device)
+                             install_device=args.install_device, reboot_commands=reboot)
     return AgentService(platform, client_endpoint(reactor, host, port), token, reactor, node=platform.node,
                         server=f"{host}:{port}", request_timeout=args.request_timeout)
 

@@ -8,9 +8,11 @@ a simulated one. Later work (kexec, IPMI-less next-boot) plugs in here without t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -30,8 +32,6 @@ BOOT_TARGETS = ("installer", "disk")
 DEFAULT_MARKER = Path("/etc/cid-image")
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 REBOOT_COMMANDS: tuple[tuple[str, ...], ...] = (("systemctl", "reboot"), ("/sbin/reboot",))
-#: The former refusal of LinuxPlatform.install, kept only for code that still imports it.
-NOT_YET_REASON = "this cidkid build cannot install images yet (real installer arrives with the images feature)"
 DEFAULT_INSTALL_TARGET = Path("/mnt/cid-target")
 SYSTEM_MODE_REASON = ("this node runs its installed system, not the installer: it installs images only in "
                       "installer mode (reboot it with boot=installer)")
@@ -196,9 +196,11 @@ class LinuxPlatform(Platform):
 
         The commands run in child processes, one after the other until one exits 0; failures are logged.
         ``last_reboot`` is a Deferred firing with the command that worked (None if none did). ``boot`` is only
-        logged: which system comes up next is decided by cidd's boot profile (netboot).
+        logged and passed to the commands as ``$CID_BOOT`` (and ``$CID_METHOD``): with netboot, which system
+        comes up next is decided by cidd's boot profile; a site's own command may use them (grub-reboot ...).
         """
         log.warning("agent.rebooting", node=self.node, boot=boot, method=method)
+        self._reboot_env = {**os.environ, "CID_BOOT": boot, "CID_METHOD": method}
         commands = []
         for program, *args in self._reboot_commands:
             path = program if os.path.isabs(program) else shutil.which(program)
@@ -212,7 +214,8 @@ class LinuxPlatform(Platform):
             log.error("agent.reboot_failed", node=self.node, reason="no reboot command worked")
             return defer.succeed(None)
         argv, rest = commands[0], commands[1:]
-        d = utils.getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ), reactor=self._reactor)
+        env = getattr(self, "_reboot_env", None) or dict(os.environ)
+        d = utils.getProcessOutputAndValue(argv[0], argv[1:], env=env, reactor=self._reactor)
 
         def done(result: tuple[bytes, bytes, int]) -> Deferred[list[str] | None] | list[str]:
             _out, err, code = result
@@ -232,7 +235,8 @@ class LinuxPlatform(Platform):
     def install(self, request: InstallRequest, progress: ProgressCallback) -> Deferred[InstallResult]:
         """Prepare the target and stream the image onto it in a thread of the reactor's pool.
 
-        ``progress`` is called on the reactor thread. Returns a Deferred firing with the InstallResult: a failure
+        ``progress`` is called on the reactor thread; a reactor shutdown cancels the install (a failed, retryable
+        result) instead of waiting for it. Returns a Deferred firing with the InstallResult: a failure
         to prepare or finish the target (mkfs, mount, unmount, emptying) is a failed result with its reason,
         and outside installer mode the install is refused (the running system is never overwritten).
         """
@@ -245,14 +249,24 @@ class LinuxPlatform(Platform):
         target: Target = (DeviceTarget(self.install_device, self.target) if self.install_device is not None
                           else DirectoryTarget(self.target))
         reactor = self._reactor
+        cancel = threading.Event()  # set when the reactor stops, so that shutdown never waits for a whole image
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", cancel.set)
 
         def report(step: str, done: int, total: int | None) -> None:
             reactor.callFromThread(progress, step, done, total)
 
-        def work() -> InstallResult:
-            return install_onto(target, request, report, stream_install)
+        def stream(req: InstallRequest, path: Path, prog: ProgressCallback) -> InstallResult:
+            return stream_install(req, path, prog, cancel=cancel)
 
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), work)
+        def work() -> InstallResult:
+            return install_onto(target, request, report, stream)
+
+        def done(result: InstallResult) -> InstallResult:
+            with contextlib.suppress(ValueError, KeyError):
+                reactor.removeSystemEventTrigger(trigger)
+            return result
+
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), work).addBoth(done)
 
 
 def install_onto(target: Any, request: InstallRequest, progress: ProgressCallback,
