@@ -239,6 +239,9 @@ class Engine:
         log.info("capture.started", job=job, image=image, nodes=len(names), user=user, requester=requester,
                  switching=len(plan.to_switch), ready=plan.capture.counts()["ready"])
         assert capture is not None
+        if not capture.running:  # every node already ran the image: it ended as it began
+            log.info("capture.ended", job=job, image=image, state=capture.state.value, elapsed=0.0,
+                     **capture.counts())
         return replace(plan, capture=capture)
 
     def _track(self, capture: Capture) -> None:
