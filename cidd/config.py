@@ -147,7 +147,9 @@ class _Reader:
 
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
              "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler"}
-_FEATURE = re.compile(r"^[A-Za-z0-9_.]+$")
+#: Feature names that work in every Slurm mode: node_features/helpers accepts only [A-Za-z_][A-Za-z0-9_.=]*
+#: (measured with Debian's Slurm 22.05, docs/scheduler.md); '=' is left out as it reads like an assignment.
+_FEATURE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
 def _scheduler(reader: _Reader, data: Mapping[str, Any]) -> tuple[dict[str, str], str | None, bool]:
@@ -157,8 +159,8 @@ def _scheduler(reader: _Reader, data: Mapping[str, Any]) -> tuple[dict[str, str]
     features: dict[str, str] = {}
     for feature, image in reader.mapping(section, "features", "scheduler").items():
         if not isinstance(feature, str) or not _FEATURE.match(feature):
-            reader.problem("scheduler.features", f"feature {feature!r} must use only letters, digits, '_' and "
-                           "'.' (Slurm refuses other characters in a feature name)")
+            reader.problem("scheduler.features", f"feature {feature!r} must start with a letter or '_' and use "
+                           "only letters, digits, '_' and '.', so that it works in every Slurm mode")
         elif not isinstance(image, str) or not image:
             reader.problem(f"scheduler.features.{feature}", "must name an image id like debian-12-1")
         else:

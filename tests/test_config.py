@@ -286,6 +286,7 @@ def test_scheduler_features_map_and_bad_feature_names():
     config = parse_config({"scheduler": {"features": {"img_deb12.1": "debian-12-1"}, "default_image": "debian-12-1"}})
     assert config.features == {"img_deb12.1": "debian-12-1"} and config.default_image == "debian-12-1"
     with pytest.raises(ConfigError) as err:
-        parse_config({"scheduler": {"features": {"bad-name": "x-1-1", "ok": ""}, "extra": 1}}, "c.yaml")
+        parse_config({"scheduler": {"features": {"bad-name": "x-1-1", "9lives": "x-1-1", "ok": ""}, "extra": 1}},
+                     "c.yaml")
     text = str(err.value)
-    assert "'bad-name' must use only letters" in text and "scheduler.features.ok" in text and "'extra'" in text
+    assert "'bad-name' must start with a letter" in text and "'9lives' must start with a letter" in text and "scheduler.features.ok" in text and "'extra'" in text
