@@ -31,6 +31,18 @@ def loop_device(image: Path, size_mb: int) -> str | None:
     return found.stdout.strip() if found.returncode == 0 else None
 
 
+def make_image(src: Path, cluster: Cluster) -> Path:
+    """Capture ``src`` with cid-mkimg as image testfs-1-0 of ``cluster``; return the image directory."""
+    images = cluster.root / "images"
+    images.mkdir()
+    made = subprocess.run([sys.executable, "-m", "cidkid.mkimg", "--root", str(src), "--name", "testfs",
+                           "--version", "1", "--subversion", "0", "--image-dir", str(images),
+                           "--catalog", str(cluster.root / "images.yaml")],
+                          capture_output=True, text=True, env=_env(cluster.state_dir))
+    assert made.returncode == 0, made.stderr
+    return images
+
+
 @pytest.fixture
 def disk(tmp_path):
     device = loop_device(tmp_path / "disk.img", 256)
@@ -47,14 +59,8 @@ def test_real_image_from_mkimg_to_a_booted_ext4_disk(tmp_path, disk) -> None:
     src = build_rootfs(tmp_path / "src")
     cluster = Cluster(tmp_path / "cid", heartbeat=1.0)
     cluster.root.mkdir()
-    images = cluster.root / "images"
-    images.mkdir()
+    images = make_image(src, cluster)
     env = _env(cluster.state_dir)
-    made = subprocess.run([sys.executable, "-m", "cidkid.mkimg", "--root", str(src), "--name", "testfs",
-                           "--version", "1", "--subversion", "0", "--image-dir", str(images),
-                           "--catalog", str(cluster.root / "images.yaml")],
-                          capture_output=True, text=True, env=env)
-    assert made.returncode == 0, made.stderr
     image = load_catalog(cluster.root / "images.yaml").get("testfs-1-0")
     assert image is not None and image.sha256 and image.size
     cluster.extra_config = {"image_dir": str(images)}
