@@ -37,6 +37,18 @@ class NodeSpec:
 
 
 @dataclass(frozen=True)
+class BootConfig:
+    """Netboot settings: MAC map, installer files, TFTP directory, the address installers use for cidd."""
+
+    ethers: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    tftp_dir: Path | None = None
+    server: str | None = None  # HOST:PORT of the agent port as nodes reach it; default listen host:port
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon configuration."""
 
@@ -61,11 +73,17 @@ class Config:
     features: Mapping[str, str] = field(default_factory=dict)  # scheduler node feature -> image id
     default_image: str | None = None  # image for jobs that ask for no cid feature (None: leave nodes alone)
     release_to_default: bool = False  # epilog: put nodes back into default_image after each job
+    boot: BootConfig = field(default_factory=lambda: BootConfig())
 
     @property
     def db_path(self) -> Path:
         """Return the SQLite database path."""
         return self.state_dir / "cidd.sqlite"
+
+    @property
+    def agent_address(self) -> str:
+        """Return HOST:PORT of the agent port as installers reach it (boot.server, else the listen address)."""
+        return self.boot.server or f"{self.listen_host}:{self.listen_port}"
 
     @property
     def http_base(self) -> str:
@@ -146,7 +164,19 @@ class _Reader:
 
 
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
-             "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler"}
+             "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot"}
+
+
+def _boot(reader: _Reader, data: Mapping[str, Any]) -> BootConfig:
+    """Return the ``boot`` section."""
+    section = reader.mapping(data, "boot", "top level")
+    reader.unknown(section, {"ethers", "kernel", "initrd", "cmdline", "tftp_dir", "server"}, "boot")
+    paths = {key: reader.optional_text(section, key, "boot") for key in ("ethers", "kernel", "initrd", "tftp_dir")}
+    if bool(paths["kernel"]) != bool(paths["initrd"]):
+        reader.problem("boot", "'kernel' and 'initrd' (the installer's files) go together")
+    return BootConfig(**{k: Path(v) if v else None for k, v in paths.items()},
+                      cmdline=reader.text(section, "cmdline", "", "boot"),
+                      server=reader.optional_text(section, "server", "boot"))
 #: Feature names that work in every Slurm mode: node_features/helpers accepts only [A-Za-z_][A-Za-z0-9_.=]*
 #: (measured with Debian's Slurm 22.05, docs/scheduler.md); '=' is left out as it reads like an assignment.
 _FEATURE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -257,6 +287,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         features=features,
         default_image=default_image,
         release_to_default=release_to_default,
+        boot=_boot(reader, data),
     )
     if reader.problems:
         raise ConfigError("\n".join(reader.problems) + "\nfix these and start cidd again")

@@ -7,8 +7,10 @@ an injected ``IReactorTime`` so tests drive it with ``twisted.internet.task.Cloc
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -18,12 +20,24 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from cidcommon.errors import UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
 from cidd import captures as caps
+from cidd.boot import macs_of, parse_ethers, pxelinux_config, pxelinux_name
 from cidd.captures import Capture, Plan
 from cidd.catalog import Catalog, load_catalog
 from cidd.config import Config
 from cidd.images_http import image_path
 from cidd.machine import Node, State, Step, apply, restore
-from cidd.machine_types import Connected, Disconnected, Event, Installed, Reboot, RungFailed, SendInstall, Switch, Tick
+from cidd.machine_types import (
+    Connected,
+    Disconnected,
+    Event,
+    Installed,
+    Reboot,
+    RungFailed,
+    SendInstall,
+    SetBoot,
+    Switch,
+    Tick,
+)
 from cidd.store import Store
 
 log = structlog.get_logger("cidd.engine")
@@ -62,6 +76,8 @@ class Engine:
         self._watchers: dict[str, list[Watcher]] = {}
         self._timers: dict[str, IDelayedCall] = {}
         self._capture_timers: dict[str, IDelayedCall] = {}
+        self.boot_profiles: dict[str, str] = {}  # node -> "installer" | "disk", as published
+        self.ethers: dict[str, str] = load_ethers(config)
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -78,6 +94,7 @@ class Engine:
             self._arm(name, node)
         for capture in self.store.running_captures():
             self._track(capture)
+        self.boot_profiles = self.store.boot_profiles()
         now = self.clock.seconds()
         with self.store.transaction():
             for job in list(self.captures):
@@ -187,7 +204,20 @@ class Engine:
             self._send(name, message, f"agent refused {action.method} into {action.boot}")
         elif isinstance(action, SendInstall):
             self._send(name, self.install_message(action.image), "installer refused the install")
-        # SetBoot: boot profiles are published from node records (cidd.boot, with the boot issue).
+        elif isinstance(action, SetBoot):
+            self.set_boot(name, action.boot)
+
+    def set_boot(self, name: str, boot: str) -> None:
+        """Publish ``name``'s next boot: recorded in the store, served as iPXE, written as pxelinux files."""
+        self.boot_profiles[name] = boot
+        self.store.set_boot(name, boot, self.clock.seconds())
+        tftp = self.config.boot.tftp_dir
+        if tftp is not None:
+            for mac in macs_of(self.ethers, name):
+                text = pxelinux_config(name, boot, "cid/vmlinuz", "cid/initrd.img", self.config.agent_address,
+                                       None, self.config.boot.cmdline)
+                write_atomic(tftp / "pxelinux.cfg" / pxelinux_name(mac), text)
+        log.info("boot.profile", node=name, boot=boot)
 
     def _send(self, name: str, message: dict[str, Any], what: str) -> None:
         def failed(failure: Any) -> None:
@@ -362,3 +392,26 @@ def read_catalog(config: Config) -> Catalog:
         log.warning("catalog.missing", path=str(config.catalog), hint="captures need images; see images.yaml")
         return Catalog({})
     return load_catalog(config.catalog)
+
+
+def load_ethers(config: Config) -> dict[str, str]:
+    """Return {mac: node} from the configured ethers file ({} when none). Raises EthersError or ConfigError."""
+    path = config.boot.ethers
+    if path is None:
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        from cidd.config import ConfigError
+
+        raise ConfigError(f"cannot read the ethers file {path}: {exc.strerror}; check boot.ethers") from None
+    return parse_ethers(text, str(path))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -20,6 +20,8 @@ from twisted.internet.task import LoopingCall
 from cidcommon import __version__, logs, wire
 from cidcommon.errors import CidError, TokenFileError
 from cidcommon.paths import ensure_token, token_path
+from cidd.boot import EthersError
+from cidd.boot_http import BootResource
 from cidd.catalog import CatalogError
 from cidd.config import Config, ConfigError, load_config
 from cidd.engine import Engine, read_catalog
@@ -100,7 +102,8 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
     port = reactor.listenTCP(config.listen_port, factory, backlog=4096, interface=config.listen_host)
     metrics = Metrics()
     metrics.registry.register(EngineCollector(engine))
-    listen_http(config, lambda: engine.catalog, metrics, reactor, extra={b"status": StatusResource(engine)})
+    listen_http(config, lambda: engine.catalog, metrics, reactor,
+                extra={b"status": StatusResource(engine), b"boot": BootResource(engine)})
     log.info("cidd.listening", host=config.listen_host, port=port.getHost().port, state_dir=str(config.state_dir),
              catalog=str(config.catalog), images=len(catalog), version=__version__)
     return engine, port
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_file_limit()
     try:
         engine, _port = start(config, reactor)
-    except (ConfigError, CatalogError) as exc:
+    except (ConfigError, CatalogError, EthersError) as exc:
         print(f"cidd: error: {exc}", file=sys.stderr)
         return 2
     except TokenFileError as exc:

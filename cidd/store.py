@@ -17,7 +17,7 @@ from pathlib import Path
 from cidd.captures import Capture, CaptureState, NodeResult, Result
 from cidd.machine import Node, State, Transition
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _UPGRADES: dict[int, str] = {
     1: """
@@ -46,6 +46,11 @@ _UPGRADES: dict[int, str] = {
     );
     CREATE INDEX events_node ON events (node, id);
     CREATE INDEX events_job ON events (job, id);
+    """,
+    2: """
+    CREATE TABLE boot_profiles (
+        node TEXT PRIMARY KEY, boot TEXT NOT NULL, updated REAL NOT NULL
+    );
     """,
 }
 
@@ -147,6 +152,17 @@ class Store:
         query += " ORDER BY id LIMIT ?"
         names = ["id", "ts", "node", "job", "image", "from", "to", "attempt", "rung", "elapsed", "detail"]
         return [dict(zip(names, row, strict=True)) for row in self.db.execute(query, (*args, limit))]
+
+    # --- boot profiles ---
+
+    def set_boot(self, node: str, boot: str, ts: float) -> None:
+        """Record ``node``'s next boot (``installer`` or ``disk``)."""
+        self.db.execute("INSERT OR REPLACE INTO boot_profiles (node, boot, updated) VALUES (?, ?, ?)",
+                        (node, boot, ts))
+
+    def boot_profiles(self) -> dict[str, str]:
+        """Return {node: next boot} for every node with a published profile."""
+        return dict(self.db.execute("SELECT node, boot FROM boot_profiles").fetchall())
 
     # --- captures ---
 

@@ -127,6 +127,11 @@ class Cluster:
         return subprocess.run([sys.executable, "-m", "cidcapt.main", "--server", self.server, *args],
                               capture_output=True, text=True, timeout=timeout, env=env)
 
+    def cidcapt_background(self, *args: str) -> subprocess.Popen:
+        """Start cidcapt against this cidd without waiting; return the process (output discarded)."""
+        return subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", self.server, *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(self.state_dir))
+
     def status(self, hostlist: str | None = None) -> dict[str, dict[str, Any]]:
         """Return {node: status row} from ``cidcapt --status --json``."""
         args = ["--status", *([hostlist] if hostlist else []), "--json"]

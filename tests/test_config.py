@@ -177,7 +177,8 @@ def test_unknown_keys_are_reported_at_every_level(tmp_path):
         parse(data, tmp_path)
     lines = problems(err)
     assert len(lines) == 6
-    assert lines[0].startswith("cidd.yaml: top level: unknown key 'listne' (known: auto_register, capture_timeout,")
+    assert lines[0].startswith("cidd.yaml: top level: unknown key 'listne' (known: auto_register, boot, "
+                               "capture_timeout,")
     assert "cidd.yaml: listen: unknown key 'hots' (known: host, port)" in lines
     assert "cidd.yaml: http: unknown key 'url' (known: host, port, public_url)" in lines
     assert "cidd.yaml: log: unknown key 'colour' (known: format, level)" in lines

@@ -49,9 +49,25 @@ def transition(node: str = "n1", job: str | None = "j1", to: str = "to_installer
 
 def test_new_database_gets_the_schema_version_and_its_tables(store, db_path):
     assert db_path.exists()
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     tables = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"nodes", "captures", "capture_nodes", "events"} <= tables
+    assert {"nodes", "captures", "capture_nodes", "events", "boot_profiles"} <= tables
+
+
+def test_a_version_1_database_is_upgraded_in_place_keeping_its_rows(tmp_path):
+    from cidd.store import _UPGRADES
+
+    path = tmp_path / "v1.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(_UPGRADES[1] + "; PRAGMA user_version=1;")
+    old.execute("INSERT INTO nodes (name, state, image) VALUES ('n7', 'ready', 'debian-12-1')")
+    old.commit()
+    old.close()
+    store = Store(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert store.load_nodes()["n7"].image == "debian-12-1"
+    store.set_boot("n7", "installer", 5.0)
+    assert store.boot_profiles() == {"n7": "installer"}
 
 
 def test_wal_mode_is_on(store, db_path):
