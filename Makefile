@@ -7,7 +7,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 # Debian packages needed by tests that use real components (added by later features).
-TEST_DEBS ?= slurmctld slurmd slurm-client munge busybox-static acl zstd e2fsprogs curl
+TEST_DEBS ?= slurmctld slurmd slurm-client munge busybox-static acl zstd e2fsprogs curl openipmi ipmitool
 PYTEST_ARGS ?=
 
 .PHONY: all venv demo test lint sysdeps bench clean install
@@ -25,7 +25,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 # Install Debian packages when they are missing (root, or through sudo).
 _debs:
-	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
