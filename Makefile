@@ -7,7 +7,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 # Debian packages needed by tests that use real components (added by later features).
-TEST_DEBS ?= slurmctld slurmd slurm-client munge busybox-static acl zstd e2fsprogs curl openipmi ipmitool
+TEST_DEBS ?= slurmctld slurmd slurm-client munge busybox-static acl zstd e2fsprogs curl systemd openipmi ipmitool
 PYTEST_ARGS ?=
 
 .PHONY: all venv demo test lint sysdeps bench clean install
