@@ -30,6 +30,7 @@ dir="$(dirname "$0")"
 name="$1"; shift
 op="$1"; shift
 echo "$op $*" >> "$dir/calls"
+[ -s "$dir/delay" ] && sleep "$(cat "$dir/delay")"
 if [ "$op" = get ]; then
     out=""
     for item in "$@"; do
