@@ -49,6 +49,16 @@ class BootConfig:
 
 
 @dataclass(frozen=True)
+class BmcConfig:
+    """How cidd reaches node BMCs (cidd/power.py): address pattern, credentials file, bounds."""
+
+    address: str = "{name}-bmc"  # {name}, {index}, {index+N}; optional :port (default 623)
+    credentials: Path | None = None  # user:password or YAML; mode 0600
+    max_concurrent: int = 8
+    timeout: float = 20.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon configuration."""
 
@@ -74,6 +84,7 @@ class Config:
     default_image: str | None = None  # image for jobs that ask for no cid feature (None: leave nodes alone)
     release_to_default: bool = False  # epilog: put nodes back into default_image after each job
     boot: BootConfig = field(default_factory=lambda: BootConfig())
+    bmc: BmcConfig | None = None  # None: no BMC power (ladders may not use power_cycle)
 
     @property
     def db_path(self) -> Path:
@@ -164,7 +175,26 @@ class _Reader:
 
 
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
-             "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot"}
+             "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc"}
+
+
+def _bmc(reader: _Reader, data: Mapping[str, Any], groups: Mapping[str, Policy]) -> BmcConfig | None:
+    """Return the ``bmc`` section (None when absent); a ladder with power_cycle needs it."""
+    users = sorted(name for name, policy in groups.items() if any(r.method == "power_cycle" for r in policy.ladder))
+    if "bmc" not in data:
+        if users:
+            reader.problem("bmc", f"group(s) {', '.join(users)} use power_cycle, which needs a 'bmc' section "
+                           "(address pattern and credentials file)")
+        return None
+    section = reader.mapping(data, "bmc", "top level")
+    reader.unknown(section, {"address", "credentials", "max_concurrent", "timeout"}, "bmc")
+    credentials = reader.optional_text(section, "credentials", "bmc")
+    if not credentials:
+        reader.problem("bmc", "'credentials' (a file holding user:password, mode 0600) is required")
+    return BmcConfig(address=reader.text(section, "address", "{name}-bmc", "bmc"),
+                     credentials=Path(credentials) if credentials else None,
+                     max_concurrent=int(reader.number(section, "max_concurrent", 8, "bmc", minimum=1)),
+                     timeout=reader.number(section, "timeout", 20.0, "bmc", minimum=1))
 
 
 def _boot(reader: _Reader, data: Mapping[str, Any]) -> BootConfig:
@@ -288,6 +318,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         default_image=default_image,
         release_to_default=release_to_default,
         boot=_boot(reader, data),
+        bmc=_bmc(reader, data, groups),
     )
     if reader.problems:
         raise ConfigError("\n".join(reader.problems) + "\nfix these and start cidd again")

@@ -17,7 +17,7 @@ import structlog
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from cidcommon.errors import UnknownImage, UnknownNode
+from cidcommon.errors import CidError, UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
 from cidd import captures as caps
 from cidd.boot import macs_of, parse_ethers, pxelinux_config, pxelinux_name
@@ -27,6 +27,7 @@ from cidd.config import Config
 from cidd.images_http import image_path
 from cidd.machine import Node, State, Step, apply, restore
 from cidd.machine_types import (
+    POWER_METHODS,
     Connected,
     Disconnected,
     Event,
@@ -38,6 +39,7 @@ from cidd.machine_types import (
     Switch,
     Tick,
 )
+from cidd.power import PowerController, bmc_address
 from cidd.store import Store
 
 log = structlog.get_logger("cidd.engine")
@@ -62,12 +64,14 @@ class AgentLink(Protocol):
 class Engine:
     """Node machines, captures and timers of one cidd."""
 
-    def __init__(self, config: Config, catalog: Catalog, store: Store, clock: IReactorTime, link: AgentLink) -> None:
+    def __init__(self, config: Config, catalog: Catalog, store: Store, clock: IReactorTime, link: AgentLink,
+                 power: PowerController | None = None) -> None:
         self.config = config
         self.catalog = catalog
         self.store = store
         self.clock = clock
         self.link = link
+        self.power = power
         self.groups: dict[str, str] = config.inventory()
         self.nodes: dict[str, Node] = {}
         self.health: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -199,13 +203,37 @@ class Engine:
 
     def _act(self, name: str, action: object) -> None:
         """Carry out one action of a committed step."""
-        if isinstance(action, Reboot):
+        if isinstance(action, Reboot) and action.method in POWER_METHODS:
+            self._power_cycle(name, action.boot)
+        elif isinstance(action, Reboot):
             message = {"type": "reboot", "boot": action.boot, "method": action.method}
             self._send(name, message, f"agent refused {action.method} into {action.boot}")
         elif isinstance(action, SendInstall):
             self._send(name, self.install_message(action.image), "installer refused the install")
         elif isinstance(action, SetBoot):
             self.set_boot(name, action.boot)
+
+    def _power_cycle(self, name: str, boot: str) -> None:
+        """Set the next boot device through the BMC, then power-cycle; a failure climbs the ladder."""
+        if self.power is None or self.config.bmc is None:
+            self.handle(name, RungFailed("power_cycle needs BMC access; configure the 'bmc' section"))
+            return
+        try:
+            address = bmc_address(name, self.config.bmc.address)
+        except CidError as exc:
+            self.handle(name, RungFailed(exc.message))
+            return
+        power = self.power
+        device = "network" if boot == "installer" else "default"
+        log.info("node.power_cycle", node=name, bmc=address, boot=boot)
+        d = power.set_next_boot(name, address, device)
+        d.addCallback(lambda _: power.cycle(name, address))
+
+        def failed(failure: Any) -> None:
+            log.warning("node.power_failed", node=name, bmc=address, reason=failure.getErrorMessage())
+            self.handle(name, RungFailed(f"power cycle failed: {failure.getErrorMessage()}"))
+
+        d.addErrback(failed)
 
     def set_boot(self, name: str, boot: str) -> None:
         """Publish ``name``'s next boot: recorded in the store, served as iPXE, written as pxelinux files."""

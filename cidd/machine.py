@@ -119,9 +119,11 @@ def _step(old: Node, new: Node, actions: tuple[Action, ...], now: float, detail:
     moved = (old.state, old.rung, old.attempt) != (new.state, new.rung, new.attempt)
     transition = None
     if moved:
+        # Leaving a state: the rung that ended it (which rung worked, for the statistics). A climb: the new rung.
+        rung = old.rung if old.state != new.state and old.state in SWITCHING else new.rung
         transition = Transition(
             node=new.name, job=new.job, image=new.target, from_state=old.state.value,
-            to_state=new.state.value, attempt=new.attempt, rung=new.rung,
+            to_state=new.state.value, attempt=new.attempt, rung=rung,
             elapsed=max(0.0, now - old.since), detail=detail,
         )
     return Step(new, actions, transition)

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 #: Ladder methods carried out by the node's agent (they need a live session).
 AGENT_METHODS = frozenset({"reboot", "kexec"})
-#: Every ladder method cidd knows; power methods arrive with BMC support.
-LADDER_METHODS = AGENT_METHODS
+#: Ladder methods carried out by cidd through the node's BMC (they work on a hung or powered-off node).
+POWER_METHODS = frozenset({"power_cycle"})
+#: Every ladder method cidd knows.
+LADDER_METHODS = AGENT_METHODS | POWER_METHODS
 
 
 @dataclass(frozen=True)

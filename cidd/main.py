@@ -27,6 +27,7 @@ from cidd.config import Config, ConfigError, load_config
 from cidd.engine import Engine, read_catalog
 from cidd.images_http import listen_http
 from cidd.metrics import Metrics
+from cidd.power import BmcCredentials, PowerController
 from cidd.sdnotify import Notifier
 from cidd.sessions import CiddFactory, Sessions
 from cidd.status_http import EngineCollector, StatusResource
@@ -96,7 +97,13 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
     catalog = read_catalog(config)
     store = Store(config.db_path)
     sessions = Sessions()
-    engine = Engine(config, catalog, store, reactor, sessions)
+    power = None
+    if config.bmc is not None and config.bmc.credentials is not None:
+        power = PowerController(BmcCredentials.load(config.bmc.credentials), reactor,
+                                max_concurrent=config.bmc.max_concurrent, call_timeout=config.bmc.timeout)
+        power.start()
+        reactor.addSystemEventTrigger("during", "shutdown", power.stop)
+    engine = Engine(config, catalog, store, reactor, sessions, power)
     engine.start()
     factory = CiddFactory(engine, sessions, tokens, reactor)
     port = reactor.listenTCP(config.listen_port, factory, backlog=4096, interface=config.listen_host)

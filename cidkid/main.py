@@ -18,7 +18,7 @@ from twisted.application.service import IService
 from cidcommon.errors import BadHostlist, TokenFileError
 from cidcommon.hostlists import expand
 from cidcommon.logs import configure
-from cidcommon.paths import default_state_dir, read_token, token_path
+from cidcommon.paths import check_private, default_state_dir, read_token, token_path
 from cidcommon.wire import DEFAULT_PORT
 from cidkid import AGENT_VERSION
 from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_MARKER, REBOOT_COMMANDS, LinuxPlatform
@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fail-install", metavar="HOSTLIST", help="nodes whose installs always fail")
     sim.add_argument("--initial-image", metavar="IMAGE",
                      help="image marker written on every fake disk that has none yet, so the fleet starts in it")
+    sim.add_argument("--bmc-base-port", metavar="PORT", type=int,
+                     help="give every simulated node a real IPMI BMC on 127.0.0.1, on ports PORT, PORT+1, ... "
+                     "in name order (pyghmi's BMC server; needs --bmc-credentials)")
+    sim.add_argument("--bmc-credentials", metavar="FILE", type=Path,
+                     help="file holding 'user:password' for the simulated BMCs (mode 0600)")
+    sim.add_argument("--bmc-dead", metavar="HOSTLIST", help="nodes whose simulated BMC never answers")
     sim.add_argument("--seed", metavar="N", type=int, help="seed of the injected failures and backoff jitter")
     return p
 
@@ -174,6 +180,28 @@ def build_service(args: argparse.Namespace, reactor: Any, token: str) -> IServic
                         server=f"{host}:{port}", request_timeout=args.request_timeout)
 
 
+def start_bmcs(args: argparse.Namespace, fleet: Any, reactor: Any) -> None:
+    """Start one simulated IPMI BMC per fleet node (ports from --bmc-base-port); stop them at shutdown.
+
+    Raises TokenFileError for a missing or unsafe credentials file, ValueError for one without 'user:password'.
+    """
+    from cidkid.simbmc import SimBmcs
+
+    if args.bmc_credentials is None:
+        raise ValueError("--bmc-base-port needs --bmc-credentials FILE ('user:password', mode 0600)")
+    check_private(args.bmc_credentials)
+    user, sep, password = args.bmc_credentials.read_text(encoding="utf-8").strip().partition(":")
+    if not sep or not user or not password:
+        raise ValueError(f"{args.bmc_credentials}: expected one line 'user:password'")
+    bmcs = SimBmcs(fleet.nodes, args.bmc_base_port, user, password, reactor=reactor)
+    bmcs.start()
+    for name in _names(args.bmc_dead):
+        bmc = bmcs.bmcs.pop(name, None)
+        if bmc is not None:
+            bmc.close()  # the port closes: calls to this BMC go unanswered
+    reactor.addSystemEventTrigger("before", "shutdown", bmcs.stop)
+
+
 def _route_twisted_logs() -> None:
     """Send Twisted's own log events to structlog: errors as ``twisted.error``, the rest at debug level."""
     from twisted.logger import formatEvent, globalLogBeginner
@@ -198,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parse_server(args.server)
         check_install_options(args)
-        for hostlist in (args.sim, args.hang_reboot, args.fail_install):
+        for hostlist in (args.sim, args.hang_reboot, args.fail_install, args.bmc_dead):
             _names(hostlist)
     except (ValueError, BadHostlist) as exc:
         print(f"cidkid: {exc}", file=sys.stderr)
@@ -217,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     def start() -> None:
         try:
             service.startService()
+            if args.sim and args.bmc_base_port:
+                start_bmcs(args, service, reactor)
         except Exception as exc:
             log.exception("agent.start_failed")
             failed.append(exc)

@@ -177,7 +177,7 @@ def test_unknown_keys_are_reported_at_every_level(tmp_path):
         parse(data, tmp_path)
     lines = problems(err)
     assert len(lines) == 6
-    assert lines[0].startswith("cidd.yaml: top level: unknown key 'listne' (known: auto_register, boot, "
+    assert lines[0].startswith("cidd.yaml: top level: unknown key 'listne' (known: auto_register, bmc, boot, "
                                "capture_timeout,")
     assert "cidd.yaml: listen: unknown key 'hots' (known: host, port)" in lines
     assert "cidd.yaml: http: unknown key 'url' (known: host, port, public_url)" in lines
@@ -193,7 +193,7 @@ def test_bad_ladder_method(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse(data, tmp_path)
     assert problems(err) == [
-        "cidd.yaml: groups.gpu.ladder[1]: unknown method 'ipmi' (known: kexec, reboot)",
+        "cidd.yaml: groups.gpu.ladder[1]: unknown method 'ipmi' (known: kexec, power_cycle, reboot)",
         "cidd.yaml: groups.gpu.ladder[2]: 'method' must be a string (got 3)",
     ]
 
@@ -292,3 +292,18 @@ def test_scheduler_features_map_and_bad_feature_names():
     text = str(err.value)
     assert "'bad-name' must start with a letter" in text and "'9lives' must start with a letter" in text
     assert "scheduler.features.ok" in text and "'extra'" in text
+
+
+def test_power_cycle_rungs_need_a_bmc_section():
+    from cidd.config import ConfigError, parse_config
+
+    ladder = {"groups": {"hard": {"ladder": [{"method": "reboot", "timeout": 60},
+                                             {"method": "power_cycle", "timeout": 300}]}}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(ladder, "c.yaml")
+    assert "group(s) hard use power_cycle, which needs a 'bmc' section" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_config({**ladder, "bmc": {"address": "{name}-bmc"}}, "c.yaml")
+    assert "'credentials'" in str(err.value)
+    config = parse_config({**ladder, "bmc": {"address": "127.0.0.1:{index+9000}", "credentials": "/etc/cid/bmc"}})
+    assert config.bmc.address == "127.0.0.1:{index+9000}" and config.bmc.max_concurrent == 8

@@ -267,7 +267,7 @@ def test_installer_hello_starts_the_install():
 def test_installer_hello_at_a_higher_rung_resets_the_rung():
     s = step(to_installer(online=False, rung=2, deadline=1900.0), Connected("i1", "installer", None), 1500.0)
     assert (s.node.state, s.node.rung, s.node.attempt) == (State.INSTALLING, 0, 1)
-    assert row(s)[:4] == ("to_installer", "installing", 1, 0)
+    assert row(s)[:4] == ("to_installer", "installing", 1, 2)  # the row names the rung that worked
 
 
 def test_same_boot_reconnect_while_waiting_for_the_installer_resends_the_reboot_without_climbing():

@@ -80,7 +80,9 @@ class Fleet(RuleBasedStateMachine):
         if s.transition is not None:
             t = s.transition
             assert (t.node, t.from_state, t.to_state) == (old.name, old.state.value, new.state.value)
-            assert (t.attempt, t.rung, t.job, t.image) == (new.attempt, new.rung, new.job, new.target)
+            # Leaving a switching state the row names the rung that ended it; a climb names the new rung.
+            ended = old.rung if old.state != new.state and old.state in SWITCHING else new.rung
+            assert (t.attempt, t.rung, t.job, t.image) == (new.attempt, ended, new.job, new.target)
             assert t.elapsed == max(0.0, self.now - old.since)
             assert t.detail
         for action in s.actions:

@@ -1,0 +1,99 @@
+"""The escalation ladder with real BMC endpoints: hung reboots end through an IPMI power cycle.
+
+Real processes: cidd (with pyghmi on its BMC thread pool) and a `cidkid --sim` fleet in which every node has
+its own IPMI BMC on a loopback UDP port (pyghmi's BMC server). 10 % of the simulated reboots hang; the ladder
+is "agent reboot (3 s) → power cycle with network boot through the BMC".
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+
+import pytest
+
+from tests.procs import Cluster
+
+pytestmark = pytest.mark.slow
+
+
+def free_udp_block(count: int) -> int:
+    """Return a base port such that base .. base+count-1 are free UDP ports on 127.0.0.1."""
+    for base in range(21000, 60000, 97):
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free block of UDP ports")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ladder")
+    creds = root / "bmc.cred"
+    creds.write_text("cidadmin:s3cret-bmc-pass\n")
+    creds.chmod(0o600)
+    base = free_udp_block(21)
+    cluster = Cluster(root / "cid", extra_config={"bmc": {
+        "address": f"127.0.0.1:{{index+{base - 1}}}", "credentials": str(creds), "timeout": 4,
+        "max_concurrent": 8}}, groups={"default": {
+            "ladder": [{"method": "reboot", "timeout": 3}, {"method": "power_cycle", "timeout": 20}],
+            "install_timeout": 30}})
+    cluster.start_cidd()
+    try:
+        cluster.start_fleet("node[01-21]", "--reboot-delay", "0.3", "--install-time", "0.3", "--initial-image",
+                            "debian-12-1", "--hang-reboot-rate", "0.1", "--seed", "4", "--hang-reboot", "node21",
+                            "--bmc-base-port", str(base), "--bmc-credentials", str(creds), "--bmc-dead", "node21")
+        cluster.wait_online(21)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def history(cluster: Cluster, job: str) -> list[tuple]:
+    with sqlite3.connect(cluster.db) as db:
+        return db.execute("SELECT ts, node, from_state, to_state, rung, detail FROM events WHERE job = ? "
+                          "ORDER BY id", (job,)).fetchall()
+
+
+def test_hung_reboots_end_ready_through_a_power_cycle(cluster: Cluster) -> None:
+    result = cluster.cidcapt("-j", "hard1", "-n", "node[01-20]", "-i", "rocky-9-3", "--timeout", "180",
+                             timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = cluster.status("node[01-20]")
+    assert {(row["state"], row["image"]) for row in status.values()} == {("ready", "rocky-9-3")}
+    rows = history(cluster, "hard1")
+    climbed = {node for _, node, src, dst, rung, detail in rows if rung == 1 and "power_cycle" in detail}
+    print(f"nodes that needed the power-cycle rung: {sorted(climbed)}")
+    assert climbed, "with 10 % of reboots hanging, some node needed the power-cycle rung"
+    for node in climbed:  # the history names the rung that worked: the row leaving the wait carries rung 1
+        mine = [r for r in rows if r[1] == node]
+        cycled = next(i for i, r in enumerate(mine) if r[4] == 1 and "power_cycle" in r[5])
+        after = mine[cycled + 1]
+        assert after[2] == mine[cycled][3] != after[3] and after[4] == 1, (node, mine)
+        assert mine[-1][3] == "ready"
+    events = [e for e in cluster.log_events() if e.get("event") == "node.power_cycle"]
+    assert {e["node"] for e in events} >= climbed
+    assert all("s3cret-bmc-pass" not in line for line in (cluster.root / "cidd.log").read_text().splitlines())
+
+
+def test_a_bmc_that_does_not_answer_fails_its_node_without_holding_up_the_others(cluster: Cluster) -> None:
+    result = cluster.cidcapt("-j", "dead1", "-n", "node[17-21]", "-i", "debian-12-2", "--timeout", "180",
+                             timeout=240)
+    assert result.returncode == 1, result.stderr[-3000:]
+    failed = [line for line in result.stderr.splitlines() if "node21" in line and "failed" in line]
+    assert failed and any("BMC" in line and "127.0.0.1:" in line for line in failed), result.stderr[-3000:]
+    status = cluster.status("node[17-21]")
+    assert all(status[f"node{n}"]["state"] == "ready" for n in range(17, 21))
+    rows = history(cluster, "dead1")
+    ready_at = max(ts for ts, node, _s, dst, _r, _d in rows if dst == "ready")
+    failed_at = next(ts for ts, node, _s, dst, _r, _d in rows if node == "node21" and dst == "failed")
+    assert ready_at < failed_at, "the other nodes were ready before the dead BMC's node gave up"
