@@ -32,6 +32,7 @@ from cidd.machine_types import (
     Disconnected,
     Event,
     Installed,
+    PowerOn,
     Reboot,
     RungFailed,
     SendInstall,
@@ -212,6 +213,8 @@ class Engine:
             self._send(name, self.install_message(action.image), "installer refused the install")
         elif isinstance(action, SetBoot):
             self.set_boot(name, action.boot)
+        elif isinstance(action, PowerOn):
+            self._power_on(name, action.boot)
 
     def _power_cycle(self, name: str, boot: str) -> None:
         """Set the next boot device through the BMC, then power-cycle; a failure climbs the ladder."""
@@ -234,6 +237,28 @@ class Engine:
             self.handle(name, RungFailed(f"power cycle failed: {failure.getErrorMessage()}"))
 
         d.addErrback(failed)
+
+    def _power_on(self, name: str, boot: str) -> None:
+        """Power on a node that is off, booting ``boot`` next; without BMC access, only wait for its agent."""
+        if self.power is None or self.config.bmc is None:
+            return
+        try:
+            address = bmc_address(name, self.config.bmc.address)
+        except CidError as exc:
+            log.warning("node.power_on_failed", node=name, reason=exc.message)
+            return
+        power = self.power
+
+        def on_if_off(state: str) -> Any:
+            if state != "off":
+                return None  # on but silent: the ladder's timeout and its power rung deal with it
+            log.info("node.power_on", node=name, bmc=address, boot=boot)
+            d = power.set_next_boot(name, address, "network" if boot == "installer" else "default")
+            return d.addCallback(lambda _: power.on(name, address))
+
+        d = power.status(name, address).addCallback(on_if_off)
+        d.addErrback(lambda f: log.warning("node.power_on_failed", node=name, bmc=address,
+                                           reason=f.getErrorMessage()))
 
     def set_boot(self, name: str, boot: str) -> None:
         """Publish ``name``'s next boot: recorded in the store, served as iPXE, written as pxelinux files."""

@@ -18,6 +18,7 @@ from cidd.machine_types import (
     Event,
     Installed,
     Policy,
+    PowerOn,
     Reboot,
     RungFailed,
     SendInstall,
@@ -157,6 +158,7 @@ def _begin_wait(node: Node, state: State, rung: int, policy: Policy, now: float,
         new = replace(new, reboot_from=node.boot_id or "")
         detail = f"{detail}; rung {rung}: {rung_cfg.method}"
     else:
+        actions.append(PowerOn(boot))  # a node that is off gets powered on (when cidd has BMC access)
         detail = f"{detail}; rung {rung}: {rung_cfg.method} when the agent connects"
     return _step(old or node, new, tuple(actions), now, detail)
 

@@ -104,4 +104,11 @@ class SendInstall:
     image: str
 
 
-Action = SetBoot | Reboot | SendInstall
+@dataclass(frozen=True)
+class PowerOn:
+    """The node has no agent session: power it on through its BMC if it is off (booting ``boot`` next)."""
+
+    boot: str
+
+
+Action = SetBoot | Reboot | SendInstall | PowerOn

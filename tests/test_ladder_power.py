@@ -47,6 +47,8 @@ def cluster(tmp_path_factory):
         "max_concurrent": 8}}, groups={"default": {
             "ladder": [{"method": "reboot", "timeout": 3}, {"method": "power_cycle", "timeout": 20}],
             "install_timeout": 30}})
+    cluster.bmc_base = base  # type: ignore[attr-defined]
+    cluster.bmc_creds = creds  # type: ignore[attr-defined]
     cluster.start_cidd()
     try:
         cluster.start_fleet("node[01-21]", "--reboot-delay", "0.3", "--install-time", "0.3", "--initial-image",
@@ -97,3 +99,24 @@ def test_a_bmc_that_does_not_answer_fails_its_node_without_holding_up_the_others
     ready_at = max(ts for ts, node, _s, dst, _r, _d in rows if dst == "ready")
     failed_at = next(ts for ts, node, _s, dst, _r, _d in rows if node == "node21" and dst == "failed")
     assert ready_at < failed_at, "the other nodes were ready before the dead BMC's node gave up"
+
+
+def test_a_node_that_is_off_is_powered_on_through_its_bmc(cluster: Cluster) -> None:
+    import subprocess
+    import time
+
+    port = cluster.bmc_base + 15  # node16: ports go in name order
+    ipmitool = ["ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(port), "-U", "cidadmin",
+                "-P", "s3cret-bmc-pass", "chassis", "power"]
+    assert subprocess.run([*ipmitool, "off"], capture_output=True, timeout=30).returncode == 0
+    deadline = time.monotonic() + 20
+    while cluster.status("node16")["node16"]["online"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not cluster.status("node16")["node16"]["online"], "powering the BMC off dropped the agent"
+    off = subprocess.run([*ipmitool, "status"], capture_output=True, text=True, timeout=30)
+    assert "off" in off.stdout
+    result = cluster.cidcapt("-j", "poweron1", "-n", "node16", "-i", "rocky-9-3", "--timeout", "120", timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(e.get("event") == "node.power_on" and e.get("node") == "node16" for e in cluster.log_events())
+    on = subprocess.run([*ipmitool, "status"], capture_output=True, text=True, timeout=30)
+    assert "on" in on.stdout

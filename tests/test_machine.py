@@ -33,6 +33,7 @@ from cidd.machine_types import (  # noqa: E402
     Disconnected,
     Installed,
     Policy,
+    PowerOn,
     Reboot,
     Rung,
     RungFailed,
@@ -198,7 +199,8 @@ def test_switch_of_an_offline_node_waits_for_the_agent_before_rebooting():
     assert n.state is State.TO_INSTALLER
     assert n.deadline == 1100.0
     assert n.reboot_from is None  # nothing sent yet
-    assert s.actions == (SetBoot("installer"),)  # no Reboot: an agent method needs a session
+    # no Reboot: an agent method needs a session; a node that is off is powered on (when cidd has a BMC)
+    assert s.actions == (SetBoot("installer"), PowerOn("installer"))
     assert row(s) == ("offline", "to_installer", 0, 0, 999.0,
                       f"switch to {B} for job j1; rung 0: reboot when the agent connects")
 
@@ -508,7 +510,7 @@ def test_every_rung_of_the_installer_ladder_on_timeout_then_failed():
     s1 = step(node, Tick(), 1100.0)
     assert (s1.node.state, s1.node.rung, s1.node.deadline, s1.node.reboot_from) == (State.TO_INSTALLER, 1, 1300.0,
                                                                                    None)
-    assert s1.actions == ()  # kexec needs the agent: sent when it connects
+    assert s1.actions == (PowerOn("installer"),)  # kexec needs the agent: sent when it connects
     assert row(s1) == ("to_installer", "to_installer", 0, 1, 100.0,
                        "no answer 100s after rung 0 (reboot); rung 1: kexec when the agent connects")
 
@@ -640,7 +642,7 @@ def test_switch_restarts_a_failed_node_with_attempt_and_rung_reset():
     n = s.node
     assert n.state is State.TO_INSTALLER
     assert (n.target, n.job, n.attempt, n.rung, n.reason, n.deadline) == (C, "j2", 0, 0, None, 1100.0)
-    assert s.actions == (SetBoot("installer"),)
+    assert s.actions == (SetBoot("installer"), PowerOn("installer"))
     assert row(s) == ("failed", "to_installer", 0, 0, 500.0,
                       f"switch to {C} for job j2; rung 0: reboot when the agent connects")
 

@@ -31,6 +31,7 @@ from cidd.machine_types import (  # noqa: E402
     Disconnected,
     Installed,
     Policy,
+    PowerOn,
     Reboot,
     Rung,
     RungFailed,
@@ -95,6 +96,9 @@ class Fleet(RuleBasedStateMachine):
                 assert action.method == POLICY.ladder[new.rung].method
                 assert new.online or action.method not in AGENT_METHODS, "agent reboot sent to an offline node"
                 assert new.reboot_from is not None
+            elif isinstance(action, PowerOn):
+                assert new.state in BOOT_OF and action.boot == BOOT_OF[new.state]
+                assert not new.online and new.reboot_from is None, "power-on asked for a node with an agent"
             else:  # pragma: no cover - an unknown action kind
                 raise AssertionError(f"unknown action {action!r}")
 
