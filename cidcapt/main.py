@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pwd
 import sys
@@ -129,6 +130,9 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
     parser.add_argument("--status", nargs="?", const="", metavar="HOSTLIST",
                         help="show the state of the nodes (all of them without HOSTLIST)")
     parser.add_argument("--captures", action="store_true", help="list running and recently ended captures")
+    parser.add_argument("--power", nargs=2, metavar=("ACTION", "HOSTLIST"),
+                        help="BMC power for nodes (admin): ACTION is status, on, off, cycle or reset; exit 1 when "
+                        "some node's BMC failed (each listed with the reason)")
     parser.add_argument("--reload", action="store_true",
                         help="ask cidd to reload its image catalog (admin); a catalog with errors is refused "
                         "with every error listed, and the previous one stays active")
@@ -163,8 +167,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Exit through ``parser.error`` (code 2) when the options do not make one valid command."""
     if args.role not in CLIENT_ROLES:
         parser.error(f"unknown role {args.role!r}; use one of {', '.join(CLIENT_ROLES)}")
-    if sum((args.status is not None, args.captures, args.reload)) > 1:
-        parser.error("use only one of --status, --captures and --reload")
+    if sum((args.status is not None, args.captures, args.reload, args.power is not None)) > 1:
+        parser.error("use only one of --status, --captures, --reload and --power")
+    if args.power is not None:
+        if args.job or args.image or args.nodes:
+            parser.error("--power takes no -j, -n or -i: give the hostlist after the action")
+        return
     if args.slurm or args.release:
         _check_slurm_args(parser, args)
         return
@@ -242,6 +250,8 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
             return _slurm_prolog(args, env, renderer, timing, clock, sleep)
         if args.reload:
             return _reload(args, env, renderer, timing, clock, sleep)
+        if args.power is not None:
+            return _power(args, env, renderer, timing, clock, sleep)
         if args.status is not None or args.captures:
             return _admin_view(args, env, renderer, timing, clock, sleep, now)
     except CidError as exc:
@@ -343,6 +353,25 @@ def _release(args: argparse.Namespace, env: Mapping[str, str], renderer: Rendere
     except CidError as exc:
         renderer.say(f"warning: job {job_id}: nodes {compact} not released: {exc.message}", always=True)
     return EXIT_OK
+
+
+def _power(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,
+           clock: Clock, sleep: Sleep) -> int:
+    """Run a BMC power action; print one row per node; return 0, or 1 when some node failed."""
+    action, hostlist = args.power
+    host, port = args.server
+    slow = dataclasses.replace(timing, request_timeout=max(timing.request_timeout, 120.0))  # BMCs are slow
+    reply = simple_request(host, port, args.role, _token(args, env),
+                           {"type": "power", "action": action, "nodes": _compact(hostlist)[0]},
+                           connect_timeout=args.connect_timeout, timing=slow, clock=clock, sleep=sleep)
+    results = reply.get("results") if isinstance(reply.get("results"), dict) else {}
+    if args.json:
+        renderer.json(results)
+    else:
+        rows = [[name, "ok" if r.get("ok") else "FAILED", str(r.get("state") or r.get("error") or "")]
+                for name, r in results.items()]
+        renderer.table(["NODE", action.upper(), "DETAIL"], rows)
+    return EXIT_OK if all(r.get("ok") for r in results.values()) else EXIT_FAILED
 
 
 def _capture(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,

@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from cidcommon import hostlists, wire
-from cidcommon.errors import BadRequest, CidError, Forbidden
+from cidcommon.errors import BadRequest, CidError, Forbidden, UnknownNode
 from cidd.catalog import CatalogError
 from cidd.engine import Engine
+from cidd.power import bmc_address
 
 if TYPE_CHECKING:
     from cidd.sessions import PeerProtocol
@@ -25,6 +27,7 @@ log = structlog.get_logger("cidd.client")
 KEEPALIVE_S = 15.0
 #: Roles allowed to start captures; every client role may read.
 CAPTURE_ROLES = frozenset({"admin", "scheduler"})
+POWER_ACTIONS = ("status", "on", "off", "cycle", "reset")
 
 
 class ClientAPI:
@@ -37,7 +40,7 @@ class ClientAPI:
     def handle(self, session: PeerProtocol, message: wire.Message) -> None:
         """Answer one client request on ``session``. Raises CidError for a bad or refused request."""
         handlers = {"capture": self.capture, "status": self.status, "captures": self.captures,
-                    "reload": self.reload, "features": self.features}
+                    "reload": self.reload, "features": self.features, "power": self.power}
         handler = handlers.get(message["type"])
         if handler is None:
             raise CidError(f"unknown request type {message['type']!r}; known: {', '.join(handlers)}",
@@ -118,3 +121,41 @@ class ClientAPI:
         config = self.engine.config
         session.send(wire.reply(message.get("id"), features=dict(config.features),
                                 default_image=config.default_image, release_to_default=config.release_to_default))
+
+    def power(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Run a BMC power action on nodes (admin only); reply with one result per node once all ended.
+
+        ``action`` is status, on, off, cycle or reset. Each node's result is ``{"ok": true, "state": ...}`` or
+        ``{"ok": false, "error": "<sentence naming the BMC>"}``; one silent BMC does not hold up the others
+        beyond the configured BMC timeout.
+        """
+        if session.role != "admin":
+            raise Forbidden(f"role {session.role!r} may not drive node power; use the admin token")
+        action = wire.get_str(message, "action")
+        if action not in POWER_ACTIONS:
+            raise BadRequest(f"unknown power action {action!r}; use one of {', '.join(POWER_ACTIONS)}")
+        engine = self.engine
+        if engine.power is None or engine.config.bmc is None:
+            raise BadRequest("cidd has no BMC access: configure the 'bmc' section of cidd.yaml")
+        names = hostlists.expand(wire.get_str(message, "nodes") or "")
+        unknown = [n for n in names if not engine.known(n)]
+        if unknown:
+            raise UnknownNode(f"unknown node(s) {hostlists.collect(unknown)}; check the hostlist")
+        results: dict[str, dict[str, Any]] = {}
+
+        def one(name: str) -> Deferred[None]:
+            try:
+                address = bmc_address(name, engine.config.bmc.address)  # type: ignore[union-attr]
+            except CidError as exc:
+                results[name] = {"ok": False, "error": exc.message}
+                return succeed(None)
+            call = getattr(engine.power, action)
+            d = call(name, address)
+            d.addCallback(lambda state: results.__setitem__(name, {"ok": True, "state": state or action}))
+            d.addErrback(lambda f: results.__setitem__(name, {"ok": False, "error": f.getErrorMessage()}))
+            return d
+
+        log.info("client.power", action=action, nodes=len(names), session=session.session_id)
+        done = DeferredList([one(name) for name in names])
+        done.addCallback(lambda _: session.send(wire.reply(message.get("id"), action=action,
+                                                           results={n: results[n] for n in names})))

@@ -120,3 +120,15 @@ def test_a_node_that_is_off_is_powered_on_through_its_bmc(cluster: Cluster) -> N
     assert any(e.get("event") == "node.power_on" and e.get("node") == "node16" for e in cluster.log_events())
     on = subprocess.run([*ipmitool, "status"], capture_output=True, text=True, timeout=30)
     assert "on" in on.stdout
+
+
+def test_admin_power_command_and_a_dead_bmc(cluster: Cluster) -> None:
+    status = cluster.cidcapt("--power", "status", "node[14-15,21]", timeout=120)
+    assert status.returncode == 1, status.stderr  # node21's BMC never answers
+    rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:]}
+    assert "ok" in rows["node14"] and "on" in rows["node14"]
+    assert "FAILED" in rows["node21"] and "BMC" in rows["node21"]
+    cycled = cluster.cidcapt("--power", "cycle", "node14", timeout=120)
+    assert cycled.returncode == 0, cycled.stderr
+    assert cluster.cidcapt("--power", "off", "node14", role="reader").returncode == 5
+    assert cluster.cidcapt("--power", "explode", "node14").returncode == 2
