@@ -63,4 +63,5 @@ class _Script(Resource):
         log.info("boot.script", mac=self.mac, node=node, boot=boot)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        return ipxe_script(node, boot, self.parent.installer(), engine.config.agent_address, None, detail).encode()
+        token = engine.boot_tokens.get(node or "", (None, 0.0))[0] if boot == "installer" else None
+        return ipxe_script(node, boot, self.parent.installer(), engine.config.agent_address, token, detail).encode()

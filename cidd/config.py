@@ -46,6 +46,7 @@ class BootConfig:
     cmdline: str = ""
     tftp_dir: Path | None = None
     server: str | None = None  # HOST:PORT of the agent port as nodes reach it; default listen host:port
+    token_ttl: float = 7200.0  # seconds a single-use installer boot token stays valid
 
 
 @dataclass(frozen=True)
@@ -200,13 +201,14 @@ def _bmc(reader: _Reader, data: Mapping[str, Any], groups: Mapping[str, Policy])
 def _boot(reader: _Reader, data: Mapping[str, Any]) -> BootConfig:
     """Return the ``boot`` section."""
     section = reader.mapping(data, "boot", "top level")
-    reader.unknown(section, {"ethers", "kernel", "initrd", "cmdline", "tftp_dir", "server"}, "boot")
+    reader.unknown(section, {"ethers", "kernel", "initrd", "cmdline", "tftp_dir", "server", "token_ttl"}, "boot")
     paths = {key: reader.optional_text(section, key, "boot") for key in ("ethers", "kernel", "initrd", "tftp_dir")}
     if bool(paths["kernel"]) != bool(paths["initrd"]):
         reader.problem("boot", "'kernel' and 'initrd' (the installer's files) go together")
     return BootConfig(**{k: Path(v) if v else None for k, v in paths.items()},
                       cmdline=reader.text(section, "cmdline", "", "boot"),
-                      server=reader.optional_text(section, "server", "boot"))
+                      server=reader.optional_text(section, "server", "boot"),
+                      token_ttl=reader.number(section, "token_ttl", 7200.0, "boot", minimum=10.0))
 #: Feature names that work in every Slurm mode: node_features/helpers accepts only [A-Za-z_][A-Za-z0-9_.=]*
 #: (measured with Debian's Slurm 22.05, docs/scheduler.md); '=' is left out as it reads like an assignment.
 _FEATURE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")

@@ -178,7 +178,10 @@ class PeerProtocol(Protocol):
         role = message.get("role")
         token = message.get("token")
         expected = self.factory.tokens.get(role) if isinstance(role, str) else None
-        if expected is None or not isinstance(token, str) or not tokens_equal(token, expected):
+        resume = None
+        if role == wire.AGENT_ROLE and token is None and ("boot_token" in message or "resume_token" in message):
+            resume = self._installer_credentials(message)
+        elif expected is None or not isinstance(token, str) or not tokens_equal(token, expected):
             log.warning("session.auth_failed", peer=self.peer, role=role, node=message.get("node"))
             raise AuthError("authentication failed: wrong or missing token for role "
                             f"{role!r}; use the token file of that role from cidd's state directory")
@@ -187,13 +190,32 @@ class PeerProtocol(Protocol):
         self.role = role
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
+        extra = {"resume_token": resume} if resume else {}
         self.send(wire.reply(message.get("id"), proto=wire.PROTOCOL_VERSION, server=f"cidd {__version__}",
-                             heartbeat=self.factory.engine.config.heartbeat, session=self.session_id))
+                             heartbeat=self.factory.engine.config.heartbeat, session=self.session_id, **extra))
         if role == wire.AGENT_ROLE:
             self.factory.engine.agent_connected(self.node, message["boot_id"], message["mode"],
                                                 message.get("image"))
         else:
             log.info("client.connected", peer=self.peer, role=role, session=self.session_id)
+
+    def _installer_credentials(self, message: wire.Message) -> str:
+        """Check an installer's boot or resume token (never the agent token); return its resume token.
+
+        Raises AuthError (logged as a security event) when the token is wrong, used, expired, or not from an
+        installer.
+        """
+        node = wire.get_str(message, "node")
+        try:
+            if message.get("mode") != "installer":
+                raise AuthError("boot and resume tokens are for the installer only; an installed system "
+                                "uses the agent token")
+            boot, resume = message.get("boot_token"), message.get("resume_token")
+            return self.factory.engine.accept_installer_token(
+                node, boot if isinstance(boot, str) else None, resume if isinstance(resume, str) else None)
+        except AuthError as exc:
+            log.warning("session.auth_failed", peer=self.peer, role="agent", node=node, reason=exc.message)
+            raise
 
     def _agent_hello(self, message: wire.Message) -> None:
         node = wire.get_str(message, "node")

@@ -49,7 +49,7 @@ _UPGRADES: dict[int, str] = {
     """,
     2: """
     CREATE TABLE boot_profiles (
-        node TEXT PRIMARY KEY, boot TEXT NOT NULL, updated REAL NOT NULL
+        node TEXT PRIMARY KEY, boot TEXT NOT NULL, updated REAL NOT NULL, token TEXT, expires REAL
     );
     """,
 }
@@ -155,14 +155,20 @@ class Store:
 
     # --- boot profiles ---
 
-    def set_boot(self, node: str, boot: str, ts: float) -> None:
-        """Record ``node``'s next boot (``installer`` or ``disk``)."""
-        self.db.execute("INSERT OR REPLACE INTO boot_profiles (node, boot, updated) VALUES (?, ?, ?)",
-                        (node, boot, ts))
+    def set_boot(self, node: str, boot: str, ts: float, token: str | None = None,
+                 expires: float | None = None) -> None:
+        """Record ``node``'s next boot (``installer`` or ``disk``) and its single-use boot token, if any."""
+        self.db.execute("INSERT OR REPLACE INTO boot_profiles (node, boot, updated, token, expires)"
+                        " VALUES (?, ?, ?, ?, ?)", (node, boot, ts, token, expires))
 
-    def boot_profiles(self) -> dict[str, str]:
-        """Return {node: next boot} for every node with a published profile."""
-        return dict(self.db.execute("SELECT node, boot FROM boot_profiles").fetchall())
+    def boot_profiles(self) -> dict[str, tuple[str, str | None, float | None]]:
+        """Return {node: (next boot, boot token or None, token expiry)} for every published profile."""
+        rows = self.db.execute("SELECT node, boot, token, expires FROM boot_profiles").fetchall()
+        return {node: (boot, token, expires) for node, boot, token, expires in rows}
+
+    def use_boot_token(self, node: str) -> None:
+        """Forget ``node``'s boot token (it was used)."""
+        self.db.execute("UPDATE boot_profiles SET token = NULL, expires = NULL WHERE node = ?", (node,))
 
     # --- captures ---
 

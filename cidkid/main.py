@@ -22,7 +22,7 @@ from cidcommon.paths import check_private, default_state_dir, read_token, token_
 from cidcommon.wire import DEFAULT_PORT
 from cidkid import AGENT_VERSION
 from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_MARKER, REBOOT_COMMANDS, LinuxPlatform
-from cidkid.protocol import REQUEST_TIMEOUT
+from cidkid.protocol import REQUEST_TIMEOUT, InstallerCredentials
 from cidkid.service import AgentService, client_endpoint, parse_server
 from cidkid.sim import SimConfig, SimFleet
 
@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="system mode: the file system whose free space heartbeats report (default: /); "
                            "installer mode: the directory images are installed into, emptied first "
                            f"(default: {DEFAULT_INSTALL_TARGET})")
+    real.add_argument("--boot-token", metavar="TOKEN",
+                      help="installer mode: the single-use boot token cidd put on the kernel command line, used "
+                      "instead of an agent token file (the installer holds no long-lived secret)")
+    real.add_argument("--kernel-cmdline", metavar="PATH", type=Path,
+                      help="read cid.server=, cid.node= and cid.token= from this file (the installer uses "
+                      "/proc/cmdline); explicit options win")
     real.add_argument("--reboot-command", metavar="CMD",
                       help="shell command that reboots this node, run with $CID_BOOT=installer|disk and "
                       "$CID_METHOD set (default: 'systemctl reboot', else /sbin/reboot)")
@@ -130,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_kernel_cmdline(args: argparse.Namespace) -> None:
+    """Fill --server, --node and --boot-token from the cid.* words of --kernel-cmdline (explicit options win).
+
+    Raises ValueError when the file cannot be read.
+    """
+    if args.kernel_cmdline is None:
+        return
+    try:
+        words = args.kernel_cmdline.read_text(encoding="utf-8").split()
+    except OSError as exc:
+        raise ValueError(f"cannot read {args.kernel_cmdline}: {exc.strerror}") from None
+    found = dict(word.split("=", 1) for word in words if word.startswith("cid.") and "=" in word)
+    if found.get("cid.server") and not args.server_given:
+        args.server = found["cid.server"]
+    args.node = args.node or found.get("cid.node")
+    args.boot_token = args.boot_token or found.get("cid.token")
+
+
 def _token_file(args: argparse.Namespace) -> Path:
     """Return the token file named on the command line, in the environment, or the default one."""
     if args.token_file:
@@ -159,7 +183,7 @@ def check_install_options(args: argparse.Namespace) -> None:
         raise ValueError("--target must not be / with --install-device")
 
 
-def build_service(args: argparse.Namespace, reactor: Any, token: str) -> IService:
+def build_service(args: argparse.Namespace, reactor: Any, token: str | InstallerCredentials) -> IService:
     """Return the service the command line asks for: one AgentService or a SimFleet.
 
     Raises ValueError (bad address) and BadHostlist.
@@ -224,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure(json=args.log_format == "json", level=args.log_level)
     try:
+        args.server_given = any(a == "--server" or a.startswith("--server=") for a in (argv or sys.argv[1:]))
+        apply_kernel_cmdline(args)
+        if args.boot_token and args.mode != "installer":
+            raise ValueError("--boot-token is for the installer (--mode installer); installed systems use "
+                             "the agent token file")
         parse_server(args.server)
         check_install_options(args)
         for hostlist in (args.sim, args.hang_reboot, args.fail_install, args.bmc_dead):
@@ -232,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cidkid: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        token = read_token(_token_file(args))
+        token: str | InstallerCredentials = (InstallerCredentials(args.boot_token) if args.boot_token
+                                             else read_token(_token_file(args)))
     except TokenFileError as exc:
         print(f"cidkid: {exc.message}", file=sys.stderr)
         return EXIT_AUTH

@@ -92,6 +92,25 @@ def _salvage_id(line: bytes) -> Any:
     return None
 
 
+class InstallerCredentials:
+    """An installer's credentials: the single-use boot token from its kernel command line, then the resume
+    token cidd hands back in its hello reply (used for every reconnect of the same installer boot)."""
+
+    def __init__(self, boot_token: str) -> None:
+        self.boot_token = boot_token
+        self.resume_token: str | None = None
+
+    def hello_fields(self) -> dict[str, str]:
+        """Return the credential field of the next ``hello``."""
+        return {"resume_token": self.resume_token} if self.resume_token else {"boot_token": self.boot_token}
+
+    def accepted(self, answer: Message) -> None:
+        """Keep the resume token of cidd's hello reply."""
+        token = answer.get("resume_token")
+        if isinstance(token, str) and token:
+            self.resume_token = token
+
+
 class AgentProtocol(Protocol):
     """One agent session: sends ``hello``, then heartbeats; answers ``reboot`` and ``install``.
 
@@ -99,7 +118,7 @@ class AgentProtocol(Protocol):
     SessionLost, ...). ``on_superseded`` is called when cidd says another session took this node over.
     """
 
-    def __init__(self, platform: Platform, token: str, clock: IReactorTime, *,
+    def __init__(self, platform: Platform, token: str | InstallerCredentials, clock: IReactorTime, *,
                  request_timeout: float = REQUEST_TIMEOUT, max_line: int = MAX_LINE,
                  installs: InstallRunner | None = None, agent: str = AGENT_VERSION,
                  on_superseded: Callable[[], None] | None = None) -> None:
@@ -140,8 +159,9 @@ class AgentProtocol(Protocol):
         if self._installs is None:
             self._installs = InstallRunner(self._platform, self._clock, node=ident.node)
         self._hello_id = self._next_id
-        d = self.request("hello", proto=PROTOCOL_VERSION, role=AGENT_ROLE, token=self._token, node=ident.node,
-                         mode=ident.mode, image=ident.image, boot_id=ident.boot_id, agent=self._agent)
+        secret = self._token.hello_fields() if isinstance(self._token, InstallerCredentials) else {"token": self._token}
+        d = self.request("hello", proto=PROTOCOL_VERSION, role=AGENT_ROLE, node=ident.node, mode=ident.mode,
+                         image=ident.image, boot_id=ident.boot_id, agent=self._agent, **secret)
         d.addCallbacks(self._hello_ok, self._hello_failed)
 
     def when_ready(self) -> Deferred[Message]:
@@ -174,6 +194,8 @@ class AgentProtocol(Protocol):
 
     def _hello_ok(self, answer: Message) -> None:
         """Take the heartbeat interval from cidd's reply, start heartbeats, and fire the ready waiters."""
+        if isinstance(self._token, InstallerCredentials):
+            self._token.accepted(answer)
         try:
             interval = get_number(answer, "heartbeat", DEFAULT_HEARTBEAT)
         except BadRequest:

@@ -31,7 +31,7 @@ from cidcommon.errors import AuthError
 from cidcommon.wire import DEFAULT_PORT, Message
 from cidkid.installs import InstallRunner
 from cidkid.platform import Platform
-from cidkid.protocol import REQUEST_TIMEOUT, AgentProtocol
+from cidkid.protocol import REQUEST_TIMEOUT, AgentProtocol, InstallerCredentials
 
 log = structlog.get_logger(__name__)
 
@@ -180,7 +180,8 @@ class AgentFactory(Factory):
 
     noisy = False
 
-    def __init__(self, platform: Platform, token: str, clock: IReactorTime, *, installs: InstallRunner,
+    def __init__(self, platform: Platform, token: str | InstallerCredentials, clock: IReactorTime, *,
+                 installs: InstallRunner,
                  request_timeout: float = REQUEST_TIMEOUT,
                  on_superseded: Callable[[], None] | None = None) -> None:
         self.platform = platform
@@ -205,7 +206,8 @@ class AgentService(ClientService):
     session's AgentProtocol once one started (it may have ended since).
     """
 
-    def __init__(self, platform: Platform, endpoint: IStreamClientEndpoint, token: str, clock: IReactorTime, *,
+    def __init__(self, platform: Platform, endpoint: IStreamClientEndpoint, token: str | InstallerCredentials,
+                 clock: IReactorTime, *,
                  node: str | None = None, server: str = "", request_timeout: float = REQUEST_TIMEOUT,
                  backoff: Backoff | None = None,
                  on_ready: Callable[[AgentProtocol, Message], None] | None = None) -> None:

@@ -84,7 +84,7 @@ def test_cidd_publishes_the_installer_while_switching_and_the_disk_after(tmp_pat
             time.sleep(0.1)
         mid = script("52:54:00:00:00:01")
         assert f"kernel {base}/boot/files/vmlinuz" in mid and "cid.node=boot01" in mid
-        assert f"cid.server=127.0.0.1:{cluster.port}" in mid and "console=ttyS0" in mid
+        assert f"cid.server=127.0.0.1:{cluster.port}" in mid and "console=ttyS0" in mid and "cid.token=" in mid
         assert "sanboot" in script("525400000002")  # the other node is not switching
         pxe = (tmp_path / "tftp" / "pxelinux.cfg" / "01-52-54-00-00-00-01").read_text()
         assert "KERNEL cid/vmlinuz" in pxe

@@ -146,3 +146,49 @@ def test_a_corrupt_image_never_reports_ready(tmp_path) -> None:
         installer.send_signal(signal.SIGTERM)
         installer.wait(timeout=10)
         cluster.stop()
+
+
+def test_a_netbooted_installer_authenticates_with_its_single_use_boot_token(tmp_path) -> None:
+    """Inventory node, iPXE script from cidd, installer started from that kernel command line: no agent token."""
+    import urllib.request
+
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "hostname").write_text("tiny\n")
+    cluster = Cluster(tmp_path / "cid", heartbeat=1.0, nodes=[{"hosts": "disk03"}])
+    cluster.root.mkdir()
+    images = make_image(src, cluster)
+    (tmp_path / "ethers").write_text("52:54:00:aa:bb:03 disk03\n")
+    cluster.extra_config = {"image_dir": str(images), "boot": {
+        "ethers": str(tmp_path / "ethers"), "kernel": str(tmp_path / "ethers"), "initrd": str(tmp_path / "ethers")}}
+    cluster.start_cidd()
+    env = _env(cluster.state_dir)
+    env.pop("CID_STATE_DIR")  # the installer has no token file at all
+    target = tmp_path / "target"
+    target.mkdir()
+    installer = None
+    try:
+        capt = cluster.cidcapt_background("-j", "tok1", "-n", "disk03", "-i", "testfs-1-0", "--timeout", "60")
+        script = ""
+        deadline = time.monotonic() + 20
+        while "cid.token=" not in script and time.monotonic() < deadline:
+            url = f"http://127.0.0.1:{cluster.http_port}/boot/52-54-00-aa-bb-03"
+            script = urllib.request.urlopen(url, timeout=10).read().decode()
+            time.sleep(0.1)
+        kernel_line = next(line for line in script.splitlines() if line.startswith("kernel "))
+        (tmp_path / "cmdline").write_text(" ".join(kernel_line.split()[2:]) + "\n")  # as /proc/cmdline
+        installer = subprocess.Popen([sys.executable, "-m", "cidkid.main", "--kernel-cmdline",
+                                      str(tmp_path / "cmdline"), "--mode", "installer", "--target", str(target),
+                                      "--token-file", str(tmp_path / "no-such-file"),
+                                      "--reboot-command", "kill -TERM $PPID"], env=env,
+                                     stderr=open(tmp_path / "installer.log", "wb"))  # noqa: SIM115
+        assert installer.wait(timeout=60) == 0, (tmp_path / "installer.log").read_text()[-2000:]
+        assert (target / "etc/cid-image").read_text().startswith("testfs-1-0")
+        used = [e for e in cluster.log_events() if e.get("event") == "boot.token_used"]
+        assert [e["node"] for e in used] == ["disk03"]
+        assert capt.poll() is None  # still waiting: the node has not booted its disk yet
+        capt.kill()
+    finally:
+        if installer is not None and installer.poll() is None:
+            installer.kill()
+        cluster.stop()

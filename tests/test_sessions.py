@@ -249,3 +249,49 @@ def test_features_request_returns_the_scheduler_map(tmp_path):
     [reply] = peer.received()
     assert reply["features"] == {"img_debian12": "debian-12-1", "img_rocky9": "rocky-9-3"}
     assert reply["default_image"] == "debian-12-1"
+
+
+def installer_hello(node="n1", boot_token=None, resume_token=None, boot="i1", mode="installer") -> dict:
+    hello = {"type": "hello", "id": 1, "proto": 1, "role": "agent", "node": node, "mode": mode, "image": None,
+             "boot_id": boot}
+    if boot_token is not None:
+        hello["boot_token"] = boot_token
+    if resume_token is not None:
+        hello["resume_token"] = resume_token
+    return hello
+
+
+def test_installer_boot_tokens_are_single_use_expire_and_resume(world):
+    clock, engine, factory = world
+    agent = Peer(factory)
+    agent.send(agent_hello())
+    engine.capture("9", ["n1"], "rocky-9-3", None, "admin", 3600)  # SetBoot(installer) mints a boot token
+    token, expires = engine.boot_tokens["n1"]
+    assert expires == clock.seconds() + 7200.0
+    agent.proto.connectionLost()
+    first = Peer(factory)
+    first.send(installer_hello(boot_token=token))
+    [reply] = [m for m in first.received() if m["type"] == "reply"]
+    resume = reply["resume_token"]
+    assert engine.nodes["n1"].state == "installing"
+    assert engine.boot_tokens["n1"][0] != token  # the next installer boot gets a token of its own
+    first.proto.connectionLost()
+    replay = Peer(factory)
+    replay.send(installer_hello(boot_token=token, boot="i9"))
+    [error] = replay.received()
+    assert error["code"] == "auth" and "already used" in error["message"] and replay.closed
+    again = Peer(factory)
+    again.send(installer_hello(resume_token=resume))  # the same installer reconnecting
+    assert again.received()[0]["type"] == "reply" and engine.nodes["n1"].online
+    system = Peer(factory)
+    system.send(installer_hello(resume_token=resume, mode="system"))
+    assert system.received()[0]["code"] == "auth"  # tokens are for the installer only
+    stale, _ = engine.boot_tokens["n1"]
+    clock.advance(7201)
+    late = Peer(factory)
+    late.send(installer_hello(boot_token=stale, boot="i3"))
+    assert "expired" in late.received()[0]["message"]
+    engine.set_boot("n1", "disk")  # leaving the installer withdraws every token
+    gone = Peer(factory)
+    gone.send(installer_hello(resume_token=resume, boot="i4"))
+    assert gone.received()[0]["code"] == "auth" and "n1" not in engine.boot_tokens

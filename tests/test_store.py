@@ -66,8 +66,10 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_rows(tmp_path):
     store = Store(path)
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert store.load_nodes()["n7"].image == "debian-12-1"
-    store.set_boot("n7", "installer", 5.0)
-    assert store.boot_profiles() == {"n7": "installer"}
+    store.set_boot("n7", "installer", 5.0, "tok", 65.0)
+    assert store.boot_profiles() == {"n7": ("installer", "tok", 65.0)}
+    store.use_boot_token("n7")
+    assert store.boot_profiles() == {"n7": ("installer", None, None)}
 
 
 def test_wal_mode_is_on(store, db_path):
