@@ -46,6 +46,8 @@ def decode(line: bytes) -> Message:
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"the line is not valid UTF-8 JSON ({exc.__class__.__name__}); "
                             "send one JSON object per line") from None
+    except RecursionError:
+        raise ProtocolError("the line nests JSON too deeply; messages are flat objects") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object with a 'type'")
     if not isinstance(message.get("type"), str):

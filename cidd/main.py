@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cidd: error: {exc.message}", file=sys.stderr)
         return 2
     logs.configure(json=config.log_format == "json", level=config.log_level)
+    logs.route_twisted_logs()
     from twisted.internet import reactor
 
     raise_file_limit()

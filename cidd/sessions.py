@@ -124,7 +124,12 @@ class PeerProtocol(Protocol):
         for line in lines:
             if self.closed:
                 return
-            self.lineReceived(line)
+            try:
+                self.lineReceived(line)
+            except Exception:  # nothing one peer sends may escape into Twisted (or take the daemon down)
+                log.exception("session.internal_error", peer=self.peer, node=self.node)
+                self.send(wire.error("internal", "cidd hit an internal error; see its log"))
+                self.close()
 
     def lineReceived(self, line: bytes) -> None:
         try:

@@ -17,7 +17,7 @@ from twisted.application.service import IService
 
 from cidcommon.errors import BadHostlist, TokenFileError
 from cidcommon.hostlists import expand
-from cidcommon.logs import configure
+from cidcommon.logs import configure, route_twisted_logs
 from cidcommon.paths import check_private, default_state_dir, read_token, token_path
 from cidcommon.wire import DEFAULT_PORT
 from cidkid import AGENT_VERSION
@@ -226,23 +226,6 @@ def start_bmcs(args: argparse.Namespace, fleet: Any, reactor: Any) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", bmcs.stop)
 
 
-def _route_twisted_logs() -> None:
-    """Send Twisted's own log events to structlog: errors as ``twisted.error``, the rest at debug level."""
-    from twisted.logger import formatEvent, globalLogBeginner
-
-    def observer(event: dict[str, Any]) -> None:
-        failure = event.get("log_failure")
-        text = formatEvent(event)
-        if failure is not None:
-            log.error("twisted.error", message=text, traceback=failure.getTraceback())
-        elif event.get("isError"):
-            log.error("twisted.error", message=text)
-        else:
-            log.debug("twisted.log", message=text)
-
-    globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run cidkid with ``argv`` (default: sys.argv[1:]); return the exit status."""
     args = build_parser().parse_args(argv)
@@ -269,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor
 
     service = build_service(args, reactor, token)
-    _route_twisted_logs()
+    route_twisted_logs()
     failed: list[BaseException] = []
 
     def start() -> None:

@@ -295,3 +295,52 @@ def test_installer_boot_tokens_are_single_use_expire_and_resume(world):
     gone = Peer(factory)
     gone.send(installer_hello(resume_token=resume, boot="i4"))
     assert gone.received()[0]["code"] == "auth" and "n1" not in engine.boot_tokens
+
+
+def test_deeply_nested_json_is_a_protocol_error_not_a_crash(world):
+    peer = client(world[2])
+    peer.send(b"[" * 50000 + b"\n")
+    [error] = peer.received()
+    assert error["code"] == "bad_message" and "too deeply" in error["message"] and not peer.closed
+
+
+def test_thousands_of_fuzzed_sessions_leave_no_memory_behind(world):
+    """tracemalloc, not RSS: Python objects kept per bad session would show here (logs go to /dev/null)."""
+    import gc
+    import os
+    import random
+    import tracemalloc
+
+    from cidcommon import logs
+    from tests.test_fuzz import mutate
+
+    clock, _engine, factory = world
+    rng = random.Random(5)
+    with open(os.devnull, "w") as devnull:
+        logs.configure(stream=devnull)
+
+        def run(count: int) -> None:
+            for _ in range(count):
+                peer = Peer(factory)
+                if rng.random() < 0.5:
+                    peer.send({"type": "hello", "id": 1, "proto": 1, "role": "admin", "token": "admin-secret"})
+                for _ in range(rng.randrange(1, 20)):
+                    if peer.closed:
+                        break
+                    peer.send(mutate(rng))
+                peer.proto.connectionLost()
+                peer.transport.clear()
+                clock.advance(11)
+
+        run(500)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            run(2000)
+            gc.collect()
+            growth = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            logs.configure()
+    assert growth < 256 * 1024, f"{growth} bytes kept after 2,000 fuzzed sessions"
