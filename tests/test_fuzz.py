@@ -103,9 +103,10 @@ def test_fuzzing_both_ports_leaves_cidd_serving_with_bounded_memory(tmp_path) ->
         first, second = (rss_middle - rss_before) / 2**20, (rss_after - rss_middle) / 2**20
         print(f"fuzzed {sessions} sessions, {lines} lines in 20 s; cidd RSS grew {first:.1f} MiB in the first "
               f"10 s and {second:.1f} MiB in the next 10 s")
-        # RSS is a coarse bound (allocator high-water from 70 KB lines); tests/test_sessions.py checks with
-        # tracemalloc that no Python object is kept per bad session.
-        assert sessions > 100 and first + second < 64
+        # RSS is a coarse bound; tests/test_sessions.py checks with tracemalloc that no Python object is kept per
+        # bad session. (Before Twisted's log buffer was disabled, this grew by 10-15 MiB every 10 s.)
+        assert sessions > 100 and first + second < 32
+        assert second < 8, "memory keeps growing under fuzzing"
     finally:
         cluster.stop()
 
