@@ -234,6 +234,7 @@ class Engine:
             self.handle(name, RungFailed(exc.message))
             return
         power = self.power
+        report = self._step_failed(name, "power cycle failed")
         device = "network" if boot == "installer" else "default"
         log.info("node.power_cycle", node=name, bmc=address, boot=boot)
         d = power.set_next_boot(name, address, device)
@@ -241,7 +242,7 @@ class Engine:
 
         def failed(failure: Any) -> None:
             log.warning("node.power_failed", node=name, bmc=address, reason=failure.getErrorMessage())
-            self.handle(name, RungFailed(f"power cycle failed: {failure.getErrorMessage()}"))
+            report(failure.getErrorMessage())
 
         d.addErrback(failed)
 
@@ -323,13 +324,20 @@ class Engine:
         log.info("boot.token_used", node=name)
         return resume
 
+    def _step_failed(self, name: str, reason: str) -> Callable[[str], None]:
+        """Return a function reporting a failure of the step ``name`` is in now (ignored once it moved on)."""
+        node = self.nodes[name]
+        state, rung = node.state.value, node.rung
+        return lambda why: self.handle(name, RungFailed(f"{reason}: {why}", state, rung))
+
     def _send(self, name: str, message: dict[str, Any], what: str) -> None:
+        report = self._step_failed(name, what)
+
         def failed(failure: Any) -> None:
             if failure.check(SessionClosed):
                 return  # the node went down (to reboot, as asked); the step's deadline still applies
-            reason = f"{what}: {failure.getErrorMessage()}"
-            log.warning("node.command_failed", node=name, command=message["type"], reason=reason)
-            self.handle(name, RungFailed(reason))
+            log.warning("node.command_failed", node=name, command=message["type"], reason=failure.getErrorMessage())
+            report(failure.getErrorMessage())
 
         self.link.command(name, message).addErrback(failed)
 

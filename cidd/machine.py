@@ -271,6 +271,9 @@ def _on_installed(node: Node, event: Installed, policy: Policy, now: float) -> S
 
 
 def _on_rung_failed(node: Node, event: RungFailed, policy: Policy, now: float) -> Step:
+    if (event.state is not None and event.state != node.state.value) or (
+            event.rung is not None and event.rung != node.rung):
+        return Step(node)  # a late failure of a step the node has already left
     if node.state not in (State.TO_INSTALLER, State.TO_IMAGE):
         if node.state is State.INSTALLING:
             return _fail(node, now, f"the installer refused to install {node.target}: {event.reason}")

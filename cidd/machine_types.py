@@ -66,9 +66,15 @@ class Installed:
 
 @dataclass(frozen=True)
 class RungFailed:
-    """A rung's command could not be carried out (the agent refused it, or it timed out)."""
+    """A rung's command could not be carried out (the agent refused it, it timed out, the BMC failed).
+
+    ``state`` and ``rung`` say which step the command belonged to; a failure that arrives after the node
+    moved on (a BMC call timing out late) is ignored. None means "the current step".
+    """
 
     reason: str
+    state: str | None = None
+    rung: int | None = None
 
 
 @dataclass(frozen=True)

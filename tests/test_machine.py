@@ -705,3 +705,13 @@ def test_a_whole_switch_writes_one_history_row_per_step():
                        Reboot("disk", "reboot")]
     assert (node.state, node.image, node.deadline) == (State.READY, B, None)
     assert node.state not in SWITCHING
+
+
+def test_a_late_failure_of_a_step_the_node_left_is_ignored():
+    node = installing(attempt=1, boot="i1")
+    late = RungFailed("power cycle failed: BMC of n1 did not answer", "to_installer", 1)
+    assert step(node, late, 2000.0) == Step(node)  # the node reached the installer by another way
+    waiting = to_installer(online=False, rung=1, deadline=1900.0)
+    assert step(waiting, RungFailed("agent refused reboot", "to_installer", 0), 1500.0) == Step(waiting)
+    climbed = step(waiting, RungFailed("power cycle failed", "to_installer", 1), 1500.0)
+    assert (climbed.node.state, climbed.node.rung) == (State.TO_INSTALLER, 2)  # the current rung's failure counts
