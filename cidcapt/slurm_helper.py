@@ -45,7 +45,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """Return the argument parser; defaults come from ``env`` (CID_SERVER, CID_ROLE, CID_NODE, ...)."""
     parser = argparse.ArgumentParser(
         prog="cid-slurm-helper", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Slurm node_features/helpers helper for cid (see docs/scheduler.md).\n"
+        description="Slurm node_features/helpers helper for cid (see docs/slurm.md).\n"
                     "  cid-slurm-helper            print the node's active cid features (get_state)\n"
                     "  cid-slurm-helper FEATURE    switch the node to FEATURE's image at its reboot (set_state)\n"
                     "  cid-slurm-helper --reboot   RebootProgram: reboot unless cid is switching the node",

@@ -210,7 +210,7 @@ def _boot(reader: _Reader, data: Mapping[str, Any]) -> BootConfig:
                       server=reader.optional_text(section, "server", "boot"),
                       token_ttl=reader.number(section, "token_ttl", 7200.0, "boot", minimum=10.0))
 #: Feature names that work in every Slurm mode: node_features/helpers accepts only [A-Za-z_][A-Za-z0-9_.=]*
-#: (measured with Debian's Slurm 22.05, docs/scheduler.md); '=' is left out as it reads like an assignment.
+#: (measured with Debian's Slurm 22.05, docs/slurm.md); '=' is left out as it reads like an assignment.
 _FEATURE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
