@@ -21,7 +21,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,28 +36,12 @@ sys.path.insert(0, str(REPO))
 from cidd.catalog import Image, load_catalog, render_entry, upsert_entry_text  # noqa: E402
 from cidkid.installer import stream_install  # noqa: E402
 from cidkid.platform import InstallRequest  # noqa: E402
+from tests.procs import free_port, wait_port  # noqa: E402
 from tests.rootfs import build_rootfs  # noqa: E402
 
 TAR_C = ["tar", "-c", "-f", "-", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner", "--sparse"]
 TAR_X = ["tar", "-x", "-f", "-", "--numeric-owner", "--same-owner", "--preserve-permissions", "--xattrs",
          "--xattrs-include=*", "--acls"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int) -> None:
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def fresh(path: Path) -> Path:

@@ -48,7 +48,6 @@ class SlurmJob:
     nodes: str  # hostlist, e.g. node[01-04]
     user: str | None = None
     constraints: str = ""
-    restart_count: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SlurmJob:
@@ -59,10 +58,8 @@ class SlurmJob:
         if missing:
             raise SlurmUsageError(f"--slurm needs {' and '.join(missing)} in the environment: run it as "
                                   "PrologSlurmctld/EpilogSlurmctld, or use -j JOB -n HOSTLIST instead")
-        restart = env.get("SLURM_JOB_RESTART_COUNT", "0")
         return cls(job_id=job_id, nodes=nodes, user=env.get("SLURM_JOB_USER") or None,
-                   constraints=(env.get("SLURM_JOB_CONSTRAINTS") or "").strip(),
-                   restart_count=int(restart) if restart.isdigit() else 0)
+                   constraints=(env.get("SLURM_JOB_CONSTRAINTS") or "").strip())
 
 
 # Constraint expressions -------------------------------------------------------------------------------------

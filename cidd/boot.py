@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from cidcommon.errors import CidError
 
 _MAC = re.compile(r"^([0-9a-f]{2})([:-]?)([0-9a-f]{2})(?:\2([0-9a-f]{2})){4}$")
-BOOTS = ("installer", "disk")
 
 
 class EthersError(CidError):

@@ -56,12 +56,13 @@ class _Script(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         engine = self.parent.engine
-        node = engine.ethers.get(self.mac)
-        boot = engine.boot_profiles.get(node or "", "disk")
+        netboot = engine.netboot
+        node = netboot.ethers.get(self.mac)
+        boot = netboot.profiles.get(node or "", "disk")
         record = engine.nodes.get(node or "")
         detail = f"job {record.job}, image {record.target}" if record is not None and record.job else ""
         log.info("boot.script", mac=self.mac, node=node, boot=boot)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        token = engine.boot_tokens.get(node or "", (None, 0.0))[0] if boot == "installer" else None
+        token = netboot.tokens.get(node or "", (None, 0.0))[0] if boot == "installer" else None
         return ipxe_script(node, boot, self.parent.installer(), engine.config.agent_address, token, detail).encode()

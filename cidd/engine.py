@@ -7,22 +7,17 @@ an injected ``IReactorTime`` so tests drive it with ``twisted.internet.task.Cloc
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from cidcommon.errors import AuthError, CidError, UnknownImage, UnknownNode
+from cidcommon.errors import CidError, UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
-from cidcommon.paths import tokens_equal
 from cidd import captures as caps
-from cidd.boot import macs_of, parse_ethers, pxelinux_config, pxelinux_name
 from cidd.captures import Capture, Plan
 from cidd.catalog import Catalog, load_catalog
 from cidd.config import Config
@@ -42,6 +37,7 @@ from cidd.machine_types import (
     Switch,
     Tick,
 )
+from cidd.netboot import Netboot
 from cidd.power import PowerController, bmc_address
 from cidd.store import Store
 
@@ -83,10 +79,7 @@ class Engine:
         self._watchers: dict[str, list[Watcher]] = {}
         self._timers: dict[str, IDelayedCall] = {}
         self._capture_timers: dict[str, IDelayedCall] = {}
-        self.boot_profiles: dict[str, str] = {}  # node -> "installer" | "disk", as published
-        self.boot_tokens: dict[str, tuple[str, float]] = {}  # node -> (single-use installer token, expiry)
-        self.resume_tokens: dict[str, str] = {}  # node -> token an installer reconnects with after its boot token
-        self.ethers: dict[str, str] = load_ethers(config)
+        self.netboot = Netboot(config, store, clock)
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -103,10 +96,7 @@ class Engine:
             self._arm(name, node)
         for capture in self.store.running_captures():
             self._track(capture)
-        for name, (boot, token, expires) in self.store.boot_profiles().items():
-            self.boot_profiles[name] = boot
-            if token and expires:
-                self.boot_tokens[name] = (token, expires)
+        self.netboot.load()
         now = self.clock.seconds()
         with self.store.transaction():
             for job in list(self.captures):
@@ -219,7 +209,7 @@ class Engine:
         elif isinstance(action, SendInstall):
             self._send(name, self.install_message(action.image), "installer refused the install")
         elif isinstance(action, SetBoot):
-            self.set_boot(name, action.boot)
+            self.netboot.set_boot(name, action.boot)
         elif isinstance(action, PowerOn):
             self._power_on(name, action.boot)
 
@@ -267,62 +257,6 @@ class Engine:
         d = power.status(name, address).addCallback(on_if_off)
         d.addErrback(lambda f: log.warning("node.power_on_failed", node=name, bmc=address,
                                            reason=f.getErrorMessage()))
-
-    def set_boot(self, name: str, boot: str) -> None:
-        """Publish ``name``'s next boot: recorded in the store, served as iPXE, written as pxelinux files.
-
-        An installer profile carries a new single-use boot token (docs/security.md); a disk profile
-        withdraws any boot and resume token of the node.
-        """
-        self.resume_tokens.pop(name, None)
-        self.boot_profiles[name] = boot
-        self._publish(name)
-        log.info("boot.profile", node=name, boot=boot)
-
-    def _publish(self, name: str) -> None:
-        """Store ``name``'s profile with a fresh boot token (installer only) and rewrite its pxelinux files."""
-        boot = self.boot_profiles[name]
-        now = self.clock.seconds()
-        token, expires = None, None
-        if boot == "installer":
-            token, expires = secrets.token_urlsafe(24), now + self.config.boot.token_ttl
-            self.boot_tokens[name] = (token, expires)
-        else:
-            self.boot_tokens.pop(name, None)
-        self.store.set_boot(name, boot, now, token, expires)
-        tftp = self.config.boot.tftp_dir
-        if tftp is not None:
-            for mac in macs_of(self.ethers, name):
-                text = pxelinux_config(name, boot, "cid/vmlinuz", "cid/initrd.img", self.config.agent_address,
-                                       token, self.config.boot.cmdline)
-                write_atomic(tftp / "pxelinux.cfg" / pxelinux_name(mac), text)
-
-    def accept_installer_token(self, name: str, boot_token: str | None, resume_token: str | None) -> str:
-        """Check an installer's credentials; return the resume token it reconnects with from now on.
-
-        A boot token is single-use and expires (``boot.token_ttl``); using it issues a resume token that stays
-        valid while the node's profile is the installer. Raises AuthError, with a reason, otherwise.
-        """
-        if resume_token is not None:
-            expected = self.resume_tokens.get(name)
-            if expected is not None and tokens_equal(resume_token, expected):
-                return expected
-            raise AuthError(f"resume token of {name} is not valid (the node left the installer, or cidd "
-                            "restarted); reboot the node into the installer for a new boot token")
-        stored = self.boot_tokens.get(name)
-        if boot_token is None or stored is None or not tokens_equal(boot_token, stored[0]):
-            raise AuthError(f"boot token of {name} is not valid: it was already used, or belongs to another "
-                            "boot; reboot the node into the installer for a new one")
-        if self.clock.seconds() >= stored[1]:
-            raise AuthError(f"boot token of {name} expired; reboot the node into the installer for a new one")
-        del self.boot_tokens[name]
-        self.store.use_boot_token(name)
-        if self.boot_profiles.get(name) == "installer":
-            self._publish(name)  # the next installer boot (a crash, a power cycle) gets a token of its own
-        resume = secrets.token_urlsafe(24)
-        self.resume_tokens[name] = resume
-        log.info("boot.token_used", node=name)
-        return resume
 
     def _step_failed(self, name: str, reason: str) -> Callable[[str], None]:
         """Return a function reporting a failure of the step ``name`` is in now (ignored once it moved on)."""
@@ -504,26 +438,3 @@ def read_catalog(config: Config) -> Catalog:
         log.warning("catalog.missing", path=str(config.catalog), hint="captures need images; see images.yaml")
         return Catalog({})
     return load_catalog(config.catalog)
-
-
-def load_ethers(config: Config) -> dict[str, str]:
-    """Return {mac: node} from the configured ethers file ({} when none). Raises EthersError or ConfigError."""
-    path = config.boot.ethers
-    if path is None:
-        return {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        from cidd.config import ConfigError
-
-        raise ConfigError(f"cannot read the ethers file {path}: {exc.strerror}; check boot.ethers") from None
-    return parse_ethers(text, str(path))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 
 class Metrics:
-    """A registry of cidd's counters, gauges and histograms.
+    """A registry of cidd's counters and gauges.
 
     Built in: ``cid_http_bytes_sent_total{image}`` (image bytes handed to HTTP clients) and
     ``cid_http_requests_total{code}`` (finished HTTP requests by status code).
@@ -51,11 +51,6 @@ class Metrics:
     def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
         """Return the Gauge ``name`` with these label names. Raises ValueError on a clash (see ``_get``)."""
         return self._get(Gauge, name, doc, labels)
-
-    def histogram(self, name: str, doc: str, labels: Sequence[str] = (),
-                  buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS) -> Histogram:
-        """Return the Histogram ``name`` (``buckets`` only matter on first use). Raises ValueError on a clash."""
-        return self._get(Histogram, name, doc, labels, buckets=tuple(buckets))
 
     def bytes_sent(self, image: str, count: int) -> None:
         """Add ``count`` bytes written to an HTTP client for the image id ``image``."""

@@ -216,7 +216,7 @@ class PeerProtocol(Protocol):
                 raise AuthError("boot and resume tokens are for the installer only; an installed system "
                                 "uses the agent token")
             boot, resume = message.get("boot_token"), message.get("resume_token")
-            return self.factory.engine.accept_installer_token(
+            return self.factory.engine.netboot.accept_installer_token(
                 node, boot if isinstance(boot, str) else None, resume if isinstance(resume, str) else None)
         except AuthError as exc:
             log.warning("session.auth_failed", peer=self.peer, role="agent", node=node, reason=exc.message)

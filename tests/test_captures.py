@@ -7,20 +7,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let the tests run without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from twisted.internet.defer import Deferred  # noqa: E402
-from twisted.internet.task import Clock  # noqa: E402
-
-from cidcommon.errors import BadRequest, Conflict  # noqa: E402
-from cidd.captures import (  # noqa: E402
+from cidcommon.errors import BadRequest, Conflict
+from cidd.captures import (
     JOB_MEMORY_S,
     Capture,
     CaptureState,
@@ -30,9 +22,9 @@ from cidd.captures import (  # noqa: E402
     plan,
     settle,
 )
-from cidd.catalog import Catalog, Image  # noqa: E402
-from cidd.config import parse_config  # noqa: E402
-from cidd.machine import Node, State  # noqa: E402
+from cidd.catalog import Catalog, Image
+from cidd.config import parse_config
+from cidd.machine import Node, State
 
 A, B, C = "alma-9-1", "debian-12-1", "rocky-9-2"
 NOW = 10_000.0

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let the tests run without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from cidd.catalog import (  # noqa: E402
+from cidd.catalog import (
     RELOAD_HINT,
     BootHints,
     Catalog,
@@ -23,6 +18,8 @@ from cidd.catalog import (  # noqa: E402
     render_entry,
     upsert_entry_text,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHA = "0123456789abcdef" * 4
 BAD_SHA = "sha256 must be 64 lowercase hex characters"

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let the tests run without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from cidd.config import Config, ConfigError, NodeSpec, load_config, parse_config  # noqa: E402
-from cidd.machine_types import Policy, Rung  # noqa: E402
+from cidd.config import Config, ConfigError, NodeSpec, load_config, parse_config
+from cidd.machine_types import Policy, Rung
 
 FULL = """\
 # a complete cidd.yaml

@@ -8,17 +8,11 @@ deadline and method can be told apart.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let the tests run without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from cidd.machine import (  # noqa: E402
+from cidd.machine import (
     SWITCHING,
     AlreadySwitching,
     Node,
@@ -28,7 +22,7 @@ from cidd.machine import (  # noqa: E402
     apply,
     restore,
 )
-from cidd.machine_types import (  # noqa: E402
+from cidd.machine_types import (
     Connected,
     Disconnected,
     Installed,

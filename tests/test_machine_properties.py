@@ -10,22 +10,15 @@ deadline without agent activity and checks that no node is left waiting.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let the tests run without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from cidcommon.errors import BadRequest, Conflict  # noqa: E402
-from cidd.captures import JOB_MEMORY_S, Capture, Result, plan, settle  # noqa: E402
-from cidd.machine import SWITCHING, AlreadySwitching, Node, State, Step, apply, restore  # noqa: E402
-from cidd.machine_types import (  # noqa: E402
+from cidcommon.errors import BadRequest, Conflict
+from cidd.captures import JOB_MEMORY_S, Capture, Result, plan, settle
+from cidd.machine import SWITCHING, AlreadySwitching, Node, State, Step, apply, restore
+from cidd.machine_types import (
     AGENT_METHODS,
     Connected,
     Disconnected,

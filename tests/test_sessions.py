@@ -266,7 +266,7 @@ def test_installer_boot_tokens_are_single_use_expire_and_resume(world):
     agent = Peer(factory)
     agent.send(agent_hello())
     engine.capture("9", ["n1"], "rocky-9-3", None, "admin", 3600)  # SetBoot(installer) mints a boot token
-    token, expires = engine.boot_tokens["n1"]
+    token, expires = engine.netboot.tokens["n1"]
     assert expires == clock.seconds() + 7200.0
     agent.proto.connectionLost()
     first = Peer(factory)
@@ -274,7 +274,7 @@ def test_installer_boot_tokens_are_single_use_expire_and_resume(world):
     [reply] = [m for m in first.received() if m["type"] == "reply"]
     resume = reply["resume_token"]
     assert engine.nodes["n1"].state == "installing"
-    assert engine.boot_tokens["n1"][0] != token  # the next installer boot gets a token of its own
+    assert engine.netboot.tokens["n1"][0] != token  # the next installer boot gets a token of its own
     first.proto.connectionLost()
     replay = Peer(factory)
     replay.send(installer_hello(boot_token=token, boot="i9"))
@@ -286,15 +286,15 @@ def test_installer_boot_tokens_are_single_use_expire_and_resume(world):
     system = Peer(factory)
     system.send(installer_hello(resume_token=resume, mode="system"))
     assert system.received()[0]["code"] == "auth"  # tokens are for the installer only
-    stale, _ = engine.boot_tokens["n1"]
+    stale, _ = engine.netboot.tokens["n1"]
     clock.advance(7201)
     late = Peer(factory)
     late.send(installer_hello(boot_token=stale, boot="i3"))
     assert "expired" in late.received()[0]["message"]
-    engine.set_boot("n1", "disk")  # leaving the installer withdraws every token
+    engine.netboot.set_boot("n1", "disk")  # leaving the installer withdraws every token
     gone = Peer(factory)
     gone.send(installer_hello(resume_token=resume, boot="i4"))
-    assert gone.received()[0]["code"] == "auth" and "n1" not in engine.boot_tokens
+    assert gone.received()[0]["code"] == "auth" and "n1" not in engine.netboot.tokens
 
 
 def test_deeply_nested_json_is_a_protocol_error_not_a_crash(world):

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let the tests run without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from cidd.captures import Capture, CaptureState, NodeResult, Result  # noqa: E402
-from cidd.machine import Node, State, Transition  # noqa: E402
-from cidd.store import SCHEMA_VERSION, Store, StoreError  # noqa: E402
+from cidd.captures import Capture, CaptureState, NodeResult, Result
+from cidd.machine import Node, State, Transition
+from cidd.store import SCHEMA_VERSION, Store, StoreError
 
 A, B = "alma-9-1", "debian-12-1"
 
