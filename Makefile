@@ -9,6 +9,8 @@ STAMP   := $(VENV)/.installed-stamp
 # Debian packages needed by tests that use real components (added by later features).
 TEST_DEBS ?= slurmctld slurmd slurm-client munge busybox-static acl zstd e2fsprogs curl systemd openipmi ipmitool
 PYTEST_ARGS ?=
+# Backstop for the whole suite (each test also has pytest-timeout's limit): CI allows 90 minutes.
+TEST_TIME_LIMIT ?= 2400
 
 .PHONY: all venv demo test lint sysdeps bench clean install
 
@@ -41,7 +43,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: venv sysdeps lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	timeout --kill-after=30 $(TEST_TIME_LIMIT) $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) demo/demo.py

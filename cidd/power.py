@@ -190,7 +190,7 @@ class PowerController:
         self.call_timeout = call_timeout
         self._factory = command_factory or _pyghmi_command
         self._semaphore = DeferredSemaphore(self.max_concurrent)
-        self._pool = ThreadPool(minthreads=0, maxthreads=self.max_concurrent, name="cidd-power")
+        self._pool = _DaemonThreadPool(minthreads=0, maxthreads=self.max_concurrent, name="cidd-power")
         self._commands: dict[tuple[str, int], Any] = {}
         self._locks: dict[tuple[str, int], threading.Lock] = {}
         self._guard = threading.Lock()
@@ -205,11 +205,20 @@ class PowerController:
             self._pool.start()
             self._started = True
 
-    def stop(self) -> None:
-        """Stop the thread pool: waits for running BMC calls to end (pyghmi gives up after a few seconds)."""
-        if self._started:
-            self._started = False
-            self._pool.stop()
+    def stop(self, wait: float = 10.0) -> None:
+        """Stop the thread pool, waiting at most ``wait`` s for running BMC calls to end.
+
+        A call stuck inside pyghmi beyond that is abandoned (its thread is a daemon thread, so it never holds
+        up the process's exit) and logged as ``power.stop_abandoned``.
+        """
+        if not self._started:
+            return
+        self._started = False
+        stopper = threading.Thread(target=self._pool.stop, name="cidd-power-stop", daemon=True)
+        stopper.start()
+        stopper.join(wait)
+        if stopper.is_alive():
+            log.warning("power.stop_abandoned", in_flight=self.in_flight, waited=wait)
 
     # -- public calls -------------------------------------------------------------------------------------------
 
@@ -322,6 +331,15 @@ class PowerController:
         if detail is None or "timeout" in detail.lower() or "no longer connected" in detail.lower():
             return PowerError(f"BMC of {node} ({address}) did not answer; check its network and credentials")
         return PowerError(f"BMC of {node} ({address}) failed: {detail}; check the BMC credentials and its state")
+
+
+class _DaemonThreadPool(ThreadPool):
+    """A ThreadPool of daemon threads: a BMC call stuck in pyghmi never keeps cidd from exiting."""
+
+    @staticmethod
+    def threadFactory(*args: Any, **kwargs: Any) -> threading.Thread:  # noqa: N802 (Twisted's name)
+        """Return a daemon Thread (ThreadPool calls this to make its workers)."""
+        return threading.Thread(*args, daemon=True, **kwargs)
 
 
 def _pyghmi_command(host: str, port: int, user: bytes, password: bytes) -> Any:

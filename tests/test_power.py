@@ -7,6 +7,8 @@ Needs the Debian packages ``openipmi`` (ipmi_sim) and ``ipmitool``; without them
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -318,28 +320,42 @@ def require_ipmitool() -> None:
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_power_controller_drives_the_simulated_fleet(tmp_path: Path) -> None:
-    """pyghmi's client logs in to the simulated BMCs thanks to SimBmc's cipher-suite-17 refusal."""
+    """cidd's PowerController (pyghmi client) against a ``cidkid --sim`` fleet's BMCs in their own process.
+
+    Client and BMC servers run in separate processes, as in production: pyghmi keeps process-wide session
+    state, and a client and a server sharing one process can wait on each other.
+    """
     require_ipmitool()
     factory = TinyCiddFactory()
     listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    fleet = SimFleet(["sim01", "sim02"], "127.0.0.1", listening.getHost().port, TOKEN, tmp_path, reactor,
-                     config=SimConfig(reboot_delay=0.1))
-    bmcs = SimBmcs(fleet.nodes, free_udp_port(), "admin", "simpw")
+    token_file = tmp_path / "agent.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    creds = tmp_path / "bmc.cred"
+    creds.write_text("admin:simpw\n")
+    creds.chmod(0o600)
+    base = free_udp_port()
+    announced = [factory.wait_for(lambda m, n=n: m["type"] == "hello" and m["node"] == n, timeout=30)
+                 for n in ("sim01", "sim02")]
+    log = (tmp_path / "fleet.log").open("ab")
+    fleet = subprocess.Popen(
+        [sys.executable, "-m", "cidkid.main", "--sim", "sim[01-02]", "--server",
+         f"127.0.0.1:{listening.getHost().port}", "--token-file", str(token_file), "--sim-dir", str(tmp_path / "sim"),
+         "--reboot-delay", "0.1", "--bmc-base-port", str(base), "--bmc-credentials", str(creds)],
+        stdout=log, stderr=subprocess.STDOUT)
     power = PowerController(BmcCredentials("admin", "simpw"), reactor, call_timeout=10)
-    address = bmcs.address("sim02")
+    address = f"127.0.0.1:{base + 1}"  # sim02
     try:
-        fleet.startService()
-        await fleet.when_announced().addTimeout(10, reactor)
-        bmcs.start()
+        await defer.gatherResults(announced)
         assert await power.status("sim02", address) == "on"
         closed = factory.wait_for(lambda m: m["type"] == "closed" and m["node"] == "sim02")
         await power.off("sim02", address)
         await closed
         assert await power.status("sim02", address) == "off"
-        out = await threads.deferToThread(run_ipmitool, bmcs.ports["sim02"], "admin", "simpw",
-                                          "chassis", "power", "status")
+        out = await threads.deferToThread(run_ipmitool, base + 1, "admin", "simpw", "chassis", "power", "status")
         assert out.stdout.strip() == "Chassis Power is off"
-        assert fleet.nodes["sim01"].state == "up"
+        out = await threads.deferToThread(run_ipmitool, base, "admin", "simpw", "chassis", "power", "status")
+        assert out.stdout.strip() == "Chassis Power is on"  # sim01 untouched
         back = factory.wait_for(lambda m: m["type"] == "hello" and m["node"] == "sim02")
         await power.set_next_boot("sim02", address, "network")
         await power.on("sim02", address)
@@ -349,6 +365,29 @@ async def test_power_controller_drives_the_simulated_fleet(tmp_path: Path) -> No
         assert (await again)["mode"] == "system"
     finally:
         await threads.deferToThread(power.stop)
-        await threads.deferToThread(bmcs.stop)
-        await fleet.stopService().addTimeout(10, reactor)
+        fleet.terminate()
+        try:
+            await threads.deferToThread(fleet.wait, 10)
+        except subprocess.TimeoutExpired:
+            fleet.kill()
+        log.close()
         await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_abandons_a_call_stuck_in_pyghmi_and_its_thread_is_a_daemon() -> None:
+    release = threading.Event()
+
+    def stuck_factory(host: str, port: int, user: bytes, password: bytes) -> Any:
+        release.wait(60)
+        raise OSError("released")
+
+    power = PowerController(CREDS, reactor, call_timeout=0.2, command_factory=stuck_factory)
+    with pytest.raises(PowerError, match=r"did not answer within 0.2 s"):
+        await power.status("node01", "127.0.0.1:9")
+    workers = [t for t in threading.enumerate() if "cidd-power" in t.name]
+    assert workers and all(t.daemon for t in workers)
+    with capture_logs() as logs:
+        power.stop(wait=0.3)
+    assert [e["event"] for e in logs] == ["power.stop_abandoned"]
+    release.set()
