@@ -81,3 +81,23 @@ def ensure_token(path: Path) -> str:
 def tokens_equal(given: str, expected: str) -> bool:
     """Return whether two tokens are equal, in time independent of where they differ."""
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def node_token(master: str, node: str) -> str:
+    """Return ``node``'s agent token: HMAC-SHA256 of the node name under the agent master secret, in hex.
+
+    cidd holds the master (``<state>/secrets/agent.token``); each node holds only its own token
+    (``cidd agent-token NODE``), so an agent cannot speak for another node.
+    """
+    return hmac.new(master.encode("utf-8"), node.encode("utf-8"), "sha256").hexdigest()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 (replacing any file there). Raises OSError."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)

@@ -18,6 +18,8 @@ from cidcommon.errors import BadRequest, CidError, Forbidden, UnknownNode
 from cidd.catalog import CatalogError
 from cidd.engine import Engine
 from cidd.power import bmc_address
+from cidd.rights import GroupsOf, ImageFacts, system_groups_of
+from cidd.rights import check as check_rights
 
 if TYPE_CHECKING:
     from cidd.sessions import PeerProtocol
@@ -33,9 +35,10 @@ POWER_ACTIONS = ("status", "on", "off", "cycle", "reset")
 class ClientAPI:
     """Handles the requests of client sessions."""
 
-    def __init__(self, engine: Engine, clock: IReactorTime) -> None:
+    def __init__(self, engine: Engine, clock: IReactorTime, groups_of: GroupsOf = system_groups_of) -> None:
         self.engine = engine
         self.clock = clock
+        self.groups_of = groups_of
 
     def handle(self, session: PeerProtocol, message: wire.Message) -> None:
         """Answer one client request on ``session``. Raises CidError for a bad or refused request."""
@@ -55,7 +58,8 @@ class ClientAPI:
         image = wire.get_str(message, "image")
         names = hostlists.expand(wire.get_str(message, "nodes"))
         timeout = wire.get_number(message, "timeout")
-        user = message.get("user") if isinstance(message.get("user"), str) else None
+        user = message.get("user") if isinstance(message.get("user"), str) else session.user
+        self.check_rights(session, user, image, names)
         plan = self.engine.capture(job, names, image, user, session.role or "?", timeout)
         view = self.engine.describe(plan.capture)
         session.send(wire.reply(message.get("id"), capture={**view, "attached": plan.attached}))
@@ -82,6 +86,17 @@ class ClientAPI:
         unwatch = self.engine.watch(job, forward)
         keepalive.start(KEEPALIVE_S, now=False)
         session.cleanups.append(stop)
+
+    def check_rights(self, session: PeerProtocol, user: str | None, image: str, names: list[str]) -> None:
+        """Return when ``user`` may put ``image`` on ``names`` (cidd/rights.py); the admin role bypasses rights.
+
+        Unknown images and nodes are left to the engine (a bad request, exit 2). Raises RightsRefused.
+        """
+        entry = self.engine.catalog.get(image)
+        if session.role == "admin" or entry is None or not all(self.engine.known(n) for n in names):
+            return
+        facts = ImageFacts(entry.id, entry.name, entry.owner, entry.visibility)
+        check_rights(self.engine.config.rights, user, facts, names, self.groups_of)
 
     def status(self, session: PeerProtocol, message: wire.Message) -> None:
         """Reply with the state of the requested nodes (every node when none is named)."""

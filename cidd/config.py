@@ -20,6 +20,8 @@ from cidcommon.errors import CidError
 from cidcommon.paths import default_state_dir
 from cidcommon.wire import DEFAULT_HTTP_PORT, DEFAULT_PORT, MAX_LINE
 from cidd.machine_types import LADDER_METHODS, Policy, Rung
+from cidd.rights import Rule, parse_rules
+from cidd.unix_peers import SocketConfig, parse_socket
 
 
 class ConfigError(CidError):
@@ -86,11 +88,20 @@ class Config:
     release_to_default: bool = False  # epilog: put nodes back into default_image after each job
     boot: BootConfig = field(default_factory=lambda: BootConfig())
     bmc: BmcConfig | None = None  # None: no BMC power (ladders may not use power_cycle)
+    rights: tuple[Rule, ...] | None = None  # None: no 'rights' section (shared images for all, cidd/rights.py)
+    socket: SocketConfig = field(default_factory=SocketConfig)  # the local Unix socket (cidd/unix_peers.py)
 
     @property
     def db_path(self) -> Path:
         """Return the SQLite database path."""
         return self.state_dir / "cidd.sqlite"
+
+    @property
+    def socket_path(self) -> Path | None:
+        """Return the local Unix socket's path, or None when it is disabled."""
+        if not self.socket.enabled:
+            return None
+        return self.socket.path or self.state_dir / "cidd.sock"
 
     @property
     def agent_address(self) -> str:
@@ -177,6 +188,7 @@ class _Reader:
 
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
              "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc"}
+_TOP_KEYS |= {"rights", "socket"}  # cidd/rights.py, cidd/unix_peers.py
 
 
 def _bmc(reader: _Reader, data: Mapping[str, Any], groups: Mapping[str, Policy]) -> BmcConfig | None:
@@ -321,6 +333,8 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         release_to_default=release_to_default,
         boot=_boot(reader, data),
         bmc=_bmc(reader, data, groups),
+        rights=parse_rules(data.get("rights"), reader.problem),
+        socket=parse_socket(data.get("socket"), reader.problem),
     )
     if reader.problems:
         raise ConfigError("\n".join(reader.problems) + "\nfix these and start cidd again")

@@ -26,6 +26,7 @@ from cidd.catalog import CatalogError
 from cidd.config import Config, ConfigError, load_config
 from cidd.engine import Engine, read_catalog
 from cidd.images_http import listen_http
+from cidd.local_socket import count_refusals, listen_unix
 from cidd.metrics import Metrics
 from cidd.power import BmcCredentials, PowerController
 from cidd.sdnotify import Notifier
@@ -40,6 +41,10 @@ With no --config, cidd starts on working defaults: state (SQLite database, token
 else /var/lib/cid for root, else ~/.local/state/cid; it listens on 127.0.0.1:38008 and creates one token
 file per role under <state>/secrets (mode 0600), where cidkid and cidcapt on the same machine find them.
 SIGHUP reloads the image catalog; a catalog with errors is refused and the previous one stays active.
+
+Clients on the head node may use the local Unix socket (socket.path, default <state>/cidd.sock) without a
+token: root and cidd's own user are admin, socket.roles names the others (docs/security.md).
+'cidd agent-token NODE [--out FILE]' writes a node's own agent token (docs/security.md).
 
 exit codes: 0 stopped · 1 could not start · 2 bad configuration or catalog · 4 unsafe secrets file
 """
@@ -109,6 +114,8 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
     port = reactor.listenTCP(config.listen_port, factory, backlog=4096, interface=config.listen_host)
     metrics = Metrics()
     metrics.registry.register(EngineCollector(engine))
+    count_refusals(metrics, factory.security, reactor)
+    listen_unix(engine, sessions, tokens, reactor, factory.security)
     listen_http(config, lambda: engine.catalog, metrics, reactor,
                 extra={b"status": StatusResource(engine), b"boot": BootResource(engine)})
     log.info("cidd.listening", host=config.listen_host, port=port.getHost().port, state_dir=str(config.state_dir),
@@ -126,6 +133,11 @@ def reload_catalog(engine: Engine) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run cidd until SIGTERM/SIGINT; return the exit code (see EPILOG)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agent-token"]:
+        from cidd import agent_tokens
+
+        return agent_tokens.main(argv[1:])
     args = parse_args(argv)
     try:
         config = build_config(args)

@@ -7,6 +7,9 @@ One ``PeerProtocol`` per connection turns lines into calls on the engine (agents
 from __future__ import annotations
 
 import itertools
+import os
+import socket
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,10 +20,13 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from cidcommon import __version__, wire
-from cidcommon.errors import AuthError, BadRequest, CidError, ProtocolError
-from cidcommon.paths import tokens_equal
+from cidcommon.errors import AuthError, BadRequest, CidError, Forbidden, ProtocolError
+from cidcommon.paths import node_token, tokens_equal
 from cidd.client_api import ClientAPI
 from cidd.engine import Engine, SessionClosed
+from cidd.rights import RightsRefused, system_groups_of
+from cidd.security_events import SecurityEvents, peer_host
+from cidd.unix_peers import PeerIdentity, granted_role, lookup_peer, socket_role
 
 log = structlog.get_logger("cidd.sessions")
 
@@ -64,15 +70,35 @@ class PeerProtocol(Protocol):
         self._hello_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self.cleanups: list[Any] = []
+        self.local: PeerIdentity | None = None  # the uid/gid of a peer on the local Unix socket
+        self.user: str | None = None  # a local peer's user name (the job user of its captures by default)
 
     # --- connection ---
 
     @property
     def peer(self) -> str:
+        if self.factory.unix:
+            return f"unix:uid={self.local.uid}" if self.local else "unix:?"
         address = self.transport.getPeer() if self.transport else None
         return f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
 
+    def refused(self, exc: CidError, message: wire.Message) -> None:
+        """Log (rate-limited) and count the refusal of ``message`` as a security event (never its token)."""
+        if isinstance(exc, RightsRefused):
+            kind = "rights_refused"
+        elif isinstance(exc, Forbidden):
+            kind = "forbidden"
+        else:
+            kind = "peer_refused" if self.factory.unix else "auth_failed"
+        hello = self.role is None
+        node = message.get("node") if hello else self.node
+        self.factory.security.refused(kind, peer_host(self.peer), role=message.get("role") if hello else self.role,
+                                      node=node if isinstance(node, str) else None, type=message.get("type"),
+                                      session=self.session_id, reason=exc.message)
+
     def connectionMade(self) -> None:
+        if self.factory.unix:
+            self.local = self._peer_credentials()
         self._hello_timer = self.clock.callLater(HELLO_TIMEOUT, self._no_hello)
 
     def _no_hello(self) -> None:
@@ -141,6 +167,8 @@ class PeerProtocol(Protocol):
         try:
             self.dispatch(message)
         except CidError as exc:
+            if isinstance(exc, AuthError | Forbidden):
+                self.refused(exc, message)
             self.send(wire.error(exc.code, exc.message, request_id))
             if isinstance(exc, AuthError) or exc.code == "out_of_order":
                 self.close()
@@ -184,10 +212,13 @@ class PeerProtocol(Protocol):
         token = message.get("token")
         expected = self.factory.tokens.get(role) if isinstance(role, str) else None
         resume = None
-        if role == wire.AGENT_ROLE and token is None and ("boot_token" in message or "resume_token" in message):
+        if self.factory.unix:
+            role = self._local_role(role)
+        elif role == wire.AGENT_ROLE and token is None and ("boot_token" in message or "resume_token" in message):
             resume = self._installer_credentials(message)
+        elif role == wire.AGENT_ROLE and expected is not None:
+            self._check_agent_token(message, expected)
         elif expected is None or not isinstance(token, str) or not tokens_equal(token, expected):
-            log.warning("session.auth_failed", peer=self.peer, role=role, node=message.get("node"))
             raise AuthError("authentication failed: wrong or missing token for role "
                             f"{role!r}; use the token file of that role from cidd's state directory")
         if role == wire.AGENT_ROLE:
@@ -202,7 +233,40 @@ class PeerProtocol(Protocol):
             self.factory.engine.agent_connected(self.node, message["boot_id"], message["mode"],
                                                 message.get("image"))
         else:
-            log.info("client.connected", peer=self.peer, role=role, session=self.session_id)
+            log.info("client.connected", peer=self.peer, role=role, session=self.session_id, user=self.user)
+
+    def _check_agent_token(self, message: wire.Message, master: str) -> None:
+        """Check an agent's token against its node's own token (HMAC of the node name under the master).
+
+        Raises AuthError when the token is missing or belongs to another node (nothing is registered).
+        """
+        node, token = message.get("node"), message.get("token")
+        if not isinstance(node, str) or not node:
+            raise BadRequest("an agent hello needs 'node', the node's name")
+        if not isinstance(token, str) or not tokens_equal(token, node_token(master, node)):
+            raise AuthError(f"authentication failed: this is not node {node}'s agent token; each node uses its "
+                            f"own token, made on the head node with 'cidd agent-token {node}'")
+
+    def _peer_credentials(self) -> PeerIdentity | None:
+        """Return the uid/gid of the local socket's peer (SO_PEERCRED), or None when unavailable."""
+        try:
+            handle = self.transport.getHandle()  # type: ignore[union-attr]
+            _pid, uid, gid = struct.unpack("3i", handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                   struct.calcsize("3i")))
+        except (AttributeError, OSError):
+            return None
+        return lookup_peer(uid, gid, self.factory.groups_of)
+
+    def _local_role(self, requested: Any) -> str:
+        """Return the role of a local socket peer from its uid/gid (no token). Raises AuthError."""
+        peer = self.local
+        role = socket_role(peer, self.factory.socket_roles, self.factory.own_uid) if peer else None
+        if role is None or requested == wire.AGENT_ROLE:
+            who = f"user {peer.user} (uid {peer.uid})" if peer else "a peer of unknown uid"
+            raise AuthError(f"authentication failed: {who} has no role on cidd's local socket; ask the "
+                            "administrators to add it to socket.roles in cidd.yaml, or use a token over TCP")
+        self.user = peer.user if peer else None
+        return granted_role(role, requested)
 
     def _installer_credentials(self, message: wire.Message) -> str:
         """Check an installer's boot or resume token (never the agent token); return its resume token.
@@ -211,16 +275,12 @@ class PeerProtocol(Protocol):
         installer.
         """
         node = wire.get_str(message, "node")
-        try:
-            if message.get("mode") != "installer":
-                raise AuthError("boot and resume tokens are for the installer only; an installed system "
-                                "uses the agent token")
-            boot, resume = message.get("boot_token"), message.get("resume_token")
-            return self.factory.engine.netboot.accept_installer_token(
-                node, boot if isinstance(boot, str) else None, resume if isinstance(resume, str) else None)
-        except AuthError as exc:
-            log.warning("session.auth_failed", peer=self.peer, role="agent", node=node, reason=exc.message)
-            raise
+        if message.get("mode") != "installer":
+            raise AuthError("boot and resume tokens are for the installer only; an installed system "
+                            "uses the agent token")
+        boot, resume = message.get("boot_token"), message.get("resume_token")
+        return self.factory.engine.netboot.accept_installer_token(
+            node, boot if isinstance(boot, str) else None, resume if isinstance(resume, str) else None)
 
     def _agent_hello(self, message: wire.Message) -> None:
         node = wire.get_str(message, "node")
@@ -315,12 +375,18 @@ class PeerProtocol(Protocol):
 class CiddFactory(Factory):
     """Builds a PeerProtocol per connection; holds what every session shares."""
 
-    def __init__(self, engine: Engine, sessions: Sessions, tokens: Mapping[str, str], clock: IReactorTime) -> None:
+    def __init__(self, engine: Engine, sessions: Sessions, tokens: Mapping[str, str], clock: IReactorTime,
+                 security: SecurityEvents | None = None, *, unix: bool = False, groups_of: Any = None) -> None:
         self.engine = engine
         self.sessions = sessions
         self.tokens = dict(tokens)
         self.clock = clock
-        self.api = ClientAPI(engine, clock)
+        self.security = security or SecurityEvents(clock.seconds)
+        self.unix = unix  # the local Unix socket: roles from SO_PEERCRED, no tokens
+        self.groups_of = groups_of or system_groups_of
+        self.socket_roles = engine.config.socket.roles
+        self.own_uid = os.geteuid()
+        self.api = ClientAPI(engine, clock, self.groups_of)
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
         return PeerProtocol(self)

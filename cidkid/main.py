@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}",
                    help="address of cidd's agent port (default: $CID_SERVER, else %(default)s)")
     p.add_argument("--token-file", metavar="PATH", type=Path,
-                   help="file holding the agent token, mode 0600 (default: $CID_TOKEN_FILE, "
-                        "else <state dir>/secrets/agent.token, the file cidd creates)")
+                   help="file holding this node's own agent token, mode 0600, made on the head node with "
+                        "'cidd agent-token NODE' (default: $CID_TOKEN_FILE, else <state dir>/secrets/agent.token); "
+                        "with --sim, the file holds cidd's agent master secret (the default: cidd's own "
+                        "secrets/agent.token) and each simulated node derives its token from it")
     p.add_argument("--log-format", choices=("json", "console"), default="json",
                    help="one JSON object per line (default), or readable console lines")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
@@ -196,7 +198,7 @@ def build_service(args: argparse.Namespace, reactor: Any, token: str | Installer
             fail_install_nodes=_names(args.fail_install), fail_install_rate=args.fail_install_rate,
             initial_image=args.initial_image, seed=args.seed, request_timeout=args.request_timeout)
         sim_dir = args.sim_dir or default_state_dir() / "sim"
-        return SimFleet(args.sim, host, port, token, sim_dir, reactor, config=config)
+        return SimFleet(args.sim, host, port, token, sim_dir, reactor, config=config, master=True)
     reboot = (("/bin/sh", "-c", args.reboot_command),) if args.reboot_command else REBOOT_COMMANDS
     platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=target_of(args),
                              install_device=args.install_device, reboot_commands=reboot)

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.python.failure import Failure
 
 from cidcommon.hostlists import expand
+from cidcommon.paths import node_token
 from cidcommon.wire import Message
 from cidkid.platform import (
     Identity,
@@ -271,7 +272,9 @@ class SimFleet(Service):
 
     def __init__(self, names: str | Sequence[str], server_host: str, server_port: int, token: str, sim_dir: Path,
                  reactor: Any, *, config: SimConfig | None = None, endpoint: IStreamClientEndpoint | None = None,
-                 ramp_batch: int = 200, ramp_interval: float = 0.1) -> None:
+                 ramp_batch: int = 200, ramp_interval: float = 0.1, master: bool = False) -> None:
+        """``master``: ``token`` is the agent master secret and each node says hello with its own derived token
+        (cidcommon.paths.node_token), as real nodes do; otherwise every node sends ``token`` as it is."""
         if isinstance(names, str):
             names = expand(names)
         self.config = config or SimConfig()
@@ -285,7 +288,8 @@ class SimFleet(Service):
         self.endpoint = endpoint or client_endpoint(reactor, server_host, server_port)
         health = SharedHealth(reactor, self.sim_dir)
         self.nodes: dict[str, SimNode] = {
-            name: SimNode(name, self.sim_dir, reactor, self.endpoint, token, config=self.config,
+            name: SimNode(name, self.sim_dir, reactor, self.endpoint, node_token(token, name) if master else token,
+                          config=self.config,
                           health=health, server=self.server, on_ready=self._node_ready)
             for name in names
         }

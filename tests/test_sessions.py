@@ -10,6 +10,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from cidcommon.paths import node_token
 from cidd.catalog import load_catalog
 from cidd.config import parse_config
 from cidd.engine import Engine
@@ -56,7 +57,8 @@ def world(tmp_path):
     return clock, engine, factory
 
 
-def agent_hello(node="n1", mode="system", image="debian-12-1", boot="b1", token="agent-secret") -> dict:
+def agent_hello(node="n1", mode="system", image="debian-12-1", boot="b1", token=None) -> dict:
+    token = node_token("agent-secret", node) if token is None else token  # each node has its own token
     return {"type": "hello", "id": 1, "proto": 1, "role": "agent", "token": token, "node": node, "mode": mode,
             "image": image, "boot_id": boot, "extra_key_is_ignored": True}
 
@@ -80,6 +82,8 @@ def test_agent_hello_is_accepted_and_the_node_becomes_ready(world):
 @pytest.mark.parametrize("hello, text", [
     (agent_hello(token="wrong"), "authentication failed"),
     ({**agent_hello(), "token": None}, "authentication failed"),
+    ({**agent_hello(), "token": "agent-secret"}, "not node n1's agent token"),  # the master is no node's token
+    (agent_hello(token=node_token("agent-secret", "n2")), "not node n1's agent token"),  # another node's token
     ({**agent_hello(), "role": "root"}, "authentication failed"),
     ({**agent_hello(), "role": "agent", "token": "admin-secret"}, "authentication failed"),  # another role's token
     ({**agent_hello(), "proto": 9}, "protocol version"),
