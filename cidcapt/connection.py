@@ -78,7 +78,9 @@ def parse_server(text: str) -> tuple[str, int]:
 
 
 def format_address(host: str, port: int) -> str:
-    """Return ``host:port`` as a person writes it (IPv6 hosts in brackets)."""
+    """Return ``host:port`` as a person writes it (IPv6 hosts in brackets; a Unix socket path as it is)."""
+    if host.startswith("/"):
+        return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -91,9 +93,25 @@ def _reason(exc: OSError) -> str:
     return (exc.strerror or str(exc) or exc.__class__.__name__).lower()
 
 
+def _open(host: str, port: int, timeout: float) -> socket.socket:
+    """Return a socket connected to ``host:port``, or to the Unix socket ``host`` when it is a path."""
+    if not host.startswith("/"):
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(host)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def connect(host: str, port: int, *, deadline: float, timing: Timing = Timing(),
             clock: Clock = time.monotonic, sleep: Sleep = time.sleep) -> Connection:
     """Return a Connection to cidd, retrying refused or timed-out attempts until ``deadline`` (``clock`` time).
+
+    ``host`` may be the path of cidd's local Unix socket (then ``port`` is ignored).
 
     One attempt is always made, even when ``deadline`` has passed. Raises Unreachable, saying why the last
     attempt failed and what to check, when no attempt succeeded by the deadline.
@@ -103,7 +121,7 @@ def connect(host: str, port: int, *, deadline: float, timing: Timing = Timing(),
     while True:
         remaining = deadline - clock()
         try:
-            sock = socket.create_connection((host, port), timeout=max(min(remaining, timing.attempt_timeout), 0.1))
+            sock = _open(host, port, max(min(remaining, timing.attempt_timeout), 0.1))
         except OSError as exc:
             reason = _reason(exc)
         else:
@@ -231,10 +249,11 @@ class Connection:
     def hello(self, role: str, token: str, *, client: str = f"cidcapt {__version__}") -> Message:
         """Open the session as ``role`` with ``token``; return cidd's reply (server, session, ...).
 
+        An empty ``token`` sends none (the local Unix socket, where cidd checks the peer's uid instead).
         Raises AuthError for a wrong token or protocol version, and what ``request`` raises.
         """
-        return self.request({"type": "hello", "proto": PROTOCOL_VERSION, "role": role, "token": token,
-                             "client": client})
+        secret = {"token": token} if token else {}
+        return self.request({"type": "hello", "proto": PROTOCOL_VERSION, "role": role, **secret, "client": client})
 
 
 def open_session(host: str, port: int, role: str, token: str, *, deadline: float, timing: Timing = Timing(),

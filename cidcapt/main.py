@@ -40,12 +40,17 @@ exit codes:
   2  bad request: usage, unknown image, bad hostlist, unknown node (nothing was started)
   3  deadline passed (the nodes still pending are listed with their step)
   4  cidd unreachable, or authentication failed
-  5  refused: no right to do this, or a conflict with another job
+  5  refused: no right to do this (role, rights rules, a private image), or a conflict with another job
 With --slurm the same codes; on 1 and 3 the failed and pending nodes are first drained (scontrol, reason
 "cid: ..."), so that Slurm requeues the job onto other nodes. --release exits 0 except for bad usage (2).
 
-environment: CID_SERVER (default 127.0.0.1:{DEFAULT_PORT}), CID_ROLE (default admin), CID_TOKEN_FILE,
-CID_STATE_DIR (tokens in <state_dir>/secrets/<role>.token), SLURM_JOB_USER or USER (the --user default).
+A capture that cidd's rights rules refuse (the user may not put this image on one of the nodes, or the image
+is private to another user) exits 5 with the rule set that failed; nothing was started.
+
+environment: CID_SERVER (default 127.0.0.1:{DEFAULT_PORT}), CID_SOCKET (the local socket, no token), CID_ROLE
+(default admin; on the socket the role comes from your uid, a lower one may be asked), CID_TOKEN_FILE,
+CID_STATE_DIR (tokens in <state_dir>/secrets/<role>.token, the socket <state_dir>/cidd.sock),
+SLURM_JOB_USER or USER (the --user default).
 """
 
 
@@ -145,8 +150,12 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
                         help="epilog helper: when cidd's release_to_default is on, start switching the job's nodes "
                         "(--slurm, or -j/-n) back to the default image as job JOB.release, without waiting; "
                         "short timeouts; a cid problem is a warning and exit 0")
-    parser.add_argument("--server", type=_server, default=env.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}",
-                        metavar="HOST:PORT", help="cidd's address (default $CID_SERVER or %(default)s)")
+    parser.add_argument("--server", type=_server, default=None,
+                        metavar="HOST:PORT", help=f"cidd's address (default $CID_SERVER or 127.0.0.1:{DEFAULT_PORT})")
+    parser.add_argument("--socket", type=Path, default=None, metavar="PATH",
+                        help="cidd's local Unix socket on the head node: no token, cidd gives the role of your uid "
+                        "(default $CID_SOCKET, else <state_dir>/cidd.sock when it exists and neither a server "
+                        "($CID_SERVER) nor a token file (--token-file, $CID_TOKEN_FILE) is given)")
     parser.add_argument("--timeout", type=_seconds(0.001), default=3600.0, metavar="SECONDS",
                         help="give up on the nodes after this long (default %(default)g)")
     parser.add_argument("--connect-timeout", type=_seconds(0.0), default=10.0, metavar="SECONDS",
@@ -205,8 +214,37 @@ def _check_slurm_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--release switches the nodes to cidd's default_image; it takes no -i")
 
 
+def _choose_transport(parser: argparse.ArgumentParser, args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    """Set ``args.server`` to (host, port), or to (socket path, 0) and ``args.socket`` when the socket is used.
+
+    Order: --socket, --server, $CID_SOCKET, $CID_SERVER, then the default socket <state_dir>/cidd.sock when it
+    exists and no token file was given (--token-file, $CID_TOKEN_FILE), else 127.0.0.1:38008 with a token.
+    Exits through ``parser.error`` (code 2) for --socket with --server or a bad $CID_SERVER.
+    """
+    if args.socket is not None and args.server is not None:
+        parser.error("use either --socket (local, no token) or --server (TCP, with a token)")
+    if args.socket is None and args.server is None:
+        if env.get("CID_SOCKET"):
+            args.socket = Path(env["CID_SOCKET"])
+        elif env.get("CID_SERVER"):
+            try:
+                args.server = parse_server(env["CID_SERVER"])
+            except ValueError as exc:
+                parser.error(f"$CID_SERVER: {exc}")
+        elif args.token_file is None and not env.get("CID_TOKEN_FILE"):
+            state_dir = Path(env["CID_STATE_DIR"]) if env.get("CID_STATE_DIR") else default_state_dir()
+            if (state_dir / "cidd.sock").is_socket():
+                args.socket = state_dir / "cidd.sock"
+    if args.socket is not None:
+        args.server = (str(args.socket), 0)
+    elif args.server is None:
+        args.server = ("127.0.0.1", DEFAULT_PORT)
+
+
 def _token(args: argparse.Namespace, env: Mapping[str, str]) -> str:
-    """Return the role's token; raises TokenFileError when the file is missing, empty or not private."""
+    """Return the role's token ("" on the local socket); raises TokenFileError when the file is unusable."""
+    if args.socket is not None:
+        return ""
     if args.token_file is not None:
         path = args.token_file
     elif env.get("CID_TOKEN_FILE"):
@@ -238,6 +276,7 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
     try:
         args = parser.parse_args(argv)  # a string default (from $CID_SERVER) goes through type= too
         _check_args(parser, args)
+        _choose_transport(parser, args, env)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_REQUEST
     renderer_class = slurm.SummaryRecorder if args.slurm and not args.release else Renderer

@@ -19,6 +19,7 @@ log = structlog.get_logger("cidd.security")
 
 #: Kinds of refusal (the ``kind`` label of the metric and the suffix of the event name).
 KINDS = ("auth_failed", "forbidden", "rights_refused", "peer_refused")
+EVENTS = {kind: f"security.{kind}" for kind in KINDS}
 PER_WINDOW = 10
 WINDOW_S = 60.0
 #: Keys tracked at most; beyond, refusals from new peers share the key (kind, "*") until the next flush.
@@ -65,7 +66,8 @@ class SecurityEvents:
                 window = self.windows[key] = _Window(now)
         if window.logged < self.per_window:
             window.logged += 1
-            self.log.warning("security." + kind, peer=peer, **fields)
+            event = EVENTS.get(kind, "security.refused")
+            self.log.warning(event, peer=peer, kind=kind, **fields)
             return True
         window.suppressed += 1
         return False

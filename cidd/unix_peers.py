@@ -116,6 +116,7 @@ def lookup_peer(uid: int, gid: int, groups_of: Callable[[str], frozenset[str]]) 
 
 def granted_role(mapped: str, requested: Any) -> str:
     """Return the role a socket session gets: the mapped one, or a lower client role the client asked for."""
-    if isinstance(requested, str) and requested in ROLE_ORDER and ROLE_ORDER.index(requested) > ROLE_ORDER.index(mapped):
+    lower = isinstance(requested, str) and requested in ROLE_ORDER
+    if lower and ROLE_ORDER.index(requested) > ROLE_ORDER.index(mapped):
         return requested
     return mapped

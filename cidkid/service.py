@@ -249,7 +249,7 @@ class AgentService(ClientService):
         fields = {"node": self.node, "server": self.server, "attempt": failed_attempts, "delay": round(delay, 2)}
         if reason == "auth":
             log.error("agent.retry_after_auth_failure", **fields,
-                      hint="check that this node's token file holds the output of 'cidd agent-token NODE' on the head node")
+                      hint="check that this node's token file holds 'cidd agent-token NODE' from the head node")
         elif reason is not None:
             log.warning("agent.retry_scheduled", reason=reason, **fields)
         else:
