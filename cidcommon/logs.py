@@ -18,7 +18,7 @@ _SECRET_KEYS = frozenset({"token", "password", "secret", "key", "passphrase"})
 def _mask_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     """Return ``event`` with the values of secret-looking keys replaced by ``***``."""
     for key in event:
-        if key.lower() in _SECRET_KEYS:
+        if key.lower() in _SECRET_KEYS or key.lower().endswith("_token"):
             event[key] = "***"
     return event
 

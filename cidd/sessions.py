@@ -44,12 +44,19 @@ class Sessions:
 
     def __init__(self) -> None:
         self.agents: dict[str, PeerProtocol] = {}
+        self.agent_master: str | None = None  # set by CiddFactory: install commands carry the node's token
 
     def command(self, node: str, message: dict[str, Any]) -> Deferred[dict[str, Any]]:
-        """Send ``message`` to ``node``'s agent; fire with the reply, or fail with CommandError."""
+        """Send ``message`` to ``node``'s agent; fire with the reply, or fail with CommandError.
+
+        An ``install`` goes only to an installer (that proved itself with a single-use boot token) and carries
+        the node's own agent token, which the installer writes into the installed system.
+        """
         session = self.agents.get(node)
         if session is None:
             return fail(CommandError(f"no agent session for {node}"))
+        if message.get("type") == "install" and self.agent_master:
+            message = {**message, "agent_token": node_token(self.agent_master, node)}
         return session.request(message)
 
 
@@ -381,6 +388,7 @@ class CiddFactory(Factory):
         self.sessions = sessions
         self.tokens = dict(tokens)
         self.clock = clock
+        sessions.agent_master = self.tokens.get(wire.AGENT_ROLE)
         self.security = security or SecurityEvents(clock.seconds)
         self.unix = unix  # the local Unix socket: roles from SO_PEERCRED, no tokens
         self.groups_of = groups_of or system_groups_of

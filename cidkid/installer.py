@@ -649,7 +649,7 @@ def _open_dir(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
-def _write_at(dir_fd: int, name: str, text: str) -> None:
+def _write_at(dir_fd: int, name: str, text: str, mode: int = 0o644) -> None:
     """Write ``text`` to ``name`` in ``dir_fd`` through a temporary file and a rename, following no symlink.
 
     Not fsync'ed: making the install durable is the target's ``finish`` (a ``sync`` of everything, done before
@@ -659,8 +659,9 @@ def _write_at(dir_fd: int, name: str, text: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=dir_fd)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
         try:
+            os.fchmod(fd, mode)
             os.write(fd, text.encode("utf-8"))
         finally:
             os.close(fd)
@@ -778,6 +779,32 @@ def _begin(target: Path, request: InstallRequest) -> None:
         raise TargetError(f"target {target} is not writable: {exc.strerror or exc}")
 
 
+def write_agent_token(target: Path, token: str) -> None:
+    """Write the node's own agent token to ``<target>/etc/cid/agent.token`` (mode 0600, directory 0700).
+
+    The installed system's cidkid reads it (rc/cidkid.service); so a shared image needs no token inside and
+    each node still holds only its own. Never follows a symlinked etc or etc/cid. Raises TargetError.
+    """
+    try:
+        etc = _etc_fd(target, create=True)
+        assert etc is not None
+        try:
+            before = os.fstat(etc)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir("cid", 0o700, dir_fd=etc)
+            cid = os.open("cid", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=etc)
+            os.utime(etc, ns=(before.st_atime_ns, before.st_mtime_ns))  # etc keeps the image's time stamps
+        finally:
+            os.close(etc)
+        try:
+            os.fchmod(cid, 0o700)
+            _write_at(cid, "agent.token", token + "\n", mode=0o600)
+        finally:
+            os.close(cid)
+    except OSError as exc:
+        raise TargetError(f"cannot write the agent token into {target / 'etc/cid'}: {exc.strerror or exc}")
+
+
 def _complete(target: Path, image: str, digest: str) -> None:
     """Write the marker of ``image``, then remove the incomplete flag. Raises TargetError."""
     write_install_marker(target, image, digest)
@@ -828,6 +855,8 @@ def stream_install(request: InstallRequest, target: Path, progress: Progress, *,
                            connect_timeout=connect_timeout, read_timeout=read_timeout, opener=opener or http_open,
                            cancel=cancel)
         digest = install.run()
+        if request.agent_token:
+            write_agent_token(target, request.agent_token)
         _complete(target, request.image, digest)
     except InstallError as exc:
         result = InstallResult(ok=False, reason=exc.message, retry=exc.retry)

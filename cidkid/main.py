@@ -18,7 +18,7 @@ from twisted.application.service import IService
 from cidcommon.errors import BadHostlist, TokenFileError
 from cidcommon.hostlists import expand
 from cidcommon.logs import configure, route_twisted_logs
-from cidcommon.paths import check_private, default_state_dir, read_token, token_path
+from cidcommon.paths import check_private, default_state_dir, node_token, read_token, token_path
 from cidcommon.wire import DEFAULT_PORT
 from cidkid import AGENT_VERSION
 from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_MARKER, REBOOT_COMMANDS, LinuxPlatform
@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address of cidd's agent port (default: $CID_SERVER, else %(default)s)")
     p.add_argument("--token-file", metavar="PATH", type=Path,
                    help="file holding this node's own agent token, mode 0600, made on the head node with "
-                        "'cidd agent-token NODE' (default: $CID_TOKEN_FILE, else <state dir>/secrets/agent.token); "
-                        "with --sim, the file holds cidd's agent master secret (the default: cidd's own "
-                        "secrets/agent.token) and each simulated node derives its token from it")
+                        "'cidd agent-token NODE' (default: $CID_TOKEN_FILE, else <state dir>/secrets/agent.token, "
+                        "which is cidd's agent master secret: an agent on the head node derives its node's token "
+                        "from it); with --sim the file always holds the master secret and each simulated node "
+                        "derives its own token")
     p.add_argument("--log-format", choices=("json", "console"), default="json",
                    help="one JSON object per line (default), or readable console lines")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
@@ -165,6 +166,14 @@ def _token_file(args: argparse.Namespace) -> Path:
     return token_path(default_state_dir(), "agent")
 
 
+def _holds_master(args: argparse.Namespace) -> bool:
+    """Return whether the token file is cidd's agent master secret (the default file, on the head node).
+
+    A file named with --token-file or $CID_TOKEN_FILE holds the node's own token (``cidd agent-token NODE``).
+    """
+    return not args.token_file and not os.environ.get("CID_TOKEN_FILE")
+
+
 def _names(text: str | None) -> frozenset[str]:
     """Return the node names of an optional hostlist (raises BadHostlist)."""
     return frozenset(expand(text)) if text else frozenset()
@@ -202,6 +211,8 @@ def build_service(args: argparse.Namespace, reactor: Any, token: str | Installer
     reboot = (("/bin/sh", "-c", args.reboot_command),) if args.reboot_command else REBOOT_COMMANDS
     platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=target_of(args),
                              install_device=args.install_device, reboot_commands=reboot)
+    if isinstance(token, str) and _holds_master(args):
+        token = node_token(token, platform.node)  # cidd's own master secret: this is the head node
     return AgentService(platform, client_endpoint(reactor, host, port), token, reactor, node=platform.node,
                         server=f"{host}:{port}", request_timeout=args.request_timeout)
 

@@ -63,6 +63,7 @@ class InstallRequest:
     sha256: str | None = None
     size: int | None = None
     format: str = "tar.zst"
+    agent_token: str | None = None  # the node's own agent token, for the installed system (never logged)
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ def parse_install(message: Message) -> InstallRequest:
         sha256=get_str(message, "sha256", required=False),
         size=int(size) if size is not None else None,
         format=str(get_str(message, "format", required=False, default="tar.zst")),
+        agent_token=get_str(message, "agent_token", required=False),
     )
 
 

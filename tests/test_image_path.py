@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cidcommon.paths import node_token, read_token, token_path
 from cidd.catalog import load_catalog
 from tests.procs import Cluster, _env
 from tests.rootfs import build_rootfs, compare_trees
@@ -90,12 +92,15 @@ def test_real_image_from_mkimg_to_a_booted_ext4_disk(tmp_path, disk) -> None:
             booted.mkdir()
             subprocess.run(["mount", "-o", "ro", device, str(booted)], check=True)
             mounts.append(booted)
+        token = booted / "etc/cid/agent.token"  # written by the installer: the node's own token, not the master
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+        assert token.read_text().strip() == node_token(read_token(token_path(cluster.state_dir, "agent")), "disk01")
         system = subprocess.Popen([*agent, "--mode", "system", "--marker", str(booted / "etc/cid-image"),
-                                   "--target", str(booted)], env=env,
+                                   "--target", str(booted), "--token-file", str(token)], env=env,
                                   stderr=open(tmp_path / "system.log", "wb"))  # noqa: SIM115
         _, err = capt.communicate(timeout=60)
         assert capt.returncode == 0, err
-        ignore = ("etc/cid-image", "lost+found")
+        ignore = ("etc/cid-image", "etc/cid", "etc/cid/agent.token", "lost+found")
         assert compare_trees(src, booted, ignore=ignore) == []
         assert (booted / "etc/cid-image").read_text().splitlines()[0] == "testfs-1-0"
         assert not (booted / ".cid-incomplete").exists()
@@ -184,6 +189,10 @@ def test_a_netbooted_installer_authenticates_with_its_single_use_boot_token(tmp_
                                      stderr=open(tmp_path / "installer.log", "wb"))  # noqa: SIM115
         assert installer.wait(timeout=60) == 0, (tmp_path / "installer.log").read_text()[-2000:]
         assert (target / "etc/cid-image").read_text().startswith("testfs-1-0")
+        master = read_token(token_path(cluster.state_dir, "agent"))  # the installer had no token: cidd sent it
+        assert (target / "etc/cid/agent.token").read_text().strip() == node_token(master, "disk03")
+        assert master not in (tmp_path / "installer.log").read_text()
+        assert node_token(master, "disk03") not in (tmp_path / "installer.log").read_text()
         used = [e for e in cluster.log_events() if e.get("event") == "boot.token_used"]
         assert [e["node"] for e in used] == ["disk03"]
         assert capt.poll() is None  # still waiting: the node has not booted its disk yet

@@ -305,7 +305,8 @@ def test_a_replayed_boot_token_is_refused(cluster: Cluster) -> None:
 def test_a_flood_of_bad_logins_is_counted_but_not_all_logged(cluster: Cluster) -> None:
     def refusals() -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.http_port}/metrics", timeout=10).read().decode()
-        lines = [line for line in text.splitlines() if line.startswith('cid_security_refusals_total{kind="auth_failed"}')]
+        wanted = 'cid_security_refusals_total{kind="auth_failed"}'
+        lines = [line for line in text.splitlines() if line.startswith(wanted)]
         return float(lines[0].split()[-1]) if lines else 0.0
 
     counted, logged = refusals(), len(security_events(cluster, "auth_failed"))
