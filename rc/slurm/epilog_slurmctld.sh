@@ -20,6 +20,7 @@ CID_SLURM_DEFAULTS=${CID_SLURM_DEFAULTS:-/etc/default/cid-slurm}
 
 PATH="$CID_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 export SLURM_CONF CID_SERVER CID_ROLE CID_TOKEN_FILE PATH
+[ -n "${CID_SOCKET:-}" ] && export CID_SOCKET   # on the head node: the local socket, no token file
 
 if ! { : >>"$CID_LOG"; } 2>/dev/null; then CID_LOG=/dev/null; fi
 echo "$(date '+%Y-%m-%dT%H:%M:%S%z') epilog job=$SLURM_JOB_ID nodes=$SLURM_JOB_NODELIST" >>"$CID_LOG"

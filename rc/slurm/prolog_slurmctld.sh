@@ -24,6 +24,7 @@ CID_SLURM_DEFAULTS=${CID_SLURM_DEFAULTS:-/etc/default/cid-slurm}
 
 PATH="$CID_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 export SLURM_CONF CID_SERVER CID_ROLE CID_TOKEN_FILE PATH
+[ -n "${CID_SOCKET:-}" ] && export CID_SOCKET   # on the head node: the local socket, no token file
 
 # Progress goes to the log (Slurm throws this program's output away); no log directory: no log.
 if ! { : >>"$CID_LOG"; } 2>/dev/null; then CID_LOG=/dev/null; fi
