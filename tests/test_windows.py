@@ -1,0 +1,156 @@
+"""Reboot windows: cidd.windows.Window, and the engine driven by a Clock (100 nodes, a window of 10).
+
+The engine runs with an in-memory store and a link that records the commands; agents "come back" when the
+test says so. Deadlines must count from the moment a reboot is really issued, not from the capture's start.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from cidd.catalog import Catalog, Image
+from cidd.config import parse_config
+from cidd.engine import Engine
+from cidd.machine import State
+from cidd.store import Store
+from cidd.windows import Window
+
+IMAGE = "alma-9-1"
+
+
+def test_window_bounds_holders_and_starts_the_oldest_waiting_request() -> None:
+    window, started = Window("reboots", 2), []
+    for key in "abcd":
+        window.request(key, lambda k=key: started.append(k))
+    assert started == ["a", "b"] and (window.in_flight, window.waiting) == (2, 2)
+    assert window.request("a", lambda: started.append("a again"))  # a holder's request runs at once
+    window.release("c")  # a queued request is dropped
+    window.release("a")
+    assert started == ["a", "b", "a again", "d"] and window.holds("d") and not window.queued("c")
+    window.release("zzz")  # unknown keys are ignored
+    assert (window.in_flight, window.waiting, window.peak) == (2, 0, 2)
+    unbounded = Window("power", None)
+    for key in range(50):
+        assert unbounded.request(key, lambda: None)
+    with pytest.raises(ValueError):
+        Window("bad", 0)
+
+
+class Link:
+    """Records the commands sent to agents; they never answer (the reboot happens when the test says)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    def command(self, node: str, message: dict) -> Deferred:
+        self.sent.append((node, message))
+        return Deferred()
+
+    def reboots(self) -> list[str]:
+        return [node for node, message in self.sent if message["type"] == "reboot"]
+
+
+def make_engine(tmp_path, count: int, windows: dict, timeout: float = 100.0) -> tuple[Engine, Clock, Link]:
+    config = parse_config({"state_dir": str(tmp_path), "nodes": [{"hosts": f"n[001-{count:03d}]"}],
+                           "windows": windows, "capture_timeout": 100000,
+                           "groups": {"default": {"ladder": [{"method": "reboot", "timeout": timeout},
+                                                             {"method": "reboot", "timeout": timeout}]}}},
+                          "test.yaml")
+    catalog = Catalog({IMAGE: Image("alma", "9", "1", "alma-9-1.tar.zst")})
+    clock, link = Clock(), Link()
+    clock.advance(1000)
+    engine = Engine(config, catalog, Store(":memory:"), clock, link)
+    engine.start()
+    for name in engine.nodes:
+        engine.agent_connected(name, f"{name}-boot0", "system", "debian-12-1")
+    return engine, clock, link
+
+
+def names(count: int) -> list[str]:
+    return [f"n{i:03d}" for i in range(1, count + 1)]
+
+
+def come_back_in_installer(engine: Engine, name: str) -> None:
+    engine.agent_lost(name)
+    engine.agent_connected(name, f"{name}-boot1", "installer", None)
+
+
+def test_a_hundred_nodes_never_more_than_ten_reboots_in_flight(tmp_path) -> None:
+    engine, clock, link = make_engine(tmp_path, 100, {"reboots": 10})
+    engine.capture("j1", names(100), IMAGE, "alice", "slurm", None)
+    rng = random.Random(7)
+    back: set[str] = set()
+    peak = 0
+
+    def in_flight() -> int:
+        return len(set(link.reboots()) - back)
+
+    def schedule(start: int) -> None:
+        for name in link.reboots()[start:]:  # each issued reboot takes 1 to 30 s
+            clock.callLater(rng.uniform(1, 30), finish, name)
+
+    def finish(name: str) -> None:
+        back.add(name)
+        before = len(link.reboots())
+        come_back_in_installer(engine, name)
+        schedule(before)
+
+    schedule(0)
+    for _ in range(2000):
+        peak = max(peak, in_flight())
+        assert in_flight() <= 10
+        clock.advance(0.5)
+        if len(back) == 100:
+            break
+    assert len(back) == 100 and peak == 10
+    assert {engine.nodes[n].state for n in names(100)} == {State.INSTALLING}
+    assert engine.reboot_window.peak == 10 and len(link.reboots()) == 100  # each node rebooted once
+
+
+def test_deadlines_count_from_the_issue_and_grow_with_the_nodes_in_flight(tmp_path) -> None:
+    engine, clock, link = make_engine(tmp_path, 20, {"reboots": 10, "timeout_per_node": 2}, timeout=100.0)
+    engine.capture("j1", names(20), IMAGE, "alice", "slurm", None)
+    first, second = names(20)[:10], names(20)[10:]
+    assert link.reboots() == first
+    # issued at 1000 with 1..10 nodes in flight: 100 s + 2 s per node
+    assert [engine.nodes[n].deadline for n in first] == [1000 + 100 + 2 * k for k in range(1, 11)]
+    assert all(engine.nodes[n].deadline is None for n in second)  # queued: no deadline yet
+    assert engine.node_status(second[0])["state"] == "to_installer"
+    clock.advance(80)
+    for name in first:
+        come_back_in_installer(engine, name)
+    assert link.reboots() == first + second  # issued at 1080, each as a slot freed: 10 in flight each time
+    assert [engine.nodes[n].deadline for n in second] == [1080 + 100 + 2 * 10] * 10
+    clock.advance(110)  # 1190: long past "capture start + timeout", not yet "issue + timeout"
+    assert {(engine.nodes[n].state, engine.nodes[n].rung) for n in second} == {(State.TO_INSTALLER, 0)}
+    clock.advance(10)
+    assert {engine.nodes[n].rung for n in second} == {1}  # climbed at the deadline counted from the issue
+
+
+def test_a_node_leaving_its_step_frees_its_slot(tmp_path) -> None:
+    engine, clock, link = make_engine(tmp_path, 3, {"reboots": 1}, timeout=50.0)
+    engine.capture("j1", names(3), IMAGE, "alice", "slurm", None)
+    assert link.reboots() == ["n001"]
+    clock.advance(50)  # n001 times out: it climbs to rung 1 and queues again behind n002 and n003
+    assert engine.nodes["n001"].rung == 1
+    assert link.reboots() == ["n001", "n002"]
+    come_back_in_installer(engine, "n002")
+    assert link.reboots() == ["n001", "n002", "n003"]
+    come_back_in_installer(engine, "n003")
+    assert link.reboots() == ["n001", "n002", "n003", "n001"]
+    assert engine.nodes["n001"].deadline == clock.seconds() + 50
+
+
+def test_queued_reboots_survive_a_restart(tmp_path) -> None:
+    engine, clock, link = make_engine(tmp_path, 4, {"reboots": 2})
+    engine.capture("j1", names(4), IMAGE, "alice", "slurm", None)
+    assert link.reboots() == ["n001", "n002"]
+    assert engine.nodes["n004"].deadline is None
+    restarted = Engine(engine.config, engine.catalog, engine.store, clock, Link())
+    restarted.start()
+    assert restarted.reboot_window.in_flight == 2  # n001 and n002 hold their slots again
+    assert restarted.nodes["n004"].deadline == clock.seconds() + 100  # agent rung: resent when it connects
