@@ -203,12 +203,13 @@ class Engine:
             touched = {job for jobs in jobs_of.values() for job in jobs}
             for job in touched:
                 self._settle(job, changed, now)
-        for name in steps:
+        for name, step in steps.items():
+            if step.transition is not None:
+                self._log_transition(step, jobs_of[name])
+        for name in steps:  # after the log: a freed slot may issue another node's reboot at once
             self._leave_window(name, self.nodes[name])
         for name, step in steps.items():
             self._arm(name, self.nodes[name])  # a window may have changed the node's deadline meanwhile
-            if step.transition is not None:
-                self._log_transition(step, jobs_of[name])
             for action in step.actions:
                 self._act(name, action)
 
