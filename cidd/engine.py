@@ -281,6 +281,9 @@ class Engine:
             return
         if first:
             self._start_deadline(name, step, in_flight)
+        if not node.online:  # it went away while queued: sent when its agent says hello again (same boot)
+            log.info("node.reboot_waits_for_agent", node=name, method=action.method, boot=action.boot)
+            return
         log.info("node.reboot_issued", node=name, method=action.method, boot=action.boot, in_flight=in_flight,
                  window=self.reboot_window.limit)
         message, note = reboot_message(self.config, self.config.policy(self.groups.get(name, "default")), name,

@@ -154,3 +154,16 @@ def test_queued_reboots_survive_a_restart(tmp_path) -> None:
     restarted.start()
     assert restarted.reboot_window.in_flight == 2  # n001 and n002 hold their slots again
     assert restarted.nodes["n004"].deadline == clock.seconds() + 100  # agent rung: resent when it connects
+
+
+def test_a_queued_node_that_went_offline_gets_its_reboot_when_its_agent_is_back(tmp_path) -> None:
+    engine, clock, link = make_engine(tmp_path, 2, {"reboots": 1})
+    engine.capture("j1", names(2), IMAGE, "alice", "slurm", None)
+    engine.agent_lost("n002")  # queued behind n001, then its session drops (same boot)
+    clock.advance(10)
+    come_back_in_installer(engine, "n001")
+    assert link.reboots() == ["n001"]  # nothing sent into a missing session
+    assert engine.nodes["n002"].deadline == clock.seconds() + 100  # its slot and deadline start now
+    engine.agent_connected("n002", "n002-boot0", "system", "debian-12-1")
+    assert link.reboots() == ["n001", "n002"]
+    assert engine.nodes["n002"].deadline == 1010 + 100  # the resend keeps the deadline
