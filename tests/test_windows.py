@@ -167,3 +167,51 @@ def test_a_queued_node_that_went_offline_gets_its_reboot_when_its_agent_is_back(
     engine.agent_connected("n002", "n002-boot0", "system", "debian-12-1")
     assert link.reboots() == ["n001", "n002"]
     assert engine.nodes["n002"].deadline == 1010 + 100  # the resend keeps the deadline
+
+
+class Bmcs:
+    """A PowerController stand-in: every BMC call waits until the test fires it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Deferred]] = []
+
+    def _call(self, action: str, node: str) -> Deferred:
+        d: Deferred = Deferred()
+        self.calls.append((action, node, d))
+        return d
+
+    def set_next_boot(self, node: str, address: str, device: str) -> Deferred:
+        return self._call("next_boot", node)
+
+    def cycle(self, node: str, address: str) -> Deferred:
+        return self._call("cycle", node)
+
+    def pending(self) -> list[tuple[str, str, Deferred]]:
+        return [c for c in self.calls if not c[2].called]
+
+
+def test_power_window_bounds_bmc_actions_and_starts_the_deadline_with_the_call(tmp_path) -> None:
+    config = parse_config({"state_dir": str(tmp_path), "nodes": [{"hosts": "n[001-006]"}],
+                           "windows": {"power": 2}, "capture_timeout": 100000,
+                           "bmc": {"address": "10.1.0.{index}", "credentials": str(tmp_path / "cred")},
+                           "groups": {"default": {"ladder": [{"method": "power_cycle", "timeout": 60}]}}},
+                          "test.yaml")
+    clock, bmcs = Clock(), Bmcs()
+    clock.advance(1000)
+    engine = Engine(config, Catalog({IMAGE: Image("alma", "9", "1", "alma-9-1.tar.zst")}), Store(":memory:"),
+                    clock, Link(), bmcs)  # type: ignore[arg-type]
+    engine.start()
+    engine.capture("j1", names(6), IMAGE, "alice", "slurm", None)
+    assert [node for _, node, _ in bmcs.pending()] == ["n001", "n002"]  # two power actions at once
+    assert [engine.nodes[n].deadline for n in names(6)] == [1060, 1060, None, None, None, None]
+    clock.advance(5)
+    while bmcs.pending():
+        assert len(bmcs.pending()) <= 2
+        action, node, d = bmcs.pending()[0]
+        d.callback(None)  # next_boot, then cycle: the slot is freed after the cycle
+        clock.advance(1)
+    cycled = [node for action, node, _ in bmcs.calls if action == "cycle"]
+    assert cycled == names(6)
+    # n003 got its slot at 1007, when n001's cycle ended (1005: n001 next boot, 1006: n002, 1007: n001 cycle)
+    assert engine.nodes["n003"].deadline == 1007 + 60
+    assert engine.power_window.peak == 2
