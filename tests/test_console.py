@@ -99,8 +99,9 @@ def setup(tmp_path_factory):
     creds = root / "bmc.cred"
     creds.write_text(f"{USER}:{PASSWORD}\n")
     creds.chmod(0o600)
-    cluster = Cluster(root / "cid", nodes=[{"hosts": "n01"}], extra_config={
-        "bmc": {"address": f"127.0.0.1:{sim.port}", "credentials": str(creds), "timeout": 5}})
+    # n01's BMC is ipmi_sim; n02's address is the next UDP port, where nothing answers
+    cluster = Cluster(root / "cid", nodes=[{"hosts": "n[01-02]"}], extra_config={
+        "bmc": {"address": f"127.0.0.1:{{index+{sim.port - 1}}}", "credentials": str(creds), "timeout": 5}})
     try:
         serial.accept()
         cluster.start_cidd()
@@ -151,3 +152,19 @@ def test_console_is_for_admins_only(setup) -> None:
     assert "may not open node consoles" in result.stderr
     result = cluster.cidcapt("--console", "n99")
     assert result.returncode == 2 and "unknown node n99" in result.stderr
+
+
+def test_a_console_to_a_silent_bmc_fails_with_a_reason_naming_it(setup) -> None:
+    cluster, _serial, sim = setup
+    proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "--console", "n02"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(cluster.state_dir))
+    try:
+        code = proc.wait(timeout=60)  # stdin stays open: only the console's failure ends it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 1, err
+    assert f"SOL console of n02 (BMC 127.0.0.1:{sim.port + 1}) failed" in err
