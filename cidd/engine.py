@@ -551,7 +551,13 @@ class Engine:
         return {"node": name, "state": node.state.value, "image": node.image, "target": node.target,
                 "job": node.job, "online": node.online, "mode": node.mode, "last_seen": seen,
                 "reason": node.reason, "attempt": node.attempt, "rung": node.rung, "deadline": node.deadline,
-                "health": figures}
+                "health": figures, "reboot": self._window_state(name)}
+
+    def _window_state(self, name: str) -> str | None:
+        """Return "queued" (waiting for a reboot slot), "issued" (holding one) or None."""
+        if self.reboot_window.queued(name):
+            return "queued"
+        return "issued" if self.reboot_window.holds(name) else None
 
 
 def read_catalog(config: Config) -> Catalog:

@@ -120,6 +120,7 @@ def test_deadlines_count_from_the_issue_and_grow_with_the_nodes_in_flight(tmp_pa
     assert [engine.nodes[n].deadline for n in first] == [1000 + 100 + 2 * k for k in range(1, 11)]
     assert all(engine.nodes[n].deadline is None for n in second)  # queued: no deadline yet
     assert engine.node_status(second[0])["state"] == "to_installer"
+    assert (engine.node_status(first[0])["reboot"], engine.node_status(second[0])["reboot"]) == ("issued", "queued")
     clock.advance(80)
     for name in first:
         come_back_in_installer(engine, name)
