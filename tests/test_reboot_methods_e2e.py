@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import urllib.request
 
 import pytest
 
@@ -74,6 +75,8 @@ def test_each_group_reboots_with_its_method_within_the_window(cluster: Cluster) 
     base = f"http://127.0.0.1:{cluster.http_port}"
     method, kernel, cmdline, entry = seen[("n02", "installer")]
     assert (method, kernel) == ("kexec", f"{base}/boot/files/vmlinuz")
+    with urllib.request.urlopen(kernel, timeout=10) as response:  # what a real agent would fetch
+        assert response.read() == b"kernel"
     assert f"cid.server=127.0.0.1:{cluster.port}" in cmdline and "cid.node=n02" in cmdline
     assert "cid.token=" in cmdline and cmdline.endswith(" quiet")
     assert seen[("n02", "disk")][0] == "reboot"  # no image kernel to kexec into yet: an ordinary reboot
