@@ -15,7 +15,7 @@ import structlog
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from cidcommon.errors import CidError, UnknownImage, UnknownNode
+from cidcommon.errors import UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
 from cidd import captures as caps
 from cidd.captures import Capture, Plan
@@ -24,7 +24,6 @@ from cidd.config import Config
 from cidd.images_http import image_path
 from cidd.machine import Node, State, Step, apply, restore
 from cidd.machine_types import (
-    POWER_METHODS,
     Connected,
     Disconnected,
     Event,
@@ -34,15 +33,13 @@ from cidd.machine_types import (
     RungFailed,
     SendInstall,
     SetBoot,
-    SetDeadline,
     Switch,
     Tick,
 )
 from cidd.netboot import Netboot
-from cidd.power import PowerController, bmc_address
-from cidd.reboots import reboot_message
+from cidd.power import PowerController
+from cidd.rebooter import Rebooter
 from cidd.store import Store
-from cidd.windows import Window
 
 log = structlog.get_logger("cidd.engine")
 
@@ -83,13 +80,8 @@ class Engine:
         self._timers: dict[str, IDelayedCall] = {}
         self._capture_timers: dict[str, IDelayedCall] = {}
         self.netboot = Netboot(config, store, clock)
-        # Reboot windows (docs/power.md): a node holds a reboot slot from the issue of its rung's reboot until
-        # it leaves that step; BMC actions hold a power slot while they run.
-        self.reboot_window = Window("reboots", config.windows.reboots)
-        self.power_window = Window("power", config.windows.power)
-        self._reboot_step: dict[str, tuple[str, int]] = {}  # node -> (state, rung) its reboot slot is for
-        self._issued: set[str] = set()  # nodes whose current step's reboot was issued (deadline set)
-        self._power_seq = 0
+        self.reboots = Rebooter(self)  # reboot windows, agent reboots, BMC power (docs/power.md)
+        self.reboot_window, self.power_window = self.reboots.window, self.reboots.power_window
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -111,28 +103,8 @@ class Engine:
         with self.store.transaction():
             for job in list(self.captures):
                 self._settle(job, {}, now)
-        self._requeue_deferred()
+        self.reboots.requeue()
         log.info("engine.started", nodes=len(self.nodes), captures=len(self.captures))
-
-    def _requeue_deferred(self) -> None:
-        """After a restart: nodes whose reboot was issued hold their slot again; those whose reboot waited for
-        a window (no deadline) get it back."""
-        for name, node in list(self.nodes.items()):
-            if node.state not in (State.TO_INSTALLER, State.TO_IMAGE):
-                continue
-            if node.deadline is not None:
-                if node.reboot_from is not None:
-                    self._reboot_step[name] = (node.state.value, node.rung)
-                    self._issued.add(name)
-                    self.reboot_window.request(name, lambda: None)
-                continue
-            policy = self.config.policy(self.groups.get(name, "default"))
-            rung = policy.ladder[min(node.rung, len(policy.ladder) - 1)]
-            boot = "installer" if node.state is State.TO_INSTALLER else "disk"
-            if rung.method in POWER_METHODS:
-                self._reboot(name, Reboot(boot, rung.method))
-            else:  # an agent rung: sent again when the agent connects; meanwhile the rung's timeout runs
-                self.handle(name, SetDeadline(node.state.value, node.rung, self.clock.seconds() + rung.timeout))
 
     # --- agents ------------------------------------------------------------------------------------
 
@@ -207,7 +179,7 @@ class Engine:
             if step.transition is not None:
                 self._log_transition(step, jobs_of[name])
         for name in steps:  # after the log: a freed slot may issue another node's reboot at once
-            self._leave_window(name, self.nodes[name])
+            self.reboots.leave(name, self.nodes[name])
         for name, step in steps.items():
             self._arm(name, self.nodes[name])  # a window may have changed the node's deadline meanwhile
             for action in step.actions:
@@ -236,161 +208,22 @@ class Engine:
     def _act(self, name: str, action: object) -> None:
         """Carry out one action of a committed step."""
         if isinstance(action, Reboot):
-            self._reboot(name, action)
+            self.reboots.reboot(name, action)
         elif isinstance(action, SendInstall):
-            self._send(name, self.install_message(action.image), "installer refused the install")
+            self.send_command(name, self.install_message(action.image), "installer refused the install")
         elif isinstance(action, SetBoot):
             self.netboot.set_boot(name, action.boot)
         elif isinstance(action, PowerOn):
-            self._power_on(name, action.boot)
+            self.reboots.power_on(name, action.boot)
 
-    # --- reboot windows -------------------------------------------------------------------------------
-
-    def _leave_window(self, name: str, node: Node) -> None:
-        """Free ``name``'s reboot slot (or queued reboot) once the node left the step it was for."""
-        held = self._reboot_step.get(name)
-        if held is not None and held != (node.state.value, node.rung):
-            del self._reboot_step[name]
-            self._issued.discard(name)
-            self.reboot_window.release(name)
-
-    def _reboot(self, name: str, action: Reboot) -> None:
-        """Issue ``action`` through the reboot window: now if a slot is free, else when one frees up.
-
-        A queued reboot has no deadline (SetDeadline None); the rung's timeout counts from the real issue.
-        """
-        node = self.nodes[name]
-        step = (node.state.value, node.rung)
-        self._reboot_step[name] = step
-        if not self.reboot_window.request(name, lambda: self._issue(name, step, action)):
-            log.info("node.reboot_queued", node=name, method=action.method, boot=action.boot,
-                     in_flight=self.reboot_window.in_flight, waiting=self.reboot_window.waiting)
-            self.handle(name, SetDeadline(step[0], step[1], None))
-
-    def _issue(self, name: str, step: tuple[str, int], action: Reboot) -> None:
-        """Carry out a reboot that got its slot; the first issue of a step (re)starts its deadline."""
-        node = self.nodes[name]
-        if (node.state.value, node.rung) != step:
-            self._leave_window(name, node)
-            return
-        first = name not in self._issued
-        self._issued.add(name)
-        in_flight = self.reboot_window.in_flight
-        if action.method in POWER_METHODS:
-            self._power_cycle(name, action.boot, step, first)
-            return
-        if first:
-            self._start_deadline(name, step, in_flight)
-        if not node.online:  # it went away while queued: sent when its agent says hello again (same boot)
-            log.info("node.reboot_waits_for_agent", node=name, method=action.method, boot=action.boot)
-            return
-        log.info("node.reboot_issued", node=name, method=action.method, boot=action.boot, in_flight=in_flight,
-                 window=self.reboot_window.limit)
-        message, note = reboot_message(self.config, self.config.policy(self.groups.get(name, "default")), name,
-                                       action.boot, action.method, self.netboot.tokens.get(name, (None, 0.0))[0])
-        if note:
-            log.info("node.reboot_method_replaced", node=name, method=action.method, reason=note)
-        self._send(name, message, f"agent refused {message['method']} into {action.boot}")
-
-    def _start_deadline(self, name: str, step: tuple[str, int], in_flight: int) -> None:
-        """Set the step's deadline: the rung's timeout plus ``windows.timeout_per_node`` per node in flight."""
-        node = self.nodes[name]
-        policy = self.config.policy(self.groups.get(name, "default"))
-        timeout = policy.ladder[node.rung].timeout + self.config.windows.timeout_per_node * in_flight
-        deadline = self.clock.seconds() + timeout
-        if node.deadline != deadline:
-            self.handle(name, SetDeadline(step[0], step[1], deadline))
-
-    def _power_slot(self, name: str, start: Callable[[Callable[[], None]], None]) -> bool:
-        """Run ``start(done)`` when a power slot is free; ``done`` frees it. Returns whether it started now."""
-        self._power_seq += 1
-        key = (name, self._power_seq)
-        return self.power_window.request(key, lambda: start(lambda: self.power_window.release(key)))
-
-    def _power_cycle(self, name: str, boot: str, step: tuple[str, int] | None = None, first: bool = True) -> None:
-        """Power-cycle ``name`` through a power slot; the step's deadline starts when the BMC call does."""
-        if step is None:
-            node = self.nodes[name]
-            step = (node.state.value, node.rung)
-
-        def start(done: Callable[[], None]) -> None:
-            if (self.nodes[name].state.value, self.nodes[name].rung) != step:
-                done()
-                return
-            if first:
-                self._start_deadline(name, step, self.reboot_window.in_flight)
-            log.info("node.reboot_issued", node=name, method="power_cycle", boot=boot,
-                     in_flight=self.reboot_window.in_flight, window=self.reboot_window.limit,
-                     power_in_flight=self.power_window.in_flight)
-            self._bmc_cycle(name, boot, done)
-
-        if not self._power_slot(name, start):
-            log.info("node.power_queued", node=name, waiting=self.power_window.waiting)
-            if first:
-                self.handle(name, SetDeadline(step[0], step[1], None))
-
-    def _bmc_cycle(self, name: str, boot: str, done: Callable[[], None]) -> None:
-        """Set the next boot device through the BMC, then power-cycle; a failure climbs the ladder."""
-        if self.power is None or self.config.bmc is None:
-            done()
-            self.handle(name, RungFailed("power_cycle needs BMC access; configure the 'bmc' section"))
-            return
-        try:
-            address = bmc_address(name, self.config.bmc.address)
-        except CidError as exc:
-            done()
-            self.handle(name, RungFailed(exc.message))
-            return
-        power = self.power
-        report = self._step_failed(name, "power cycle failed")
-        device = "network" if boot == "installer" else "default"
-        log.info("node.power_cycle", node=name, bmc=address, boot=boot)
-        d = power.set_next_boot(name, address, device)
-        d.addCallback(lambda _: power.cycle(name, address))
-
-        def failed(failure: Any) -> None:
-            log.warning("node.power_failed", node=name, bmc=address, reason=failure.getErrorMessage())
-            report(failure.getErrorMessage())
-
-        d.addErrback(failed)
-        d.addBoth(lambda _: done())
-
-    def _power_on(self, name: str, boot: str) -> None:
-        """Power on a node that is off, booting ``boot`` next; without BMC access, only wait for its agent."""
-        if self.power is None or self.config.bmc is None:
-            return
-        try:
-            address = bmc_address(name, self.config.bmc.address)
-        except CidError as exc:
-            log.warning("node.power_on_failed", node=name, reason=exc.message)
-            return
-        power = self.power
-        self._power_slot(name, lambda done: self._bmc_power_on(name, boot, address, power, done))
-
-    def _bmc_power_on(self, name: str, boot: str, address: str, power: PowerController,
-                      done: Callable[[], None]) -> None:
-        """Ask the BMC of ``name`` for its power state and power it on if it is off; ``done`` frees the slot."""
-
-        def on_if_off(state: str) -> Any:
-            if state != "off":
-                return None  # on but silent: the ladder's timeout and its power rung deal with it
-            log.info("node.power_on", node=name, bmc=address, boot=boot)
-            d = power.set_next_boot(name, address, "network" if boot == "installer" else "default")
-            return d.addCallback(lambda _: power.on(name, address))
-
-        d = power.status(name, address).addCallback(on_if_off)
-        d.addErrback(lambda f: log.warning("node.power_on_failed", node=name, bmc=address,
-                                           reason=f.getErrorMessage()))
-        d.addBoth(lambda _: done())
-
-    def _step_failed(self, name: str, reason: str) -> Callable[[str], None]:
+    def step_failed(self, name: str, reason: str) -> Callable[[str], None]:
         """Return a function reporting a failure of the step ``name`` is in now (ignored once it moved on)."""
         node = self.nodes[name]
         state, rung = node.state.value, node.rung
         return lambda why: self.handle(name, RungFailed(f"{reason}: {why}", state, rung))
 
-    def _send(self, name: str, message: dict[str, Any], what: str) -> None:
-        report = self._step_failed(name, what)
+    def send_command(self, name: str, message: dict[str, Any], what: str) -> None:
+        report = self.step_failed(name, what)
 
         def failed(failure: Any) -> None:
             if failure.check(SessionClosed):
@@ -551,13 +384,7 @@ class Engine:
         return {"node": name, "state": node.state.value, "image": node.image, "target": node.target,
                 "job": node.job, "online": node.online, "mode": node.mode, "last_seen": seen,
                 "reason": node.reason, "attempt": node.attempt, "rung": node.rung, "deadline": node.deadline,
-                "health": figures, "reboot": self._window_state(name)}
-
-    def _window_state(self, name: str) -> str | None:
-        """Return "queued" (waiting for a reboot slot), "issued" (holding one) or None."""
-        if self.reboot_window.queued(name):
-            return "queued"
-        return "issued" if self.reboot_window.holds(name) else None
+                "health": figures, "reboot": self.reboots.state(name)}
 
 
 def read_catalog(config: Config) -> Catalog:
