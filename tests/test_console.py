@@ -168,3 +168,31 @@ def test_a_console_to_a_silent_bmc_fails_with_a_reason_naming_it(setup) -> None:
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert code == 1, err
     assert f"SOL console of n02 (BMC 127.0.0.1:{sim.port + 1}) failed" in err
+
+
+def test_in_a_terminal_keys_go_out_one_by_one_and_the_terminal_is_restored(setup) -> None:
+    import pty
+    import termios
+
+    cluster, serial, _sim = setup
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "--console", "n01"],
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=_env(cluster.state_dir))
+    try:
+        serial.received = b""
+        deadline = time.monotonic() + 30
+        while b"xyz" not in serial.received and time.monotonic() < deadline:
+            os.write(master, b"xyz")  # no Enter: only a raw terminal lets these through at once
+            serial.read_until(b"xyz", timeout=2)
+        assert b"xyz" in serial.received, "keys typed in a terminal did not reach the serial port without Enter"
+        assert not termios.tcgetattr(slave)[3] & termios.ICANON  # raw while attached
+        os.write(master, b"\r~.")
+        assert proc.wait(timeout=20) == 0
+        assert termios.tcgetattr(slave)[3] == before[3], "the terminal's modes were not restored"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
