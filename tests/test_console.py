@@ -196,3 +196,32 @@ def test_in_a_terminal_keys_go_out_one_by_one_and_the_terminal_is_restored(setup
             proc.wait()
         os.close(master)
         os.close(slave)
+
+
+def test_power_calls_to_the_same_bmc_work_while_its_console_is_open(setup) -> None:
+    cluster, serial, _sim = setup
+    proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "--console", "n01"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(cluster.state_dir))
+    try:
+        assert proc.stdin is not None
+        serial.received = b""
+        deadline = time.monotonic() + 30
+        while b"1" not in serial.received and time.monotonic() < deadline:
+            proc.stdin.write(b"1")
+            proc.stdin.flush()
+            serial.read_until(b"1", timeout=2)
+        assert b"1" in serial.received
+        for _ in range(3):  # cidd's BMC pool and the console's SOL session share the BMC (and pyghmi)
+            result = cluster.cidcapt("--power", "status", "n01", timeout=60)
+            assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+        proc.stdin.write(b"2")
+        proc.stdin.flush()
+        assert b"2" in serial.read_until(b"2", timeout=10), "the console stopped relaying after the power calls"
+        proc.stdin.write(b"\r~.")
+        proc.stdin.flush()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
