@@ -26,7 +26,7 @@ import structlog
 from twisted.internet import defer, threads, utils
 from twisted.internet.defer import Deferred
 
-from cidkid.reboots import REBOOT_METHODS, RebootSpec, Stage, plan
+from cidkid.reboots import REBOOT_METHODS, RebootSpec, Stage, plan, redact
 
 log = structlog.get_logger(__name__)
 
@@ -268,7 +268,7 @@ class LinuxPlatform(Platform):
                 log.error("agent.reboot_failed", node=self.node, stage=stage.what,
                           reason=f"no command of stage '{stage.what}' worked")
                 return None
-            log.info("agent.reboot_stage_done", node=self.node, stage=stage.what, command=" ".join(worked))
+            log.info("agent.reboot_stage_done", node=self.node, stage=stage.what, command=redact(" ".join(worked)))
             return self._run_stages(rest) if rest else worked
 
         return self._run_first(commands).addCallback(next_stage)
@@ -284,13 +284,13 @@ class LinuxPlatform(Platform):
             _out, err, code = result
             if code == 0:
                 return argv
-            log.error("agent.reboot_command_failed", node=self.node, command=" ".join(argv), exit=code,
-                      stderr=err.decode("utf-8", "replace").strip()[-500:])
+            log.error("agent.reboot_command_failed", node=self.node, command=redact(" ".join(argv)), exit=code,
+                      stderr=redact(err.decode("utf-8", "replace").strip()[-500:]))
             return self._run_first(rest)
 
         def failed(failure: Any) -> Deferred[list[str] | None]:
-            log.error("agent.reboot_command_failed", node=self.node, command=" ".join(argv),
-                      error=failure.getErrorMessage())
+            log.error("agent.reboot_command_failed", node=self.node, command=redact(" ".join(argv)),
+                      error=redact(failure.getErrorMessage()))
             return self._run_first(rest)
 
         return d.addCallbacks(done, failed)

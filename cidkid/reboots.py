@@ -25,6 +25,12 @@ REBOOT_METHODS = frozenset({"reboot", "kexec", "grub_reboot", "efi_bootnext"})
 #: Methods that set the firmware's or the boot loader's next boot, then reboot; they need an ``entry``.
 NEXT_BOOT_METHODS = frozenset({"grub_reboot", "efi_bootnext"})
 _EFI_ENTRY = re.compile(r"^[0-9A-Fa-f]{1,4}$")
+_TOKEN = re.compile(r"(cid\.token=)\S+")
+
+
+def redact(text: str) -> str:
+    """Return ``text`` with the value of every ``cid.token=`` (the installer's boot token) replaced by ``***``."""
+    return _TOKEN.sub(r"\1***", text)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from cidkid.platform import (
     write_marker,
 )
 from cidkid.protocol import REQUEST_TIMEOUT, AgentProtocol
-from cidkid.reboots import REBOOT_METHODS, RebootSpec
+from cidkid.reboots import REBOOT_METHODS, RebootSpec, redact
 from cidkid.service import AgentService, Backoff, client_endpoint
 
 log = structlog.get_logger(__name__)
@@ -157,7 +157,7 @@ class SimNode(Platform):
             self.config.hang_reboot_rate > 0 and self._rng.random() < self.config.hang_reboot_rate)
         spec = spec or RebootSpec()
         log.info("sim.reboot", node=self.name, boot=boot, method=method, hang=hang, kernel=spec.kernel,
-                 cmdline=spec.cmdline or None, entry=spec.entry)
+                 cmdline=redact(spec.cmdline) or None, entry=spec.entry)
         stopped = self._shut_down()
         if hang:
             self.state = "hung"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from structlog.testing import capture_logs
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.web.server import Site
@@ -98,10 +99,13 @@ def test_kexec_in_the_installer_jumps_at_once_and_falls_back(tmp_path: Path) -> 
     assert [c[:2] for c in runner.calls] == [["kexec", "-l"], ["systemctl", "kexec"], ["kexec", "-e"]]
 
 
-def test_a_failed_kexec_load_does_not_jump(tmp_path: Path) -> None:
+def test_a_failed_kexec_load_does_not_jump_and_the_log_hides_the_token(tmp_path: Path) -> None:
     runner = Recorder(fail={"kexec"})
     p = platform(tmp_path, runner, fetcher=fake_fetch([]))
-    p.reboot("installer", "kexec", RebootSpec(kernel="http://h/k"))
+    with capture_logs() as logs:
+        p.reboot("installer", "kexec", RebootSpec(kernel="http://h/k", cmdline="cid.node=n1 cid.token=S3cr3t q"))
+    assert "S3cr3t" in " ".join(runner.calls[0])  # the real command gets the token ...
+    assert "S3cr3t" not in repr(logs) and "cid.token=*** q" in repr(logs)  # ... the log does not
     assert len(runner.calls) == 1 and runner.calls[0][:2] == ["kexec", "-l"]
     assert p.last_reboot is not None and p.last_reboot.result is None
 
