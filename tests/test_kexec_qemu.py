@@ -47,6 +47,8 @@ def debian_kernel() -> Path:
     target = CACHE / names[0]
     subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
     deb.unlink()
+    for bulky in ("lib", "usr"):  # the modules (hundreds of MB): only boot/vmlinuz-* is needed
+        shutil.rmtree(target / bulky, ignore_errors=True)
     return next(target.glob("boot/vmlinuz-*"))
 
 
