@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TextIO
 
 from cidcapt import __version__, slurm
 from cidcapt.capture import CaptureRequest, CaptureRunner, Endpoint, Outcome
-from cidcapt.connection import Clock, Sleep, Timing, parse_server, simple_request
+from cidcapt.connection import Clock, Sleep, Timing, open_session, parse_server, simple_request
 from cidcapt.render import CAPTURES_HEADERS, STATUS_HEADERS, Renderer, captures_rows, counts, status_rows
 from cidcommon.errors import BAD_REQUEST_CODES, REFUSED_CODES, CidError
 from cidcommon.hostlists import collect, expand
@@ -124,6 +124,7 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
                     "  cidcapt -j JOB -n HOSTLIST -i IMAGE     switch nodes, wait, exit 0 when all are ready\n"
                     "  cidcapt --status [HOSTLIST]             show cidd's view of the nodes\n"
                     "  cidcapt --captures                      list running and recent captures\n"
+                    "  cidcapt --console NODE                  the node's serial console (admin; ~. detaches)\n"
                     "  cidcapt --slurm [-i IMAGE]              PrologSlurmctld: switch the job's nodes, or drain them\n"
                     "  cidcapt --release --slurm               EpilogSlurmctld: back to cidd's default image, no wait",
         epilog=EXIT_CODES_HELP,
@@ -138,6 +139,10 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
     parser.add_argument("--power", nargs=2, metavar=("ACTION", "HOSTLIST"),
                         help="BMC power for nodes (admin): ACTION is status, on, off, cycle or reset; exit 1 when "
                         "some node's BMC failed (each listed with the reason)")
+    parser.add_argument("--console", metavar="NODE",
+                        help="attach the terminal to NODE's serial-over-LAN console, relayed by cidd (admin; the BMC "
+                        "credentials stay with cidd); ~. at the start of a line detaches; exit 1 when the console "
+                        "failed (the reason is printed)")
     parser.add_argument("--reload", action="store_true",
                         help="ask cidd to reload its image catalog (admin); a catalog with errors is refused "
                         "with every error listed, and the previous one stays active")
@@ -176,8 +181,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Exit through ``parser.error`` (code 2) when the options do not make one valid command."""
     if args.role not in CLIENT_ROLES:
         parser.error(f"unknown role {args.role!r}; use one of {', '.join(CLIENT_ROLES)}")
-    if sum((args.status is not None, args.captures, args.reload, args.power is not None)) > 1:
-        parser.error("use only one of --status, --captures, --reload and --power")
+    if sum((args.status is not None, args.captures, args.reload, args.power is not None,
+            args.console is not None)) > 1:
+        parser.error("use only one of --status, --captures, --reload, --power and --console")
+    if args.console is not None:
+        if args.job or args.image or args.nodes or args.slurm or args.release:
+            parser.error("--console NODE takes no -j, -n, -i, --slurm or --release")
+        return
     if args.power is not None:
         if args.job or args.image or args.nodes:
             parser.error("--power takes no -j, -n or -i: give the hostlist after the action")
@@ -291,6 +301,8 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
             return _reload(args, env, renderer, timing, clock, sleep)
         if args.power is not None:
             return _power(args, env, renderer, timing, clock, sleep)
+        if args.console is not None:
+            return _console(args, env, timing, clock, sleep, err)
         if args.status is not None or args.captures:
             return _admin_view(args, env, renderer, timing, clock, sleep, now)
     except CidError as exc:
@@ -411,6 +423,19 @@ def _power(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer,
                 for name, r in results.items()]
         renderer.table(["NODE", action.upper(), "DETAIL"], rows)
     return EXIT_OK if all(r.get("ok") for r in results.values()) else EXIT_FAILED
+
+
+def _console(args: argparse.Namespace, env: Mapping[str, str], timing: Timing, clock: Clock, sleep: Sleep,
+             err: TextIO) -> int:
+    """Relay a node's SOL console through cidd; return 0 when detached or closed, 1 when it failed."""
+    from cidcapt import console
+
+    host, port = args.server
+    deadline = clock() + args.connect_timeout
+    with open_session(host, port, args.role, _token(args, env), deadline=deadline, timing=timing, clock=clock,
+                      sleep=sleep) as conn:
+        reason = console.run(conn, args.console, err=err)
+    return EXIT_FAILED if reason else EXIT_OK
 
 
 def _capture(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,

@@ -6,6 +6,7 @@ session turns into error replies.
 
 from __future__ import annotations
 
+import base64
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -39,11 +40,14 @@ class ClientAPI:
         self.engine = engine
         self.clock = clock
         self.groups_of = groups_of
+        self.consoles: dict[int, Any] = {}  # id(session) -> its open ConsoleRelay (docs/power.md)
 
     def handle(self, session: PeerProtocol, message: wire.Message) -> None:
         """Answer one client request on ``session``. Raises CidError for a bad or refused request."""
         handlers = {"capture": self.capture, "status": self.status, "captures": self.captures,
-                    "reload": self.reload, "features": self.features, "power": self.power}
+                    "reload": self.reload, "features": self.features, "power": self.power,
+                    "console": self.console, "console_data": self.console_data,
+                    "console_close": self.console_close}
         handler = handlers.get(message["type"])
         if handler is None:
             raise CidError(f"unknown request type {message['type']!r}; known: {', '.join(handlers)}",
@@ -174,3 +178,62 @@ class ClientAPI:
         done = DeferredList([one(name) for name in names])
         done.addCallback(lambda _: session.send(wire.reply(message.get("id"), action=action,
                                                            results={n: results[n] for n in names})))
+
+    # --- serial-over-LAN console (docs/power.md) ---
+
+    def console(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Open the SOL console of one node (admin only) and relay it on this session.
+
+        The reply comes at once; then ``console_data`` messages (base64 ``data``) flow both ways until either
+        side sends ``console_close`` or cidd sends ``console_closed`` (with a ``reason`` when it failed).
+        """
+        if session.role != "admin":
+            raise Forbidden(f"role {session.role!r} may not open node consoles; use the admin token")
+        node = str(wire.get_str(message, "node"))
+        engine = self.engine
+        if not engine.known(node):
+            raise UnknownNode(f"unknown node {node}; check the name or the 'nodes' section of cidd.yaml")
+        if engine.power is None or engine.config.bmc is None:
+            raise BadRequest("cidd has no BMC access: configure the 'bmc' section of cidd.yaml")
+        if id(session) in self.consoles:
+            raise BadRequest("this session already has a console open; close it first (console_close)")
+        address = bmc_address(node, engine.config.bmc.address)
+
+        def on_data(chunk: bytes) -> None:
+            session.send({"type": "console_data", "data": base64.b64encode(chunk).decode("ascii")})
+
+        def on_close(reason: str | None) -> None:
+            self.consoles.pop(id(session), None)
+            session.send({"type": "console_closed", "node": node, "reason": reason})
+
+        relay = engine.power.console(node, address, on_data, on_close)
+        self.consoles[id(session)] = relay
+
+        def cleanup() -> None:
+            closing = self.consoles.pop(id(session), None)
+            if closing is not None:
+                closing.close()
+
+        session.cleanups.append(cleanup)
+        log.info("client.console", node=node, bmc=address, session=session.session_id)
+        session.send(wire.reply(message.get("id"), node=node, bmc=address))
+
+    def console_data(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Pass what the admin typed (base64 ``data``) to the session's open console."""
+        relay = self.consoles.get(id(session))
+        if relay is None:
+            raise BadRequest("no console is open on this session; send 'console' first")
+        try:
+            data = base64.b64decode(str(wire.get_str(message, "data")), validate=True)
+        except (ValueError, TypeError):
+            raise BadRequest("'data' must be base64") from None
+        relay.write(data)
+
+    def console_close(self, session: PeerProtocol, message: wire.Message) -> None:
+        """Close the session's console; reply with ``closed`` saying whether one was open."""
+        relay = self.consoles.pop(id(session), None)
+        if relay is not None:
+            relay.close()
+            log.info("client.console_closed", node=relay.node, session=session.session_id)
+        if message.get("id") is not None:
+            session.send(wire.reply(message.get("id"), closed=relay is not None))

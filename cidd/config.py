@@ -19,7 +19,7 @@ from cidcommon import hostlists
 from cidcommon.errors import CidError
 from cidcommon.paths import default_state_dir
 from cidcommon.wire import DEFAULT_HTTP_PORT, DEFAULT_PORT, MAX_LINE
-from cidd.machine_types import LADDER_METHODS, Policy, Rung
+from cidd.machine_types import LADDER_METHODS, NEXT_BOOT_METHODS, Policy, Rung
 from cidd.rights import Rule, parse_rules
 from cidd.unix_peers import SocketConfig, parse_socket
 
@@ -62,6 +62,18 @@ class BmcConfig:
 
 
 @dataclass(frozen=True)
+class WindowsConfig:
+    """Reboot windows: at most ``reboots`` nodes rebooting and ``power`` BMC actions at once (None: no bound).
+
+    A rung's timeout grows by ``timeout_per_node`` seconds per node rebooting at the moment it is issued.
+    """
+
+    reboots: int | None = None
+    power: int | None = None
+    timeout_per_node: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon configuration."""
 
@@ -90,6 +102,7 @@ class Config:
     bmc: BmcConfig | None = None  # None: no BMC power (ladders may not use power_cycle)
     rights: tuple[Rule, ...] | None = None  # None: no 'rights' section (shared images for all, cidd/rights.py)
     socket: SocketConfig = field(default_factory=SocketConfig)  # the local Unix socket (cidd/unix_peers.py)
+    windows: WindowsConfig = field(default_factory=lambda: WindowsConfig())
 
     @property
     def db_path(self) -> Path:
@@ -187,7 +200,8 @@ class _Reader:
 
 
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
-             "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc"}
+             "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc",
+             "windows"}
 _TOP_KEYS |= {"rights", "socket"}  # cidd/rights.py, cidd/unix_peers.py
 
 
@@ -208,6 +222,20 @@ def _bmc(reader: _Reader, data: Mapping[str, Any], groups: Mapping[str, Policy])
                      credentials=Path(credentials) if credentials else None,
                      max_concurrent=int(reader.number(section, "max_concurrent", 8, "bmc", minimum=1)),
                      timeout=reader.number(section, "timeout", 20.0, "bmc", minimum=1))
+
+
+def _windows(reader: _Reader, data: Mapping[str, Any]) -> WindowsConfig:
+    """Return the ``windows`` section (no bound by default)."""
+    section = reader.mapping(data, "windows", "top level")
+    reader.unknown(section, {"reboots", "power", "timeout_per_node"}, "windows")
+    bounds: dict[str, int | None] = {}
+    for key in ("reboots", "power"):
+        value = section.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            reader.problem("windows", f"'{key}' must be a whole number >= 1, or absent for no bound (got {value!r})")
+            value = None
+        bounds[key] = value
+    return WindowsConfig(**bounds, timeout_per_node=reader.number(section, "timeout_per_node", 0.0, "windows"))
 
 
 def _boot(reader: _Reader, data: Mapping[str, Any]) -> BootConfig:
@@ -246,12 +274,37 @@ def _scheduler(reader: _Reader, data: Mapping[str, Any]) -> tuple[dict[str, str]
     return features, default_image, release
 
 
+_EFI_NUMBER = re.compile(r"^[0-9A-Fa-f]{1,4}$")
+
+
+def _boot_entries(reader: _Reader, where: str, data: Mapping[str, Any], methods: set[str]) -> dict[str, str]:
+    """Return a group's ``boot_entries`` ({installer: ..., disk: ...}); next-boot methods need both."""
+    entries: dict[str, str] = {}
+    for boot, entry in reader.mapping(data, "boot_entries", where).items():
+        if boot not in ("installer", "disk"):
+            reader.problem(f"{where}.boot_entries", f"unknown boot '{boot}' (known: disk, installer)")
+        elif isinstance(entry, bool) or not isinstance(entry, str | int) or str(entry) == "":
+            reader.problem(f"{where}.boot_entries", f"'{boot}' must name a boot entry (got {entry!r})")
+        else:
+            entries[boot] = str(entry)
+    used = sorted(methods & NEXT_BOOT_METHODS)
+    if used and set(entries) != {"installer", "disk"}:
+        reader.problem(where, f"method(s) {', '.join(used)} need 'boot_entries' with both 'installer' and 'disk' "
+                       "(the grub menu entry or EFI boot number of each)")
+    if "efi_bootnext" in methods:
+        for boot, entry in entries.items():
+            if not _EFI_NUMBER.match(entry):
+                reader.problem(f"{where}.boot_entries", f"'{boot}': efi_bootnext needs a hexadecimal EFI boot "
+                               f"number like \"0003\" (quote it in YAML), not {entry!r}")
+    return entries
+
+
 def _policy(reader: _Reader, name: str, data: Any) -> Policy:
     where = f"groups.{name}"
     if not isinstance(data, Mapping):
         reader.problem(where, "a group must be a mapping")
         return Policy()
-    reader.unknown(data, {"ladder", "install_timeout", "install_attempts"}, where)
+    reader.unknown(data, {"ladder", "install_timeout", "install_attempts", "boot_entries"}, where)
     rungs: list[Rung] = []
     for index, item in enumerate(data.get("ladder") or []):
         spot = f"{where}.ladder[{index}]"
@@ -262,8 +315,10 @@ def _policy(reader: _Reader, name: str, data: Any) -> Policy:
         if method not in LADDER_METHODS:
             reader.problem(spot, f"unknown method '{method}' (known: {', '.join(sorted(LADDER_METHODS))})")
         rungs.append(Rung(method, reader.number(item, "timeout", 300.0, spot, minimum=1.0)))
+    entries = _boot_entries(reader, where, data, {r.method for r in rungs})
     default = Policy()
     return Policy(
+        boot_entries=entries,
         ladder=tuple(rungs) or default.ladder,
         install_timeout=reader.number(data, "install_timeout", default.install_timeout, where, minimum=1.0),
         install_attempts=int(reader.number(data, "install_attempts", default.install_attempts, where, 1.0)),
@@ -335,6 +390,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         bmc=_bmc(reader, data, groups),
         rights=parse_rules(data.get("rights"), reader.problem),
         socket=parse_socket(data.get("socket"), reader.problem),
+        windows=_windows(reader, data),
     )
     if reader.problems:
         raise ConfigError("\n".join(reader.problems) + "\nfix these and start cidd again")

@@ -15,7 +15,7 @@ import structlog
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from cidcommon.errors import CidError, UnknownImage, UnknownNode
+from cidcommon.errors import UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
 from cidd import captures as caps
 from cidd.captures import Capture, Plan
@@ -24,7 +24,6 @@ from cidd.config import Config
 from cidd.images_http import image_path
 from cidd.machine import Node, State, Step, apply, restore
 from cidd.machine_types import (
-    POWER_METHODS,
     Connected,
     Disconnected,
     Event,
@@ -38,7 +37,8 @@ from cidd.machine_types import (
     Tick,
 )
 from cidd.netboot import Netboot
-from cidd.power import PowerController, bmc_address
+from cidd.power import PowerController
+from cidd.rebooter import Rebooter
 from cidd.store import Store
 
 log = structlog.get_logger("cidd.engine")
@@ -80,6 +80,8 @@ class Engine:
         self._timers: dict[str, IDelayedCall] = {}
         self._capture_timers: dict[str, IDelayedCall] = {}
         self.netboot = Netboot(config, store, clock)
+        self.reboots = Rebooter(self)  # reboot windows, agent reboots, BMC power (docs/power.md)
+        self.reboot_window, self.power_window = self.reboots.window, self.reboots.power_window
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -101,6 +103,7 @@ class Engine:
         with self.store.transaction():
             for job in list(self.captures):
                 self._settle(job, {}, now)
+        self.reboots.requeue()
         log.info("engine.started", nodes=len(self.nodes), captures=len(self.captures))
 
     # --- agents ------------------------------------------------------------------------------------
@@ -173,9 +176,12 @@ class Engine:
             for job in touched:
                 self._settle(job, changed, now)
         for name, step in steps.items():
-            self._arm(name, step.node)
             if step.transition is not None:
                 self._log_transition(step, jobs_of[name])
+        for name in steps:  # after the log: a freed slot may issue another node's reboot at once
+            self.reboots.leave(name, self.nodes[name])
+        for name, step in steps.items():
+            self._arm(name, self.nodes[name])  # a window may have changed the node's deadline meanwhile
             for action in step.actions:
                 self._act(name, action)
 
@@ -201,71 +207,23 @@ class Engine:
 
     def _act(self, name: str, action: object) -> None:
         """Carry out one action of a committed step."""
-        if isinstance(action, Reboot) and action.method in POWER_METHODS:
-            self._power_cycle(name, action.boot)
-        elif isinstance(action, Reboot):
-            message = {"type": "reboot", "boot": action.boot, "method": action.method}
-            self._send(name, message, f"agent refused {action.method} into {action.boot}")
+        if isinstance(action, Reboot):
+            self.reboots.reboot(name, action)
         elif isinstance(action, SendInstall):
-            self._send(name, self.install_message(action.image), "installer refused the install")
+            self.send_command(name, self.install_message(action.image), "installer refused the install")
         elif isinstance(action, SetBoot):
             self.netboot.set_boot(name, action.boot)
         elif isinstance(action, PowerOn):
-            self._power_on(name, action.boot)
+            self.reboots.power_on(name, action.boot)
 
-    def _power_cycle(self, name: str, boot: str) -> None:
-        """Set the next boot device through the BMC, then power-cycle; a failure climbs the ladder."""
-        if self.power is None or self.config.bmc is None:
-            self.handle(name, RungFailed("power_cycle needs BMC access; configure the 'bmc' section"))
-            return
-        try:
-            address = bmc_address(name, self.config.bmc.address)
-        except CidError as exc:
-            self.handle(name, RungFailed(exc.message))
-            return
-        power = self.power
-        report = self._step_failed(name, "power cycle failed")
-        device = "network" if boot == "installer" else "default"
-        log.info("node.power_cycle", node=name, bmc=address, boot=boot)
-        d = power.set_next_boot(name, address, device)
-        d.addCallback(lambda _: power.cycle(name, address))
-
-        def failed(failure: Any) -> None:
-            log.warning("node.power_failed", node=name, bmc=address, reason=failure.getErrorMessage())
-            report(failure.getErrorMessage())
-
-        d.addErrback(failed)
-
-    def _power_on(self, name: str, boot: str) -> None:
-        """Power on a node that is off, booting ``boot`` next; without BMC access, only wait for its agent."""
-        if self.power is None or self.config.bmc is None:
-            return
-        try:
-            address = bmc_address(name, self.config.bmc.address)
-        except CidError as exc:
-            log.warning("node.power_on_failed", node=name, reason=exc.message)
-            return
-        power = self.power
-
-        def on_if_off(state: str) -> Any:
-            if state != "off":
-                return None  # on but silent: the ladder's timeout and its power rung deal with it
-            log.info("node.power_on", node=name, bmc=address, boot=boot)
-            d = power.set_next_boot(name, address, "network" if boot == "installer" else "default")
-            return d.addCallback(lambda _: power.on(name, address))
-
-        d = power.status(name, address).addCallback(on_if_off)
-        d.addErrback(lambda f: log.warning("node.power_on_failed", node=name, bmc=address,
-                                           reason=f.getErrorMessage()))
-
-    def _step_failed(self, name: str, reason: str) -> Callable[[str], None]:
+    def step_failed(self, name: str, reason: str) -> Callable[[str], None]:
         """Return a function reporting a failure of the step ``name`` is in now (ignored once it moved on)."""
         node = self.nodes[name]
         state, rung = node.state.value, node.rung
         return lambda why: self.handle(name, RungFailed(f"{reason}: {why}", state, rung))
 
-    def _send(self, name: str, message: dict[str, Any], what: str) -> None:
-        report = self._step_failed(name, what)
+    def send_command(self, name: str, message: dict[str, Any], what: str) -> None:
+        report = self.step_failed(name, what)
 
         def failed(failure: Any) -> None:
             if failure.check(SessionClosed):
@@ -426,7 +384,7 @@ class Engine:
         return {"node": name, "state": node.state.value, "image": node.image, "target": node.target,
                 "job": node.job, "online": node.online, "mode": node.mode, "last_seen": seen,
                 "reason": node.reason, "attempt": node.attempt, "rung": node.rung, "deadline": node.deadline,
-                "health": figures}
+                "health": figures, "reboot": self.reboots.state(name)}
 
 
 def read_catalog(config: Config) -> Catalog:

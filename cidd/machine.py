@@ -23,6 +23,7 @@ from cidd.machine_types import (
     RungFailed,
     SendInstall,
     SetBoot,
+    SetDeadline,
     Switch,
     Tick,
 )
@@ -281,6 +282,13 @@ def _on_rung_failed(node: Node, event: RungFailed, policy: Policy, now: float) -
     return _climb(node, policy, now, event.reason)
 
 
+def _on_set_deadline(node: Node, event: SetDeadline, policy: Policy, now: float) -> Step:
+    if node.state not in (State.TO_INSTALLER, State.TO_IMAGE) or event.state != node.state.value or \
+            event.rung != node.rung:
+        return Step(node)  # the step the reboot belonged to is over
+    return Step(replace(node, deadline=event.deadline))
+
+
 def _on_tick(node: Node, event: Tick, policy: Policy, now: float) -> Step:
     if node.state not in SWITCHING or node.deadline is None or now < node.deadline:
         return Step(node)
@@ -299,5 +307,6 @@ _HANDLERS = {
     Disconnected: _on_disconnected,
     Installed: _on_installed,
     RungFailed: _on_rung_failed,
+    SetDeadline: _on_set_deadline,
     Tick: _on_tick,
 }

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 #: Ladder methods carried out by the node's agent (they need a live session).
-AGENT_METHODS = frozenset({"reboot", "kexec"})
+AGENT_METHODS = frozenset({"reboot", "kexec", "grub_reboot", "efi_bootnext"})
+#: Agent methods that set the next boot (grub entry, EFI boot number) from the group's ``boot_entries``.
+NEXT_BOOT_METHODS = frozenset({"grub_reboot", "efi_bootnext"})
 #: Ladder methods carried out by cidd through the node's BMC (they work on a hung or powered-off node).
 POWER_METHODS = frozenset({"power_cycle"})
 #: Every ladder method cidd knows.
@@ -27,6 +30,8 @@ class Policy:
     ladder: tuple[Rung, ...] = field(default=(Rung("reboot", 300.0), Rung("reboot", 600.0)))
     install_timeout: float = 3600.0
     install_attempts: int = 2
+    #: {"installer": entry, "disk": entry} for grub_reboot (a grub menu entry) and efi_bootnext (a boot number)
+    boot_entries: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 # --- events (inputs) ---
@@ -78,11 +83,23 @@ class RungFailed:
 
 
 @dataclass(frozen=True)
+class SetDeadline:
+    """The engine deferred (``deadline`` None: the reboot waits for a window) or issued the rung's reboot.
+
+    Applies only while the node is still in ``state`` at ``rung``; the rung's timeout then counts from the issue.
+    """
+
+    state: str
+    rung: int
+    deadline: float | None
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed: check the node's deadline."""
 
 
-Event = Switch | Connected | Disconnected | Installed | RungFailed | Tick
+Event = Switch | Connected | Disconnected | Installed | RungFailed | SetDeadline | Tick
 
 
 # --- actions (outputs) ---

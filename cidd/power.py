@@ -252,6 +252,21 @@ class PowerController:
         return self._call(node, address, f"next_boot_{device}",
                           lambda c: _none(c.set_bootdev(device, persist=False)))
 
+    def console(self, node: str, address: str, on_data: Callable[[bytes], None],
+                on_close: Callable[[str | None], None], factory: Any = None) -> Any:
+        """Return a started ``cidd.console.ConsoleRelay`` to the SOL console of ``node``'s BMC at ``address``.
+
+        It runs on a thread of its own (not the pool: a console lasts as long as the admin stays). Raises
+        PowerError for a malformed address.
+        """
+        from cidd.console import ConsoleRelay
+
+        host, port = split_address(address)
+        relay = ConsoleRelay(self._reactor, node, host, port, self._credentials.user.encode(),
+                             self._credentials.password.encode(), on_data, on_close, factory=factory)
+        relay.start()
+        return relay
+
     # -- machinery ----------------------------------------------------------------------------------------------
 
     def _call(self, node: str, address: str, action: str, body: Callable[[Any], T]) -> Deferred[T]:

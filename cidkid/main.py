@@ -21,7 +21,7 @@ from cidcommon.logs import configure, route_twisted_logs
 from cidcommon.paths import check_private, default_state_dir, node_token, read_token, token_path
 from cidcommon.wire import DEFAULT_PORT
 from cidkid import AGENT_VERSION
-from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_MARKER, REBOOT_COMMANDS, LinuxPlatform
+from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_KEXEC_DIR, DEFAULT_MARKER, REBOOT_COMMANDS, LinuxPlatform
 from cidkid.protocol import REQUEST_TIMEOUT, InstallerCredentials
 from cidkid.service import AgentService, client_endpoint, parse_server
 from cidkid.sim import SimConfig, SimFleet
@@ -107,7 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "/proc/cmdline); explicit options win")
     real.add_argument("--reboot-command", metavar="CMD",
                       help="shell command that reboots this node, run with $CID_BOOT=installer|disk and "
-                      "$CID_METHOD set (default: 'systemctl reboot', else /sbin/reboot)")
+                      "$CID_METHOD set (default: 'systemctl reboot', else /sbin/reboot); it is also the last step "
+                      "of the grub_reboot and efi_bootnext methods")
+    real.add_argument("--grub-boot-dir", metavar="DIR", type=Path,
+                      help="method grub_reboot: the /boot directory whose grub/grubenv grub-reboot sets "
+                      "(default: grub's own, /boot; in the installer, the installed disk's /boot)")
+    real.add_argument("--kexec-dir", metavar="DIR", type=Path, default=DEFAULT_KEXEC_DIR,
+                      help="method kexec: where the kernel and initramfs cidd names are downloaded "
+                      "(default: %(default)s)")
     real.add_argument("--install-device", metavar="DEV", type=Path,
                       help="installer mode: format DEV (mkfs.ext4 -F -q -L cid-root) and mount it on --target "
                            "before each install, unmount it after (default: install into --target as it is)")
@@ -210,7 +217,8 @@ def build_service(args: argparse.Namespace, reactor: Any, token: str | Installer
         return SimFleet(args.sim, host, port, token, sim_dir, reactor, config=config, master=True)
     reboot = (("/bin/sh", "-c", args.reboot_command),) if args.reboot_command else REBOOT_COMMANDS
     platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=target_of(args),
-                             install_device=args.install_device, reboot_commands=reboot)
+                             install_device=args.install_device, reboot_commands=reboot,
+                             grub_boot_dir=args.grub_boot_dir, kexec_dir=args.kexec_dir)
     if isinstance(token, str) and _holds_master(args):
         token = node_token(token, platform.node)  # cidd's own master secret: this is the head node
     return AgentService(platform, client_endpoint(reactor, host, port), token, reactor, node=platform.node,

@@ -3,7 +3,8 @@
 ``Platform`` is what ``AgentProtocol`` needs from a node: who it is (``identity``), how it is doing (``health``),
 and the two commands cidd can give it (``reboot``, ``install``). ``LinuxPlatform`` is the real node (its installs
 go through the streaming installer, ``cidkid.installer``, onto a ``cidkid.target`` target); ``cidkid.sim.SimNode``
-a simulated one. Later work (kexec, IPMI-less next-boot) plugs in here without touching the wire protocol.
+a simulated one. The reboot methods (ordinary reboot, kexec, grub-reboot, efibootmgr --bootnext) are built in
+``cidkid.reboots`` and run here.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import structlog
 from twisted.internet import defer, threads, utils
 from twisted.internet.defer import Deferred
 
+from cidkid.reboots import REBOOT_METHODS, RebootSpec, Stage, plan, redact
+
 log = structlog.get_logger(__name__)
 
 MODES = ("system", "installer")
@@ -35,6 +38,13 @@ REBOOT_COMMANDS: tuple[tuple[str, ...], ...] = (("systemctl", "reboot"), ("/sbin
 DEFAULT_INSTALL_TARGET = Path("/mnt/cid-target")
 SYSTEM_MODE_REASON = ("this node runs its installed system, not the installer: it installs images only in "
                       "installer mode (reboot it with boot=installer)")
+
+DEFAULT_KEXEC_DIR = Path("/run/cid-kexec")
+
+#: ``runner(argv, env)``: run a command; a Deferred firing with (stdout, stderr, exit status).
+Runner = Callable[[list[str], dict[str, str]], Deferred[tuple[bytes, bytes, int]]]
+#: ``fetcher(url, path)``: download ``url`` into ``path``; a Deferred firing when done (failing on error).
+Fetcher = Callable[[str, Path], Deferred[None]]
 
 #: ``progress(step, done, total)``: bytes done so far of ``total`` (None when unknown) in step ``step``.
 ProgressCallback = Callable[[str, int, int | None], None]
@@ -91,10 +101,11 @@ class Platform(Protocol):
         """Return the heartbeat figures: ``load1``, ``mem_used_pct``, ``disk_free`` (bytes), ``uptime`` (s)."""
         ...
 
-    def reboot(self, boot: str, method: str) -> None:
+    def reboot(self, boot: str, method: str, spec: RebootSpec | None = None) -> None:
         """Leave the running system and boot ``boot`` (``installer`` or ``disk``) using ``method``.
 
-        Called after the reply to cidd was written; it must not block the reactor.
+        ``spec`` holds what cidd named to boot (kexec's kernel, a next-boot entry; cidkid.reboots). Called after
+        the reply to cidd was written; it must not block the reactor.
         """
         ...
 
@@ -158,11 +169,15 @@ class LinuxPlatform(Platform):
     ``target`` for each install, and unmounted after it.
     """
 
+    reboot_methods = REBOOT_METHODS
+
     def __init__(self, reactor: Any, *, node: str | None = None, mode: str = "system",
                  marker: Path = DEFAULT_MARKER, target: Path = Path("/"),
                  boot_id_path: Path = BOOT_ID_PATH,
                  reboot_commands: tuple[tuple[str, ...], ...] = REBOOT_COMMANDS,
-                 install_device: Path | None = None) -> None:
+                 install_device: Path | None = None, kexec_dir: Path = DEFAULT_KEXEC_DIR,
+                 grub_boot_dir: Path | None = None, runner: Runner | None = None,
+                 fetcher: Fetcher | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self._reactor = reactor
@@ -174,6 +189,11 @@ class LinuxPlatform(Platform):
         self._boot_id_path = Path(boot_id_path)
         self._fallback_boot_id = str(uuid.uuid4())
         self._reboot_commands = reboot_commands
+        self.kexec_dir = Path(kexec_dir)
+        self.grub_boot_dir = grub_boot_dir
+        self._runner: Runner = runner or self._run_process
+        self._fetcher: Fetcher = fetcher or self._fetch_http
+        self._reboot_env: dict[str, str] = dict(os.environ)
         self.last_reboot: Deferred[list[str] | None] | None = None
 
     def identity(self) -> Identity:
@@ -192,46 +212,105 @@ class LinuxPlatform(Platform):
         """Return load, memory use, free bytes on the install target and uptime."""
         return host_health(self.target)
 
-    def reboot(self, boot: str, method: str) -> None:
-        """Run the first of ``reboot_commands`` that works (``systemctl reboot``, else ``/sbin/reboot``).
+    def reboot(self, boot: str, method: str, spec: RebootSpec | None = None) -> None:
+        """Reboot with ``method`` (cidkid.reboots): fetch kexec's files if needed, then run the method's stages.
 
-        The commands run in child processes, one after the other until one exits 0; failures are logged.
-        ``last_reboot`` is a Deferred firing with the command that worked (None if none did). ``boot`` is only
-        logged and passed to the commands as ``$CID_BOOT`` (and ``$CID_METHOD``): with netboot, which system
-        comes up next is decided by cidd's boot profile; a site's own command may use them (grub-reboot ...).
+        Each stage runs its commands in child processes, one after the other until one exits 0 (a program that
+        is not installed counts as failed); a stage where none works stops the reboot, logged as
+        ``agent.reboot_failed`` (cidd's rung deadline then climbs its ladder). ``last_reboot`` is a Deferred
+        firing with the last command that worked (None if the reboot stopped). The commands see ``$CID_BOOT``
+        and ``$CID_METHOD`` (a site's own --reboot-command may use them).
         """
-        log.warning("agent.rebooting", node=self.node, boot=boot, method=method)
+        spec = spec or RebootSpec()
+        log.warning("agent.rebooting", node=self.node, boot=boot, method=method, kernel=spec.kernel,
+                    entry=spec.entry)
         self._reboot_env = {**os.environ, "CID_BOOT": boot, "CID_METHOD": method}
+        if method == "kexec":
+            def run(paths: tuple[Path, Path | None]) -> Deferred[list[str] | None]:
+                return self._run_stages(plan(method, spec, mode=self.mode, reboot_commands=self._reboot_commands,
+                                             kernel_path=paths[0], initrd_path=paths[1]))
+
+            self.last_reboot = self._fetch_kexec(spec).addCallback(run).addErrback(self._reboot_error, method)
+            return
+        stages = plan(method, spec, mode=self.mode, reboot_commands=self._reboot_commands,
+                      grub_boot_dir=self.grub_boot_dir)
+        self.last_reboot = self._run_stages(stages)
+
+    def _reboot_error(self, failure: Any, method: str) -> None:
+        """Log a reboot that could not start (kexec's files not fetched); return None (no command worked)."""
+        log.error("agent.reboot_failed", node=self.node, method=method, reason=failure.getErrorMessage())
+        return None
+
+    def _fetch_kexec(self, spec: RebootSpec) -> Deferred[tuple[Path, Path | None]]:
+        """Download kexec's kernel (and initramfs) into ``kexec_dir``; fire with their paths."""
+        self.kexec_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kernel, initrd = self.kexec_dir / "vmlinuz", self.kexec_dir / "initrd.img"
+        d = self._fetcher(str(spec.kernel), kernel)
+        if spec.initrd:
+            initrd_url = spec.initrd
+            d.addCallback(lambda _: self._fetcher(initrd_url, initrd))
+        return d.addCallback(lambda _: (kernel, initrd if spec.initrd else None))
+
+    def _run_stages(self, stages: tuple[Stage, ...]) -> Deferred[list[str] | None]:
+        """Run ``stages`` in order; fire with the last command that worked, None when a stage failed."""
+        if not stages:
+            return defer.succeed(None)
+        stage, rest = stages[0], stages[1:]
         commands = []
-        for program, *args in self._reboot_commands:
+        for program, *args in stage.commands:
             path = program if os.path.isabs(program) else shutil.which(program)
             if path and os.access(path, os.X_OK):
                 commands.append([path, *args])
-        self.last_reboot = self._run_first(commands)
+            else:
+                log.error("agent.reboot_command_missing", node=self.node, stage=stage.what, program=program)
+
+        def next_stage(worked: list[str] | None) -> Deferred[list[str] | None] | list[str] | None:
+            if worked is None:
+                log.error("agent.reboot_failed", node=self.node, stage=stage.what,
+                          reason=f"no command of stage '{stage.what}' worked")
+                return None
+            log.info("agent.reboot_stage_done", node=self.node, stage=stage.what, command=redact(" ".join(worked)))
+            return self._run_stages(rest) if rest else worked
+
+        return self._run_first(commands).addCallback(next_stage)
 
     def _run_first(self, commands: list[list[str]]) -> Deferred[list[str] | None]:
         """Run ``commands`` in turn until one exits 0; return a Deferred firing with it (None: all failed)."""
         if not commands:
-            log.error("agent.reboot_failed", node=self.node, reason="no reboot command worked")
             return defer.succeed(None)
         argv, rest = commands[0], commands[1:]
-        env = getattr(self, "_reboot_env", None) or dict(os.environ)
-        d = utils.getProcessOutputAndValue(argv[0], argv[1:], env=env, reactor=self._reactor)
+        d = self._runner(argv, self._reboot_env)
 
         def done(result: tuple[bytes, bytes, int]) -> Deferred[list[str] | None] | list[str]:
             _out, err, code = result
             if code == 0:
                 return argv
-            log.error("agent.reboot_command_failed", node=self.node, command=" ".join(argv), exit=code,
-                      stderr=err.decode("utf-8", "replace").strip()[-500:])
+            log.error("agent.reboot_command_failed", node=self.node, command=redact(" ".join(argv)), exit=code,
+                      stderr=redact(err.decode("utf-8", "replace").strip()[-500:]))
             return self._run_first(rest)
 
         def failed(failure: Any) -> Deferred[list[str] | None]:
-            log.error("agent.reboot_command_failed", node=self.node, command=" ".join(argv),
-                      error=failure.getErrorMessage())
+            log.error("agent.reboot_command_failed", node=self.node, command=redact(" ".join(argv)),
+                      error=redact(failure.getErrorMessage()))
             return self._run_first(rest)
 
         return d.addCallbacks(done, failed)
+
+    def _run_process(self, argv: list[str], env: dict[str, str]) -> Deferred[tuple[bytes, bytes, int]]:
+        """Run ``argv`` as a child process of the reactor; fire with (stdout, stderr, exit status)."""
+        return utils.getProcessOutputAndValue(argv[0], argv[1:], env=env, reactor=self._reactor)
+
+    def _fetch_http(self, url: str, path: Path) -> Deferred[None]:
+        """Download ``url`` into ``path`` in a thread of the reactor's pool (renamed into place when complete)."""
+        import urllib.request
+
+        def work() -> None:
+            tmp = path.with_name(path.name + ".part")
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:  # noqa: S310
+                shutil.copyfileobj(response, out, 1 << 20)
+            os.replace(tmp, path)
+
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), work)
 
     def install(self, request: InstallRequest, progress: ProgressCallback) -> Deferred[InstallResult]:
         """Prepare the target and stream the image onto it in a thread of the reactor's pool.

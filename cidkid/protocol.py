@@ -36,6 +36,7 @@ from cidcommon.wire import (
 from cidkid import AGENT_VERSION
 from cidkid.installs import InstallRunner
 from cidkid.platform import BOOT_TARGETS, Identity, InstallRequest, Platform
+from cidkid.reboots import RebootSpec, parse_spec
 
 log = structlog.get_logger(__name__)
 
@@ -372,14 +373,16 @@ class AgentProtocol(Protocol):
         methods = sorted(self._platform.reboot_methods)
         if method not in methods:
             raise BadRequest(f"this agent cannot reboot with method {method!r}; it supports: {', '.join(methods)}")
+        spec = parse_spec(method, message)
         self.send(reply(request_id))
-        self._log.info("agent.reboot_requested", boot=boot, method=method, id=request_id)
-        self._clock.callLater(0, self._do_reboot, boot, method)
+        self._log.info("agent.reboot_requested", boot=boot, method=method, id=request_id, kernel=spec.kernel,
+                       entry=spec.entry)
+        self._clock.callLater(0, self._do_reboot, boot, method, spec)
 
-    def _do_reboot(self, boot: str, method: str) -> None:
+    def _do_reboot(self, boot: str, method: str, spec: RebootSpec) -> None:
         """Call ``platform.reboot``, logging (not raising) what goes wrong."""
         try:
-            self._platform.reboot(boot, method)
+            self._platform.reboot(boot, method, spec)
         except Exception:
             self._log.exception("agent.reboot_failed", boot=boot, method=method)
 

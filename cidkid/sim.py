@@ -13,7 +13,7 @@ import random
 import resource
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from cidkid.platform import (
     write_marker,
 )
 from cidkid.protocol import REQUEST_TIMEOUT, AgentProtocol
+from cidkid.reboots import REBOOT_METHODS, RebootSpec, redact
 from cidkid.service import AgentService, Backoff, client_endpoint
 
 log = structlog.get_logger(__name__)
@@ -60,7 +61,7 @@ class SimConfig:
     initial_image: str | None = None
     seed: int | None = None
     request_timeout: float = REQUEST_TIMEOUT
-    reboot_methods: frozenset[str] = field(default_factory=lambda: frozenset({"reboot"}))
+    reboot_methods: frozenset[str] = REBOOT_METHODS
 
 
 class SharedHealth:
@@ -145,14 +146,19 @@ class SimNode(Platform):
         figures["uptime"] = round(self._clock.seconds() - self.booted_at, 1)
         return figures
 
-    def reboot(self, boot: str, method: str) -> None:
-        """Drop the session, then after ``reboot_delay`` boot ``boot`` (unless this reboot is set to hang)."""
+    def reboot(self, boot: str, method: str, spec: RebootSpec | None = None) -> None:
+        """Drop the session, then after ``reboot_delay`` boot ``boot`` (unless this reboot is set to hang).
+
+        ``method`` and ``spec`` (what a real node would kexec or set as its next boot) are only logged.
+        """
         if self.state != "up":
             log.info("sim.reboot_ignored", node=self.name, state=self.state)
             return
         hang = self.name in self.config.hang_reboot_nodes or (
             self.config.hang_reboot_rate > 0 and self._rng.random() < self.config.hang_reboot_rate)
-        log.info("sim.reboot", node=self.name, boot=boot, method=method, hang=hang)
+        spec = spec or RebootSpec()
+        log.info("sim.reboot", node=self.name, boot=boot, method=method, hang=hang, kernel=spec.kernel,
+                 cmdline=redact(spec.cmdline) or None, entry=spec.entry)
         stopped = self._shut_down()
         if hang:
             self.state = "hung"

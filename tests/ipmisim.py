@@ -100,6 +100,7 @@ class IpmiSim:
     user: str = USER
     password: str = PASSWORD
     name: str = "cidtest"
+    sol: str | None = None  # SOL device of the MC, e.g. "tcp:127.0.0.1:PORT" (ipmi_sim connects to it)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -139,8 +140,10 @@ class IpmiSim:
         self.power = "off"
         (self.root / "boot").write_text("default\n")
         conf = self.root / "lan.conf"
-        conf.write_text(LAN_CONF.format(name=self.name, port=self.port, script=script, user=self.user,
-                                        password=self.password))
+        text = LAN_CONF.format(name=self.name, port=self.port, script=script, user=self.user, password=self.password)
+        if self.sol:
+            text += f'  sol "{self.sol}" 115200\n'
+        conf.write_text(text)
         emu = self.root / "sim.emu"
         emu.write_text(EMU)
         log = (self.root / "ipmi_sim.log").open("wb")

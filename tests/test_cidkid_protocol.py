@@ -21,6 +21,7 @@ from cidkid import AGENT_VERSION
 from cidkid.installs import InstallRunner
 from cidkid.platform import Identity, InstallRequest, InstallResult, Platform, ProgressCallback
 from cidkid.protocol import AgentProtocol, RequestTimeout, SessionLost
+from cidkid.reboots import REBOOT_METHODS, RebootSpec
 
 TOKEN = "s3cret-agent-token"
 HEALTH = {"load1": 0.5, "mem_used_pct": 12.5, "disk_free": 1000, "uptime": 42.0}
@@ -29,10 +30,13 @@ HEALTH = {"load1": 0.5, "mem_used_pct": 12.5, "disk_free": 1000, "uptime": 42.0}
 class FakePlatform(Platform):
     """Records the commands it gets; installs wait for the test to fire them."""
 
+    reboot_methods = REBOOT_METHODS
+
     def __init__(self, mode: str = "system", image: str | None = "debian-12-1") -> None:
         self.mode = mode
         self.image = image
         self.reboots: list[tuple[str, str]] = []
+        self.specs: list[RebootSpec | None] = []
         self.installs: list[tuple[InstallRequest, ProgressCallback, Deferred[InstallResult]]] = []
 
     def identity(self) -> Identity:
@@ -41,8 +45,9 @@ class FakePlatform(Platform):
     def health(self) -> dict[str, Any]:
         return dict(HEALTH)
 
-    def reboot(self, boot: str, method: str) -> None:
+    def reboot(self, boot: str, method: str, spec: RebootSpec | None = None) -> None:
         self.reboots.append((boot, method))
+        self.specs.append(spec)
 
     def install(self, request: InstallRequest, progress: ProgressCallback) -> Deferred[InstallResult]:
         d: Deferred[InstallResult] = Deferred()
@@ -270,7 +275,10 @@ def test_reboot_replies_first_then_calls_the_platform() -> None:
 
 @pytest.mark.parametrize("fields, words", [
     ({"boot": "floppy"}, "'boot' must be one of"),
-    ({"boot": "disk", "method": "kexec"}, "cannot reboot with method 'kexec'"),
+    ({"boot": "disk", "method": "warp"}, "cannot reboot with method 'warp'"),
+    ({"boot": "disk", "method": "kexec"}, "a kexec reboot needs 'kernel'"),
+    ({"boot": "disk", "method": "grub_reboot"}, "a grub_reboot reboot needs 'entry'"),
+    ({"boot": "disk", "method": "efi_bootnext", "entry": "debian"}, "hexadecimal EFI boot number"),
     ({}, "needs a 'boot' field"),
 ])
 def test_reboot_with_bad_fields_is_refused(fields: dict[str, Any], words: str) -> None:
@@ -283,6 +291,20 @@ def test_reboot_with_bad_fields_is_refused(fields: dict[str, Any], words: str) -
     assert words in answer["message"]
     clock.advance(1)
     assert platform.reboots == []
+
+
+def test_reboot_passes_what_to_boot_to_the_platform() -> None:
+    platform = FakePlatform()
+    proto, transport, clock = established(platform)
+    sent(transport)
+    feed(proto, {"type": "reboot", "id": 4, "boot": "installer", "method": "kexec", "kernel": "http://h/k",
+                 "initrd": "http://h/i", "cmdline": "cid.node=node07"})
+    feed(proto, {"type": "reboot", "id": 5, "boot": "disk", "method": "efi_bootnext", "entry": "0003"})
+    assert [m["type"] for m in sent(transport)] == ["reply", "reply"]
+    clock.advance(0)
+    assert platform.reboots == [("installer", "kexec"), ("disk", "efi_bootnext")]
+    assert platform.specs == [RebootSpec(kernel="http://h/k", initrd="http://h/i", cmdline="cid.node=node07"),
+                              RebootSpec(entry="0003")]
 
 
 INSTALL = {"type": "install", "id": "c-10", "image": "debian-12-1", "url": "http://head:38080/i/debian-12-1.tar.zst",

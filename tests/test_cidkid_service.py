@@ -29,7 +29,7 @@ class Node(Platform):
     def health(self) -> dict[str, Any]:
         return {"load1": 0.0}
 
-    def reboot(self, boot: str, method: str) -> None:
+    def reboot(self, boot: str, method: str, spec: object = None) -> None:
         raise AssertionError("not used")
 
     def install(self, request: InstallRequest, progress: ProgressCallback) -> Deferred[InstallResult]:

@@ -177,8 +177,8 @@ def test_unknown_keys_are_reported_at_every_level(tmp_path):
     assert "cidd.yaml: listen: unknown key 'hots' (known: host, port)" in lines
     assert "cidd.yaml: http: unknown key 'url' (known: host, port, public_url)" in lines
     assert "cidd.yaml: log: unknown key 'colour' (known: format, level)" in lines
-    assert ("cidd.yaml: groups.gpu: unknown key 'timeout' (known: install_attempts, install_timeout, ladder)"
-            in lines)
+    assert ("cidd.yaml: groups.gpu: unknown key 'timeout' (known: boot_entries, install_attempts, install_timeout, "
+            "ladder)" in lines)
     assert "cidd.yaml: nodes[0]: unknown key 'grp' (known: group, hosts)" in lines
 
 
@@ -188,7 +188,8 @@ def test_bad_ladder_method(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse(data, tmp_path)
     assert problems(err) == [
-        "cidd.yaml: groups.gpu.ladder[1]: unknown method 'ipmi' (known: kexec, power_cycle, reboot)",
+        "cidd.yaml: groups.gpu.ladder[1]: unknown method 'ipmi' (known: efi_bootnext, grub_reboot, kexec, power_cycle, "
+        "reboot)",
         "cidd.yaml: groups.gpu.ladder[2]: 'method' must be a string (got 3)",
     ]
 
@@ -302,3 +303,32 @@ def test_power_cycle_rungs_need_a_bmc_section():
     assert "'credentials'" in str(err.value)
     config = parse_config({**ladder, "bmc": {"address": "127.0.0.1:{index+9000}", "credentials": "/etc/cid/bmc"}})
     assert config.bmc.address == "127.0.0.1:{index+9000}" and config.bmc.max_concurrent == 8
+
+
+def test_next_boot_methods_need_boot_entries_and_windows_are_read(tmp_path):
+    data = {"groups": {
+        "grub": {"ladder": [{"method": "grub_reboot", "timeout": 60}],
+                 "boot_entries": {"installer": "cid-installer", "disk": "debian"}},
+        "efi": {"ladder": [{"method": "efi_bootnext", "timeout": 60}], "boot_entries": {"installer": "0003",
+                                                                                      "disk": "0001"}}},
+        "windows": {"reboots": 64, "power": 16, "timeout_per_node": 0.5}}
+    config = parse(data, tmp_path)
+    assert config.policy("grub").boot_entries == {"installer": "cid-installer", "disk": "debian"}
+    assert config.policy("efi").ladder[0].method == "efi_bootnext"
+    assert (config.windows.reboots, config.windows.power, config.windows.timeout_per_node) == (64, 16, 0.5)
+    assert parse({}, tmp_path).windows.reboots is None  # no bound by default
+
+
+def test_bad_boot_entries_and_windows_are_reported(tmp_path):
+    data = {"groups": {
+        "grub": {"ladder": [{"method": "grub_reboot", "timeout": 60}], "boot_entries": {"installer": "x"}},
+        "efi": {"ladder": [{"method": "efi_bootnext", "timeout": 60}],
+                "boot_entries": {"installer": "Boot0003", "disk": "1", "floppy": "a"}}},
+        "windows": {"reboots": 0, "power": "many"}}
+    with pytest.raises(ConfigError) as err:
+        parse(data, tmp_path)
+    text = "\n".join(problems(err))
+    assert "groups.grub: method(s) grub_reboot need 'boot_entries' with both 'installer' and 'disk'" in text
+    assert "groups.efi.boot_entries: unknown boot 'floppy'" in text
+    assert "groups.efi.boot_entries: 'installer': efi_bootnext needs a hexadecimal EFI boot number" in text
+    assert "windows: 'reboots' must be a whole number >= 1" in text and "'power' must be a whole number" in text
