@@ -11,16 +11,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, TimeoutError, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from cidcommon import __version__, wire
 from cidcommon.errors import AuthError, BadRequest, CidError, ProtocolError
 from cidcommon.paths import tokens_equal
 from cidd.client_api import ClientAPI
 from cidd.engine import Engine, SessionClosed
+from cidd.tls import SecurityEvents
 
 log = structlog.get_logger("cidd.sessions")
 
@@ -47,8 +50,13 @@ class Sessions:
         return session.request(message)
 
 
+@implementer(IHandshakeListener)
 class PeerProtocol(Protocol):
-    """One TCP session with an agent or a client."""
+    """One TCP (or TLS) session with an agent or a client.
+
+    ``peer_cert_node`` is the CN of the client certificate the peer presented and cidd verified against its CA
+    (None without one): an agent hello naming another node is refused.
+    """
 
     def __init__(self, factory: CiddFactory) -> None:
         self.factory = factory
@@ -64,6 +72,8 @@ class PeerProtocol(Protocol):
         self._hello_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self.cleanups: list[Any] = []
+        self.tls_established = False
+        self.peer_cert_node: str | None = None
 
     # --- connection ---
 
@@ -81,7 +91,19 @@ class PeerProtocol(Protocol):
         self.send(wire.error("out_of_order", f"no hello within {HELLO_TIMEOUT:g}s"))
         self.close()
 
+    def handshakeCompleted(self) -> None:
+        """TLS is up: remember the verified client certificate's CN (Twisted calls this once per session)."""
+        self.tls_established = True
+        getter = getattr(self.transport, "getPeerCertificate", None)
+        cert = getter() if getter is not None else None
+        if cert is not None:
+            self.peer_cert_node = cert.get_subject().CN or None
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.factory.tls and not self.tls_established and reason.check(SSL.Error):
+            # plain TCP on the TLS port, an untrusted client certificate, a client that does not trust us
+            self.factory.security.warn("security.tls_refused", peer=self.peer, session=self.session_id,
+                                       reason=reason.getErrorMessage()[:200])
         self.closed = True
         for timer in (self._hello_timer, self._idle_timer):
             if timer is not None and timer.active():
@@ -191,6 +213,7 @@ class PeerProtocol(Protocol):
             raise AuthError("authentication failed: wrong or missing token for role "
                             f"{role!r}; use the token file of that role from cidd's state directory")
         if role == wire.AGENT_ROLE:
+            self._check_agent_cert(message, installer=resume is not None)
             self._agent_hello(message)
         self.role = role
         if self._hello_timer is not None and self._hello_timer.active():
@@ -221,6 +244,24 @@ class PeerProtocol(Protocol):
         except AuthError as exc:
             log.warning("session.auth_failed", peer=self.peer, role="agent", node=node, reason=exc.message)
             raise
+
+    def _check_agent_cert(self, message: wire.Message, *, installer: bool) -> None:
+        """Refuse an agent whose verified certificate names another node, or that has none when one is required.
+
+        Installer sessions (boot/resume token) need no certificate: the installer image is the same for every
+        node. Raises AuthError, after a rate-limited security event.
+        """
+        node = message.get("node")
+        if self.peer_cert_node is not None and node != self.peer_cert_node:
+            self.factory.security.warn("security.node_mismatch", peer=self.peer, cert_node=self.peer_cert_node,
+                                       node=node, session=self.session_id)
+            raise AuthError(f"this agent's certificate is for node {self.peer_cert_node!r}, but its hello "
+                            f"names {node!r}; an agent may only speak for its own node: check --node and --cert")
+        if self.peer_cert_node is None and self.factory.client_certs == "required" and not installer:
+            self.factory.security.warn("security.agent_without_cert", peer=self.peer, node=node,
+                                       session=self.session_id)
+            raise AuthError("cidd requires a client certificate from agents (tls.client_certs: required); "
+                            f"issue one with 'cidd issue-cert {node}' and pass it to cidkid with --cert/--key")
 
     def _agent_hello(self, message: wire.Message) -> None:
         node = wire.get_str(message, "node")
@@ -315,12 +356,16 @@ class PeerProtocol(Protocol):
 class CiddFactory(Factory):
     """Builds a PeerProtocol per connection; holds what every session shares."""
 
-    def __init__(self, engine: Engine, sessions: Sessions, tokens: Mapping[str, str], clock: IReactorTime) -> None:
+    def __init__(self, engine: Engine, sessions: Sessions, tokens: Mapping[str, str], clock: IReactorTime, *,
+                 tls: bool = False, client_certs: str = "none") -> None:
         self.engine = engine
         self.sessions = sessions
         self.tokens = dict(tokens)
         self.clock = clock
         self.api = ClientAPI(engine, clock)
+        self.tls = tls  # the port speaks TLS: a session lost before its handshake is a refused peer
+        self.client_certs = client_certs  # none | optional | required (cidd.config.TlsConfig)
+        self.security = SecurityEvents(clock)
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
         return PeerProtocol(self)
