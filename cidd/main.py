@@ -104,10 +104,10 @@ def raise_file_limit() -> None:
 def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
     """Open the state, start the engine and listen; return the engine and the listening port."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    tokens = ensure_tokens(config)
     tls_options = None
     if config.tls.mode == "tls":
         tls_options = server_options(ensure_pki(config), config.tls.client_certs)
-    tokens = ensure_tokens(config)
     catalog = read_catalog(config)
     store = Store(config.db_path)
     sessions = Sessions()

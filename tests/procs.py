@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -70,6 +71,21 @@ class Cluster:
     @property
     def server(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The cluster CA certificate cidd created at its first start."""
+        return self.state_dir / "tls" / "ca.pem"
+
+    def tls_connect(self, timeout: float = 5.0) -> ssl.SSLSocket:
+        """Return a TLS connection to cidd's agent/client port, cidd's certificate verified with the cluster CA."""
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        try:
+            return context.wrap_socket(sock, server_hostname="127.0.0.1")
+        except BaseException:
+            sock.close()
+            raise
 
     @property
     def db(self) -> Path:
