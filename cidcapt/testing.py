@@ -67,6 +67,12 @@ def test_ca_file() -> str:
     return str(_test_pki()["ca"])
 
 
+def test_server_context() -> ssl.SSLContext:
+    """Return the server SSLContext (certificate for 127.0.0.1 signed by the test CA) for other fake servers."""
+    return _test_pki()["context"]
+
+
+test_server_context.__test__ = False  # type: ignore[attr-defined]
 test_ca_file.__test__ = False  # type: ignore[attr-defined]  # not a test for pytest
 
 
