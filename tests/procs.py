@@ -61,6 +61,7 @@ class Cluster:
     nodes: list[dict[str, str]] = field(default_factory=list)
     heartbeat: float = 1.0
     extra_config: dict[str, Any] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # for every cidkid and cidcapt (e.g. CID_PLAIN_TCP)
     cidd: subprocess.Popen | None = None
     fleets: list[subprocess.Popen] = field(default_factory=list)
 
@@ -131,13 +132,13 @@ class Cluster:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cidkid.main", "--sim", hostlist, "--server", self.server,
              "--sim-dir", str(self.root / "sim"), *extra],
-            stdout=log, stderr=subprocess.STDOUT, env=_env(self.state_dir))
+            stdout=log, stderr=subprocess.STDOUT, env={**_env(self.state_dir), **self.extra_env})
         self.fleets.append(proc)
         return proc
 
     def cidcapt(self, *args: str, timeout: float = 120.0, role: str | None = None) -> subprocess.CompletedProcess:
         """Run cidcapt against this cidd and return the finished process (text output)."""
-        env = _env(self.state_dir)
+        env = {**_env(self.state_dir), **self.extra_env}
         if role:
             env["CID_ROLE"] = role
         return subprocess.run([sys.executable, "-m", "cidcapt.main", "--server", self.server, *args],
@@ -146,7 +147,8 @@ class Cluster:
     def cidcapt_background(self, *args: str) -> subprocess.Popen:
         """Start cidcapt against this cidd without waiting; return the process (output discarded)."""
         return subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", self.server, *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(self.state_dir))
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**_env(self.state_dir), **self.extra_env})
 
     def status(self, hostlist: str | None = None) -> dict[str, dict[str, Any]]:
         """Return {node: status row} from ``cidcapt --status --json``."""
