@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from cidcommon.hostlists import expand
 from cidcommon.pki import PkiError, fingerprint, init_pki, issue_agent, load_cert, san_entries
 from cidd.config import Config, ConfigError, load_config
 
@@ -42,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="also issue an agent certificate for NODE (repeat)")
     init.add_argument("--force", action="store_true", help="create a new CA and server certificate even if they exist")
     issue = commands.add_parser("issue-cert", help="issue agent certificates (CN = node name) for mutual TLS")
-    issue.add_argument("nodes", nargs="+", metavar="NODE")
+    issue.add_argument("nodes", nargs="+", metavar="HOSTLIST", help="node names or hostlists, e.g. node[001-128]")
     issue.add_argument("--out", type=Path, help="directory for NODE.pem and NODE.key (default <state>/secrets/agents)")
     issue.add_argument("--force", action="store_true", help="replace an existing certificate of the node")
     for sub in (init, issue):
@@ -64,7 +65,8 @@ def config_of(args: argparse.Namespace) -> Config:
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     """Carry out ``init`` or ``issue-cert``, telling what was done through ``say``.
 
-    Raises ConfigError, PkiError, TokenFileError (an unsafe key) and FileExistsError (issue-cert without --force).
+    Raises ConfigError, BadHostlist, PkiError (an existing agent certificate without --force, unreadable files)
+    and TokenFileError (an unsafe key).
     """
     from cidd.tls import default_sans
 
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> None:
         say(f"CA fingerprint (sha256): {fingerprint(load_cert(paths.ca))}")
         nodes = args.agent_cert
     else:
-        nodes = args.nodes
+        nodes = [name for text in args.nodes for name in expand(text)]
     for node in nodes:
         try:
             cert_path, key_path = issue_agent(paths, node, out_dir=getattr(args, "out", None),

@@ -19,7 +19,7 @@ import structlog
 from twisted.internet.task import LoopingCall
 
 from cidcommon import __version__, logs, wire
-from cidcommon.errors import CidError, TokenFileError
+from cidcommon.errors import BadHostlist, CidError, TokenFileError
 from cidcommon.paths import ensure_token, token_path
 from cidcommon.pki import PkiError
 from cidd.boot import EthersError
@@ -148,7 +148,7 @@ def reload_catalog(engine: Engine) -> None:
 
 def exit_code(exc: BaseException) -> int:
     """Return the exit code for an error that stopped cidd (or ``cidd init``) before it served (see EPILOG)."""
-    if isinstance(exc, ConfigError | CatalogError | EthersError | PkiError):
+    if isinstance(exc, ConfigError | CatalogError | EthersError | PkiError | BadHostlist):
         return 2
     if isinstance(exc, TokenFileError):
         return 4
