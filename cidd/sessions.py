@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, TimeoutError, fail
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
@@ -97,7 +98,8 @@ class PeerProtocol(Protocol):
         getter = getattr(self.transport, "getPeerCertificate", None)
         cert = getter() if getter is not None else None
         if cert is not None:
-            self.peer_cert_node = cert.get_subject().CN or None
+            names = cert.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            self.peer_cert_node = str(names[0].value) if names else None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.factory.tls and not self.tls_established and reason.check(SSL.Error):
