@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import ssl
 import stat
 import subprocess
@@ -153,22 +154,8 @@ def test_client_that_does_not_trust_the_ca_is_refused(cluster: Cluster, tmp_path
     assert "--ca" in result.stderr  # what to do
     missing = cluster.cidcapt("--status", "--ca", str(tmp_path / "nowhere.pem"))
     assert missing.returncode == 4 and "does not exist" in missing.stderr
-    with sqlite3_rows(cluster, "tls2") as rows:
-        assert rows == []  # nothing was started
-
-
-class sqlite3_rows:  # noqa: N801 - a tiny context manager reading the event rows of a job
-    def __init__(self, cluster: Cluster, job: str) -> None:
-        import sqlite3
-
-        self.db = sqlite3.connect(cluster.db)
-        self.job = job
-
-    def __enter__(self) -> list:
-        return self.db.execute("SELECT node FROM events WHERE job = ?", (self.job,)).fetchall()
-
-    def __exit__(self, *exc: object) -> None:
-        self.db.close()
+    with sqlite3.connect(cluster.db) as db:
+        assert db.execute("SELECT node FROM events WHERE job = 'tls2'").fetchall() == []  # nothing was started
 
 
 def test_plain_tcp_on_the_tls_port_is_refused_and_cidd_keeps_serving(cluster: Cluster) -> None:
