@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from cidcapt.connection import Backoff, Clock, Connection, Sleep, Timing, format_address, open_session
 from cidcapt.errors import BadServerReply, ConnectionLost, Unreachable, error_from_wire
+from cidcommon.tlsfiles import ClientTls
 
 #: Capture states that mean "over": the reply of a re-attach to an ended capture is final.
 FINAL_STATES = frozenset({"ok", "failed", "deadline"})
@@ -44,6 +45,7 @@ class Endpoint:
     port: int
     role: str
     token: str
+    tls: ClientTls | None = None  # None: plain TCP (only when cidd is configured so)
 
     @property
     def address(self) -> str:
@@ -116,7 +118,7 @@ class CaptureRunner:
             try:
                 with open_session(self.endpoint.host, self.endpoint.port, self.endpoint.role,
                                   self.endpoint.token, deadline=limit, timing=self.timing, clock=self.clock,
-                                  sleep=self.sleep) as conn:
+                                  sleep=self.sleep, tls=self.endpoint.tls) as conn:
                     return self._session(conn, local_deadline)
             except Unreachable as exc:  # ConnectionLost too
                 failure = exc

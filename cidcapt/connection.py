@@ -1,4 +1,4 @@
-"""A blocking session with cidd over one TCP connection (docs/protocol.md).
+"""A blocking session with cidd over one TCP connection, TLS by default (docs/protocol.md).
 
 ``connect`` opens it (retrying until a deadline), ``Connection.hello`` authenticates, ``Connection.request``
 sends one request and returns its reply (raising the error class matching cidd's ``code``), and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 from cidcapt import __version__
 from cidcapt.errors import BadServerReply, ConnectionLost, Unreachable, error_from_wire
 from cidcommon.errors import ProtocolError
+from cidcommon.tlsfiles import ClientTls, TlsError, untrusted_message
 from cidcommon.wire import DEFAULT_PORT, MAX_REPLY_LINE, PROTOCOL_VERSION, LineBuffer, Message, decode, encode
 
 Clock = Callable[[], float]
@@ -93,35 +95,55 @@ def _reason(exc: OSError) -> str:
     return (exc.strerror or str(exc) or exc.__class__.__name__).lower()
 
 
-def _open(host: str, port: int, timeout: float) -> socket.socket:
-    """Return a socket connected to ``host:port``, or to the Unix socket ``host`` when it is a path."""
-    if not host.startswith("/"):
-        return socket.create_connection((host, port), timeout=timeout)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _open(host: str, port: int, timeout: float, tls: ClientTls | None) -> socket.socket:
+    """Return a connected socket: to the Unix socket ``host`` when it is a path (no TLS: the peer's uid is what
+    cidd checks), else over TCP, wrapped in TLS (server certificate and name verified) when ``tls`` is given.
+
+    Raises TlsError when the server's certificate is not trusted by the CA file (not worth retrying), OSError
+    (ssl.SSLError included) for the rest.
+    """
+    if host.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    context = tls.context if tls is not None else None  # raises TlsError for a missing or bad CA file
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if context is None or tls is None:
+        return sock
     try:
-        sock.settimeout(timeout)
-        sock.connect(host)
+        return context.wrap_socket(sock, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        reason = exc.verify_message or exc.reason or str(exc)
+        raise TlsError(untrusted_message(format_address(host, port), tls.ca, reason)) from None
     except BaseException:
         sock.close()
         raise
-    return sock
 
 
 def connect(host: str, port: int, *, deadline: float, timing: Timing = Timing(),
-            clock: Clock = time.monotonic, sleep: Sleep = time.sleep) -> Connection:
+            clock: Clock = time.monotonic, sleep: Sleep = time.sleep, tls: ClientTls | None = None) -> Connection:
     """Return a Connection to cidd, retrying refused or timed-out attempts until ``deadline`` (``clock`` time).
 
-    ``host`` may be the path of cidd's local Unix socket (then ``port`` is ignored).
-
-    One attempt is always made, even when ``deadline`` has passed. Raises Unreachable, saying why the last
-    attempt failed and what to check, when no attempt succeeded by the deadline.
+    ``host`` may be the path of cidd's local Unix socket (then ``port`` and ``tls`` are ignored). Otherwise,
+    with ``tls`` the session runs over TLS and cidd's certificate must be signed by ``tls.ca`` and name
+    ``host``. One attempt is always made, even when ``deadline`` has passed. Raises Unreachable, saying why the
+    last attempt failed and what to check, when no attempt succeeded by the deadline; TlsError at once when
+    the server is not trusted.
     """
     address = format_address(host, port)
     backoff = Backoff(timing.backoff_first, timing.backoff_max)
     while True:
         remaining = deadline - clock()
         try:
-            sock = _open(host, port, max(min(remaining, timing.attempt_timeout), 0.1))
+            sock = _open(host, port, max(min(remaining, timing.attempt_timeout), 0.1), tls)
+        except ssl.SSLError as exc:
+            reason = f"TLS handshake failed ({exc.reason or exc}); if cidd runs with tls mode plain, use --plain-tcp"
         except OSError as exc:
             reason = _reason(exc)
         else:
@@ -257,11 +279,18 @@ class Connection:
 
 
 def open_session(host: str, port: int, role: str, token: str, *, deadline: float, timing: Timing = Timing(),
-                 clock: Clock = time.monotonic, sleep: Sleep = time.sleep) -> Connection:
+                 clock: Clock = time.monotonic, sleep: Sleep = time.sleep, tls: ClientTls | None = None) -> Connection:
     """Return a connected Connection on which ``hello`` succeeded (see ``connect`` and ``Connection.hello``)."""
-    conn = connect(host, port, deadline=deadline, timing=timing, clock=clock, sleep=sleep)
+    conn = connect(host, port, deadline=deadline, timing=timing, clock=clock, sleep=sleep, tls=tls)
     try:
         conn.hello(role, token)
+    except ConnectionLost as exc:
+        conn.close()
+        if tls is None:  # a TLS server drops a clear-text hello
+            raise ConnectionLost(f"{exc.message}; cidd speaks TLS unless configured with tls mode plain: drop "
+                                 "--plain-tcp (and CID_PLAIN_TCP) and give its CA with --ca",
+                                 reason=exc.reason) from None
+        raise
     except BaseException:
         conn.close()
         raise
@@ -270,12 +299,13 @@ def open_session(host: str, port: int, role: str, token: str, *, deadline: float
 
 def simple_request(host: str, port: int, role: str, token: str, message: dict[str, Any], *,
                    connect_timeout: float, timing: Timing = Timing(), clock: Clock = time.monotonic,
-                   sleep: Sleep = time.sleep) -> Message:
+                   sleep: Sleep = time.sleep, tls: ClientTls | None = None) -> Message:
     """Return cidd's reply to one request made in a fresh session (used by --status and --captures).
 
     Raises Unreachable when cidd cannot be reached within ``connect_timeout`` seconds, and what
     ``Connection.request`` raises.
     """
     deadline = clock() + connect_timeout
-    with open_session(host, port, role, token, deadline=deadline, timing=timing, clock=clock, sleep=sleep) as conn:
+    with open_session(host, port, role, token, deadline=deadline, timing=timing, clock=clock, sleep=sleep,
+                      tls=tls) as conn:
         return conn.request(message)

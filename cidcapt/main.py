@@ -24,6 +24,7 @@ from cidcapt.render import CAPTURES_HEADERS, STATUS_HEADERS, Renderer, captures_
 from cidcommon.errors import BAD_REQUEST_CODES, REFUSED_CODES, CidError
 from cidcommon.hostlists import collect, expand
 from cidcommon.paths import default_state_dir, read_token, token_path
+from cidcommon.tlsfiles import ClientTls, client_tls
 from cidcommon.wire import CLIENT_ROLES, DEFAULT_PORT
 
 EXIT_OK = 0
@@ -50,7 +51,10 @@ is private to another user) exits 5 with the rule set that failed; nothing was s
 environment: CID_SERVER (default 127.0.0.1:{DEFAULT_PORT}), CID_SOCKET (the local socket, no token), CID_ROLE
 (default admin; on the socket the role comes from your uid, a lower one may be asked), CID_TOKEN_FILE,
 CID_STATE_DIR (tokens in <state_dir>/secrets/<role>.token, the socket <state_dir>/cidd.sock),
-SLURM_JOB_USER or USER (the --user default).
+SLURM_JOB_USER or USER (the --user default), CID_CA_FILE (default <state_dir>/tls/ca.pem), CID_CERT_FILE and
+CID_KEY_FILE, CID_PLAIN_TCP=1 (no TLS).
+The TCP session with cidd runs over TLS: cidd's certificate must be signed by the CA file and name --server's
+host; a server the CA does not vouch for is refused with exit code 4.
 """
 
 
@@ -173,6 +177,17 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
                         help="role to authenticate as: admin, scheduler, reader (default $CID_ROLE or admin)")
     parser.add_argument("--token-file", type=Path, default=None, metavar="PATH",
                         help="the role's token file (default $CID_TOKEN_FILE or <state_dir>/secrets/ROLE.token)")
+    parser.add_argument("--ca", type=Path, default=None, metavar="FILE",
+                        help="the cluster CA certificate that signed cidd's (default $CID_CA_FILE or "
+                        "<state_dir>/tls/ca.pem)")
+    parser.add_argument("--cert", type=Path, default=None, metavar="FILE",
+                        help="client certificate for mutual TLS (default $CID_CERT_FILE; not needed: the token "
+                        "authenticates clients)")
+    parser.add_argument("--key", type=Path, default=None, metavar="FILE",
+                        help="private key of --cert, mode 0600 (default $CID_KEY_FILE, else --cert)")
+    parser.add_argument("--plain-tcp", action="store_true",
+                        help="talk to cidd without TLS (only for a cidd configured with tls mode plain; "
+                        "default $CID_PLAIN_TCP)")
     parser.add_argument("--version", action="version", version=f"cidcapt {__version__}")
     return parser
 
@@ -265,6 +280,11 @@ def _token(args: argparse.Namespace, env: Mapping[str, str]) -> str:
     return read_token(path)
 
 
+def _tls(args: argparse.Namespace, env: Mapping[str, str]) -> ClientTls | None:
+    """Return the TLS settings (None for --plain-tcp); the CA file is checked when the session opens."""
+    return client_tls(args.ca, args.cert, args.key, plain=args.plain_tcp, env=env)
+
+
 def _compact(text: str) -> tuple[str, tuple[str, ...]]:
     """Return (compact hostlist, names) of a hostlist; raises BadHostlist."""
     names = expand(text)
@@ -321,7 +341,7 @@ def _admin_view(args: argparse.Namespace, env: Mapping[str, str], renderer: Rend
     token = _token(args, env)
     host, port = args.server
     reply = simple_request(host, port, args.role, token, message, connect_timeout=args.connect_timeout,
-                           timing=timing, clock=clock, sleep=sleep)
+                           timing=timing, clock=clock, sleep=sleep, tls=_tls(args, env))
     key = "captures" if args.captures else "nodes"
     items = reply.get(key)
     items = items if isinstance(items, list) else []
@@ -339,7 +359,8 @@ def _reload(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer
     """Ask cidd to reload its catalog; return 0. Raises CidError subclasses (mapped by the caller)."""
     host, port = args.server
     reply = simple_request(host, port, args.role, _token(args, env), {"type": "reload"},
-                           connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep)
+                           connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep,
+                           tls=_tls(args, env))
     if args.json:
         renderer.json({"images": reply.get("images"), "catalog": reply.get("catalog")})
     else:
@@ -359,7 +380,8 @@ def _slurm_prolog(args: argparse.Namespace, env: Mapping[str, str], renderer: sl
     if not image:
         host, port = args.server
         reply = simple_request(host, port, args.role, _token(args, env), {"type": "features"},
-                               connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep)
+                               connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep,
+                               tls=_tls(args, env))
         features = reply.get("features") if isinstance(reply.get("features"), dict) else {}
         default = reply.get("default_image") if isinstance(reply.get("default_image"), str) else None
         image = slurm.choose_image(job.constraints, features, default) or ""
@@ -397,7 +419,8 @@ def _release(args: argparse.Namespace, env: Mapping[str, str], renderer: Rendere
 
         def ask(message: dict[str, Any]) -> dict[str, Any]:
             return simple_request(host, port, args.role, token, message, timing=quick, clock=clock, sleep=sleep,
-                                  connect_timeout=min(args.connect_timeout, slurm.RELEASE_CONNECT_S))
+                                  connect_timeout=min(args.connect_timeout, slurm.RELEASE_CONNECT_S),
+                                  tls=_tls(args, env))
 
         done = slurm.release(job_id, compact, args.user or user or default_user(env), ask, timeout=args.timeout)
         renderer.say(done, always=True)
@@ -414,7 +437,8 @@ def _power(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer,
     slow = dataclasses.replace(timing, request_timeout=max(timing.request_timeout, 120.0))  # BMCs are slow
     reply = simple_request(host, port, args.role, _token(args, env),
                            {"type": "power", "action": action, "nodes": _compact(hostlist)[0]},
-                           connect_timeout=args.connect_timeout, timing=slow, clock=clock, sleep=sleep)
+                           connect_timeout=args.connect_timeout, timing=slow, clock=clock, sleep=sleep,
+                           tls=_tls(args, env))
     results = reply.get("results") if isinstance(reply.get("results"), dict) else {}
     if args.json:
         renderer.json(results)
@@ -449,7 +473,7 @@ def _capture(args: argparse.Namespace, env: Mapping[str, str], renderer: Rendere
         host, port = args.server
         request = CaptureRequest(job=job, nodes=nodes, names=names, image=image, timeout=args.timeout,
                                  user=args.user or default_user(env))
-        runner = CaptureRunner(request, Endpoint(host, port, args.role, token), renderer,
+        runner = CaptureRunner(request, Endpoint(host, port, args.role, token, _tls(args, env)), renderer,
                                connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep)
         outcome = runner.run()
     except CidError as exc:

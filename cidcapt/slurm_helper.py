@@ -29,6 +29,7 @@ from cidcapt.connection import Timing, parse_server, simple_request
 from cidcapt.main import EXIT_BAD_REQUEST, EXIT_OK, exit_code
 from cidcommon.errors import BadRequest, CidError, UnknownNode
 from cidcommon.paths import default_state_dir, read_token, token_path
+from cidcommon.tlsfiles import client_tls
 from cidcommon.wire import DEFAULT_PORT
 
 #: A helper runs under slurmd's ExecTime limit (10 s by default): keep every wait short.
@@ -62,6 +63,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="role of the token: scheduler (default $CID_ROLE or scheduler) or admin")
     parser.add_argument("--token-file", type=Path, default=env.get("CID_TOKEN_FILE") or None,
                         help="the role's token file (default $CID_TOKEN_FILE or <state_dir>/secrets/ROLE.token)")
+    parser.add_argument("--ca", type=Path, default=None,
+                        help="cluster CA certificate that signed cidd's (default $CID_CA_FILE or "
+                        "<state_dir>/tls/ca.pem); $CID_PLAIN_TCP=1 talks without TLS to a cidd in tls mode plain")
     parser.add_argument("--timeout", type=float, default=3600.0, help="deadline of the switch in seconds")
     parser.add_argument("--reboot-command", default=env.get("CID_REBOOT_COMMAND") or "/sbin/reboot",
                         help="what --reboot runs (default $CID_REBOOT_COMMAND or %(default)s)")
@@ -93,8 +97,9 @@ class Helper:
             host, port = parse_server(self.args.server)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        tls = client_tls(self.args.ca, None, None, plain=False, env=self.env)
         return simple_request(host, port, self.args.role, read_token(path), message,
-                              connect_timeout=CONNECT_TIMEOUT, timing=QUICK)
+                              connect_timeout=CONNECT_TIMEOUT, timing=QUICK, tls=tls)
 
     def node_row(self) -> dict[str, Any]:
         """Return cidd's status row of the node; raises UnknownNode when cidd does not know it."""

@@ -15,12 +15,18 @@ raised again when the ``with FakeCidd(...)`` block ends, so a server-side check 
         main(["--server", cidd.address, "--token-file", path, "-j", "1", "-n", "node01", "-i", "img"])
     assert cidd.messages("capture")[0]["nodes"] == "node01"
 
-Plain sockets and threads, no Twisted, so it can also stand in for cidd in other programs' tests.
+Plain sockets and threads, no Twisted, so it can also stand in for cidd in other programs' tests. It speaks
+TLS like cidd, with a test CA made once per process (``test_ca_file()``; give clients ``CID_CA_FILE``), unless
+``tls=False``.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import socket
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +36,44 @@ from cidcommon.errors import ProtocolError
 from cidcommon.wire import CLIENT_ROLES, PROTOCOL_VERSION, LineBuffer, decode, encode
 
 Message = dict[str, Any]
+
+_PKI: dict[str, Any] = {}
+_PKI_LOCK = threading.Lock()
+
+
+def _test_pki() -> dict[str, Any]:
+    """Return {"ca": CA file, "context": server SSLContext} of a CA made once per process (removed at exit)."""
+    with _PKI_LOCK:
+        if not _PKI:
+            from pathlib import Path
+
+            from cidcommon.pki import cert_pem, create_ca, issue, key_pem, write_file
+
+            directory = Path(tempfile.mkdtemp(prefix="cid-test-pki-"))
+            atexit.register(shutil.rmtree, directory, True)
+            ca_key, ca_cert = create_ca("cid test CA")
+            key, cert = issue(ca_key, ca_cert, "fake-cidd", sans=["127.0.0.1", "::1", "localhost"], server=True)
+            write_file(directory / "ca.pem", cert_pem(ca_cert), private=False)
+            write_file(directory / "server.pem", cert_pem(cert), private=False)
+            write_file(directory / "server.key", key_pem(key), private=True)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(directory / "server.pem"), str(directory / "server.key"))
+            _PKI.update(ca=directory / "ca.pem", context=context, dir=directory)
+        return _PKI
+
+
+def test_ca_file() -> str:
+    """Return the path of the CA certificate that signed every FakeCidd's certificate (for CID_CA_FILE)."""
+    return str(_test_pki()["ca"])
+
+
+def test_server_context() -> ssl.SSLContext:
+    """Return the server SSLContext (certificate for 127.0.0.1 signed by the test CA) for other fake servers."""
+    return _test_pki()["context"]
+
+
+test_server_context.__test__ = False  # type: ignore[attr-defined]
+test_ca_file.__test__ = False  # type: ignore[attr-defined]  # not a test for pytest
 
 
 class SessionEnded(Exception):
@@ -217,11 +261,16 @@ class FakeCidd:
 
     ``handler`` runs once per connection. ``listen_delay`` keeps the port bound but refusing connections
     for that many seconds (to test connect retries). ``address`` is ``127.0.0.1:PORT`` for ``--server``.
+    With ``tls`` (default) sessions run over TLS; ``ca_file`` is the CA clients must trust, and handshakes
+    that failed are counted in ``tls_failures``.
     """
 
     def __init__(self, handler: Callable[[FakeSession], None], *, token: str = "test-token",
-                 listen_delay: float = 0.0) -> None:
+                 listen_delay: float = 0.0, tls: bool = True) -> None:
         self.handler = handler
+        self.tls = tls
+        self.ca_file = test_ca_file() if tls else None
+        self.tls_failures = 0
         self.token = token
         self.listen_delay = listen_delay
         self.host = "127.0.0.1"
@@ -295,6 +344,14 @@ class FakeCidd:
 
     def _run(self, session: FakeSession) -> None:
         """Run the handler on one session, record its failures, and close the session."""
+        if self.tls:
+            try:
+                session.sock.settimeout(5.0)
+                session.sock = _test_pki()["context"].wrap_socket(session.sock, server_side=True)
+            except OSError:
+                self.tls_failures += 1
+                session.drop()
+                return
         try:
             self.handler(session)
         except SessionEnded:

@@ -18,6 +18,7 @@ import yaml
 from cidcommon import hostlists
 from cidcommon.errors import CidError
 from cidcommon.paths import default_state_dir
+from cidcommon.tlsfiles import PkiPaths, default_pki_paths
 from cidcommon.wire import DEFAULT_HTTP_PORT, DEFAULT_PORT, MAX_LINE
 from cidd.machine_types import LADDER_METHODS, NEXT_BOOT_METHODS, Policy, Rung
 from cidd.rights import Rule, parse_rules
@@ -59,6 +60,33 @@ class BmcConfig:
     credentials: Path | None = None  # user:password or YAML; mode 0600
     max_concurrent: int = 8
     timeout: float = 20.0
+
+
+TLS_MODES = ("tls", "plain")
+CLIENT_CERT_MODES = ("optional", "required", "none")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS of the agent/client port: files (None: the defaults under state_dir), client certificates, SANs."""
+
+    mode: str = "tls"  # tls | plain (plain TCP: explicit only, logged as security.plain_tcp at start)
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    client_certs: str = "optional"  # optional | required (agents need a CA-signed cert) | none (not asked)
+    san: tuple[str, ...] = ()  # extra names/addresses for the server certificate cidd creates
+
+    @property
+    def explicit_files(self) -> bool:
+        """Return whether any TLS file is configured (then cidd never creates a CA on its own)."""
+        return any(f is not None for f in (self.cert, self.key, self.ca))
+
+    def paths(self, state_dir: Path) -> PkiPaths:
+        """Return the TLS file paths: the configured ones, else the defaults under ``state_dir``."""
+        default = default_pki_paths(state_dir)
+        return PkiPaths(ca=self.ca or default.ca, ca_key=default.ca_key, cert=self.cert or default.cert,
+                        key=self.key or default.key, agents=default.agents)
 
 
 @dataclass(frozen=True)
@@ -103,6 +131,7 @@ class Config:
     rights: tuple[Rule, ...] | None = None  # None: no 'rights' section (shared images for all, cidd/rights.py)
     socket: SocketConfig = field(default_factory=SocketConfig)  # the local Unix socket (cidd/unix_peers.py)
     windows: WindowsConfig = field(default_factory=lambda: WindowsConfig())
+    tls: TlsConfig = field(default_factory=lambda: TlsConfig())
 
     @property
     def db_path(self) -> Path:
@@ -202,7 +231,7 @@ class _Reader:
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
              "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc",
              "windows"}
-_TOP_KEYS |= {"rights", "socket"}  # cidd/rights.py, cidd/unix_peers.py
+_TOP_KEYS |= {"rights", "socket", "tls"}  # cidd/rights.py, cidd/unix_peers.py, cidd/tls.py
 
 
 def _bmc(reader: _Reader, data: Mapping[str, Any], groups: Mapping[str, Policy]) -> BmcConfig | None:
@@ -249,6 +278,22 @@ def _boot(reader: _Reader, data: Mapping[str, Any]) -> BootConfig:
                       cmdline=reader.text(section, "cmdline", "", "boot"),
                       server=reader.optional_text(section, "server", "boot"),
                       token_ttl=reader.number(section, "token_ttl", 7200.0, "boot", minimum=10.0))
+def _tls(reader: _Reader, data: Mapping[str, Any]) -> TlsConfig:
+    """Return the ``tls`` section (docs/configuration.md); ``mode: plain`` turns TLS off explicitly."""
+    section = reader.mapping(data, "tls", "top level")
+    reader.unknown(section, {"mode", "cert", "key", "ca", "client_certs", "san"}, "tls")
+    files = {key: reader.optional_text(section, key, "tls") for key in ("cert", "key", "ca")}
+    if bool(files["cert"]) != bool(files["key"]):
+        reader.problem("tls", "'cert' and 'key' (the server certificate and its private key) go together")
+    san = section.get("san") or []
+    if not isinstance(san, list) or not all(isinstance(n, str) and n for n in san):
+        reader.problem("tls", f"'san' must be a list of host names and IP addresses (got {san!r})")
+        san = []
+    return TlsConfig(mode=reader.text(section, "mode", "tls", "tls", TLS_MODES),
+                     client_certs=reader.text(section, "client_certs", "optional", "tls", CLIENT_CERT_MODES),
+                     san=tuple(san), **{k: Path(v) if v else None for k, v in files.items()})
+
+
 #: Feature names that work in every Slurm mode: node_features/helpers accepts only [A-Za-z_][A-Za-z0-9_.=]*
 #: (measured with Debian's Slurm 22.05, docs/slurm.md); '=' is left out as it reads like an assignment.
 _FEATURE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -391,6 +436,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         rights=parse_rules(data.get("rights"), reader.problem),
         socket=parse_socket(data.get("socket"), reader.problem),
         windows=_windows(reader, data),
+        tls=_tls(reader, data),
     )
     if reader.problems:
         raise ConfigError("\n".join(reader.problems) + "\nfix these and start cidd again")

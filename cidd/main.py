@@ -1,7 +1,8 @@
 """``cidd``: the cid head-node daemon. The only module that touches the global reactor.
 
-Exit codes: 0 stopped normally · 1 could not start (port in use, database) · 2 bad configuration or catalog ·
-4 unsafe secrets file.
+Exit codes: 0 stopped normally · 1 could not start (port in use, database) · 2 bad configuration or catalog,
+or TLS files missing or unusable · 4 unsafe secrets or key file. ``cidd init`` / ``cidd issue-cert`` (cidd/init_cli.py)
+use the same codes.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import structlog
 from twisted.internet.task import LoopingCall
 
 from cidcommon import __version__, logs, wire
-from cidcommon.errors import CidError, TokenFileError
+from cidcommon.errors import BadHostlist, CidError, TokenFileError
 from cidcommon.paths import ensure_token, token_path
+from cidcommon.pki import PkiError
 from cidd.boot import EthersError
 from cidd.boot_http import BootResource
 from cidd.catalog import CatalogError
@@ -33,6 +35,7 @@ from cidd.sdnotify import Notifier
 from cidd.sessions import CiddFactory, Sessions
 from cidd.status_http import EngineCollector, StatusResource
 from cidd.store import Store, StoreError
+from cidd.tls import ensure_pki, server_options
 
 log = structlog.get_logger("cidd")
 
@@ -46,7 +49,15 @@ Clients on the head node may use the local Unix socket (socket.path, default <st
 token: root and cidd's own user are admin, socket.roles names the others (docs/security.md).
 'cidd agent-token NODE [--out FILE]' writes a node's own agent token (docs/security.md).
 
-exit codes: 0 stopped · 1 could not start · 2 bad configuration or catalog · 4 unsafe secrets file
+The agent/client port speaks TLS only. At first start cidd creates a cluster CA (<state>/tls/ca.pem, key in
+<state>/secrets/ca.key) and its server certificate, unless the 'tls' section names other files; copy ca.pem
+to every node and client. Plain TCP only with 'tls: {mode: plain}' in cidd.yaml (logged as a warning).
+
+  cidd init [--san NAME]... [--agent-cert NODE]... [--force]   create the CA and certificates now
+  cidd issue-cert NODE...                                      agent certificates for mutual TLS
+
+exit codes: 0 stopped · 1 could not start · 2 bad configuration or catalog, TLS files missing or unusable ·
+4 unsafe secrets or key file (readable by group or others)
 """
 
 
@@ -99,6 +110,9 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
     """Open the state, start the engine and listen; return the engine and the listening port."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
     tokens = ensure_tokens(config)
+    tls_options = None
+    if config.tls.mode == "tls":
+        tls_options = server_options(ensure_pki(config), config.tls.client_certs)
     catalog = read_catalog(config)
     store = Store(config.db_path)
     sessions = Sessions()
@@ -110,8 +124,15 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
         reactor.addSystemEventTrigger("during", "shutdown", power.stop)
     engine = Engine(config, catalog, store, reactor, sessions, power)
     engine.start()
-    factory = CiddFactory(engine, sessions, tokens, reactor)
-    port = reactor.listenTCP(config.listen_port, factory, backlog=4096, interface=config.listen_host)
+    factory = CiddFactory(engine, sessions, tokens, reactor, tls=tls_options is not None,
+                          client_certs=config.tls.client_certs)
+    if tls_options is None:
+        port = reactor.listenTCP(config.listen_port, factory, backlog=4096, interface=config.listen_host)
+        log.warning("security.plain_tcp", host=config.listen_host, port=port.getHost().port,
+                    hint="tokens travel in clear text; remove 'mode: plain' from the tls section to use TLS")
+    else:
+        port = reactor.listenSSL(config.listen_port, factory, tls_options, backlog=4096,
+                                 interface=config.listen_host)
     metrics = Metrics()
     metrics.registry.register(EngineCollector(engine))
     count_refusals(metrics, factory.security, reactor)
@@ -119,7 +140,8 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
     listen_http(config, lambda: engine.catalog, metrics, reactor,
                 extra={b"status": StatusResource(engine), b"boot": BootResource(engine)})
     log.info("cidd.listening", host=config.listen_host, port=port.getHost().port, state_dir=str(config.state_dir),
-             catalog=str(config.catalog), images=len(catalog), version=__version__)
+             catalog=str(config.catalog), images=len(catalog), version=__version__,
+             tls=config.tls.mode == "tls", client_certs=config.tls.client_certs)
     return engine, port
 
 
@@ -131,19 +153,49 @@ def reload_catalog(engine: Engine) -> None:
         pass  # logged by the engine with every problem
 
 
+def exit_code(exc: BaseException) -> int:
+    """Return the exit code for an error that stopped cidd (or ``cidd init``) before it served (see EPILOG)."""
+    if isinstance(exc, ConfigError | CatalogError | EthersError | PkiError | BadHostlist):
+        return 2
+    if isinstance(exc, TokenFileError):
+        return 4
+    return 1
+
+
+def _fail(exc: BaseException) -> int:
+    """Print the error of ``exc`` for a person and return its exit code."""
+    text = exc.message if isinstance(exc, CidError) else str(exc)
+    prefix = "" if exit_code(exc) != 1 else "cannot start: "
+    print(f"cidd: error: {prefix}{text}", file=sys.stderr)
+    return exit_code(exc)
+
+
+def run_init(argv: list[str]) -> int:
+    """Run ``cidd init`` or ``cidd issue-cert``; return the exit code."""
+    from cidd import init_cli
+
+    args = init_cli.parse_args(argv)
+    try:
+        init_cli.run(args, print)
+    except (CidError, OSError) as exc:
+        return _fail(exc)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run cidd until SIGTERM/SIGINT; return the exit code (see EPILOG)."""
+    """Run cidd until SIGTERM/SIGINT (or a set-up command); return the exit code (see EPILOG)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["agent-token"]:
         from cidd import agent_tokens
 
         return agent_tokens.main(argv[1:])
+    if argv and argv[0] in ("init", "issue-cert"):
+        return run_init(argv)
     args = parse_args(argv)
     try:
         config = build_config(args)
     except ConfigError as exc:
-        print(f"cidd: error: {exc.message}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     logs.configure(json=config.log_format == "json", level=config.log_level)
     logs.route_twisted_logs()
     from twisted.internet import reactor
@@ -151,15 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_file_limit()
     try:
         engine, _port = start(config, reactor)
-    except (ConfigError, CatalogError, EthersError) as exc:
-        print(f"cidd: error: {exc}", file=sys.stderr)
-        return 2
-    except TokenFileError as exc:
-        print(f"cidd: error: {exc.message}", file=sys.stderr)
-        return 4
-    except (StoreError, CidError, OSError, Exception) as exc:  # noqa: BLE001 - one place maps start failures
-        print(f"cidd: error: cannot start: {exc}", file=sys.stderr)
-        return 1
+    except (StoreError, CidError, OSError, Exception) as exc:  # noqa: BLE001 - exit_code maps start failures
+        return _fail(exc)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload_catalog, engine))
     notifier = Notifier()
     reactor.addSystemEventTrigger("before", "shutdown", lambda: (log.info("cidd.stopping"), notifier.stopping()))

@@ -18,7 +18,8 @@ import structlog
 log = structlog.get_logger("cidd.security")
 
 #: Kinds of refusal (the ``kind`` label of the metric and the suffix of the event name).
-KINDS = ("auth_failed", "forbidden", "rights_refused", "peer_refused")
+KINDS = ("auth_failed", "forbidden", "rights_refused", "peer_refused", "tls_refused", "node_mismatch",
+         "agent_without_cert")
 EVENTS = {kind: f"security.{kind}" for kind in KINDS}
 PER_WINDOW = 10
 WINDOW_S = 60.0
@@ -44,6 +45,7 @@ class SecurityEvents:
         self.count = count
         self.log = logger if logger is not None else log
         self.windows: dict[tuple[str, str], _Window] = {}
+        self.counts: dict[str, int] = {}  # event name -> refusals ever, logged or not (tests, status)
 
     def refused(self, kind: str, peer: str, **fields: Any) -> bool:
         """Record one refusal of ``kind`` from ``peer`` (a host, not host:port); return whether it was logged.
@@ -52,6 +54,8 @@ class SecurityEvents:
         """
         if self.count is not None:
             self.count(kind)
+        event = EVENTS.get(kind, "security.refused")
+        self.counts[event] = self.counts.get(event, 0) + 1
         now = self.clock()
         key = (kind, peer)
         window = self.windows.get(key)
@@ -66,7 +70,6 @@ class SecurityEvents:
                 window = self.windows[key] = _Window(now)
         if window.logged < self.per_window:
             window.logged += 1
-            event = EVENTS.get(kind, "security.refused")
             self.log.warning(event, peer=peer, kind=kind, **fields)
             return True
         window.suppressed += 1

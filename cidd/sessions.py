@@ -14,10 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, TimeoutError, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from cidcommon import __version__, wire
 from cidcommon.errors import AuthError, BadRequest, CidError, Forbidden, ProtocolError
@@ -29,6 +32,14 @@ from cidd.security_events import SecurityEvents, peer_host
 from cidd.unix_peers import PeerIdentity, granted_role, lookup_peer, socket_role
 
 log = structlog.get_logger("cidd.sessions")
+
+
+class CertificateRefused(AuthError):
+    """An agent's TLS client certificate does not allow its hello; ``kind`` names the security event."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 HELLO_TIMEOUT = 10.0
 MAX_BAD_LINES = 10
@@ -60,8 +71,13 @@ class Sessions:
         return session.request(message)
 
 
+@implementer(IHandshakeListener)
 class PeerProtocol(Protocol):
-    """One TCP session with an agent or a client."""
+    """One TCP (or TLS) session with an agent or a client.
+
+    ``peer_cert_node`` is the CN of the client certificate the peer presented and cidd verified against its CA
+    (None without one): an agent hello naming another node is refused.
+    """
 
     def __init__(self, factory: CiddFactory) -> None:
         self.factory = factory
@@ -79,6 +95,8 @@ class PeerProtocol(Protocol):
         self.cleanups: list[Any] = []
         self.local: PeerIdentity | None = None  # the uid/gid of a peer on the local Unix socket
         self.user: str | None = None  # a local peer's user name (the job user of its captures by default)
+        self.tls_established = False
+        self.peer_cert_node: str | None = None
 
     # --- connection ---
 
@@ -91,7 +109,9 @@ class PeerProtocol(Protocol):
 
     def refused(self, exc: CidError, message: wire.Message) -> None:
         """Log (rate-limited) and count the refusal of ``message`` as a security event (never its token)."""
-        if isinstance(exc, RightsRefused):
+        if isinstance(exc, CertificateRefused):
+            kind = exc.kind
+        elif isinstance(exc, RightsRefused):
             kind = "rights_refused"
         elif isinstance(exc, Forbidden):
             kind = "forbidden"
@@ -114,7 +134,20 @@ class PeerProtocol(Protocol):
         self.send(wire.error("out_of_order", f"no hello within {HELLO_TIMEOUT:g}s"))
         self.close()
 
+    def handshakeCompleted(self) -> None:
+        """TLS is up: remember the verified client certificate's CN (Twisted calls this once per session)."""
+        self.tls_established = True
+        getter = getattr(self.transport, "getPeerCertificate", None)
+        cert = getter() if getter is not None else None
+        if cert is not None:
+            names = cert.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            self.peer_cert_node = str(names[0].value) if names else None
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.factory.tls and not self.tls_established and reason.check(SSL.Error):
+            # plain TCP on the TLS port, an untrusted client certificate, a client that does not trust us
+            self.factory.security.refused("tls_refused", peer_host(self.peer), session=self.session_id,
+                                          reason=reason.getErrorMessage()[:200])
         self.closed = True
         for timer in (self._hello_timer, self._idle_timer):
             if timer is not None and timer.active():
@@ -229,6 +262,7 @@ class PeerProtocol(Protocol):
             raise AuthError("authentication failed: wrong or missing token for role "
                             f"{role!r}; use the token file of that role from cidd's state directory")
         if role == wire.AGENT_ROLE:
+            self._check_agent_cert(message, installer=resume is not None)
             self._agent_hello(message)
         self.role = role
         if self._hello_timer is not None and self._hello_timer.active():
@@ -288,6 +322,22 @@ class PeerProtocol(Protocol):
         boot, resume = message.get("boot_token"), message.get("resume_token")
         return self.factory.engine.netboot.accept_installer_token(
             node, boot if isinstance(boot, str) else None, resume if isinstance(resume, str) else None)
+
+    def _check_agent_cert(self, message: wire.Message, *, installer: bool) -> None:
+        """Refuse an agent whose verified certificate names another node, or that has none when one is required.
+
+        Installer sessions (boot/resume token) need no certificate: the installer image is the same for every
+        node. Raises AuthError, after a rate-limited security event.
+        """
+        node = message.get("node")
+        if self.peer_cert_node is not None and node != self.peer_cert_node:
+            raise CertificateRefused(f"this agent's certificate is for node {self.peer_cert_node!r}, but its hello "
+                                     f"names {node!r}; an agent may only speak for its own node: check --node and "
+                                     "--cert", kind="node_mismatch")
+        if self.peer_cert_node is None and self.factory.client_certs == "required" and not installer:
+            raise CertificateRefused("cidd requires a client certificate from agents (tls.client_certs: required); "
+                                     f"issue one with 'cidd issue-cert {node}' and pass it to cidkid with --cert/--key",
+                                     kind="agent_without_cert")
 
     def _agent_hello(self, message: wire.Message) -> None:
         node = wire.get_str(message, "node")
@@ -383,7 +433,8 @@ class CiddFactory(Factory):
     """Builds a PeerProtocol per connection; holds what every session shares."""
 
     def __init__(self, engine: Engine, sessions: Sessions, tokens: Mapping[str, str], clock: IReactorTime,
-                 security: SecurityEvents | None = None, *, unix: bool = False, groups_of: Any = None) -> None:
+                 security: SecurityEvents | None = None, *, unix: bool = False, groups_of: Any = None,
+                 tls: bool = False, client_certs: str = "none") -> None:
         self.engine = engine
         self.sessions = sessions
         self.tokens = dict(tokens)
@@ -395,6 +446,8 @@ class CiddFactory(Factory):
         self.socket_roles = engine.config.socket.roles
         self.own_uid = os.geteuid()
         self.api = ClientAPI(engine, clock, self.groups_of)
+        self.tls = tls  # the port speaks TLS: a session lost before its handshake is a refused peer
+        self.client_certs = client_certs  # none | optional | required (cidd.config.TlsConfig)
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
         return PeerProtocol(self)

@@ -19,11 +19,12 @@ from cidcommon.errors import BadHostlist, TokenFileError
 from cidcommon.hostlists import expand
 from cidcommon.logs import configure, route_twisted_logs
 from cidcommon.paths import check_private, default_state_dir, node_token, read_token, token_path
+from cidcommon.tlsfiles import CA_ENV, CERT_ENV, KEY_ENV, TlsError, default_pki_paths, plain_requested
 from cidcommon.wire import DEFAULT_PORT
 from cidkid import AGENT_VERSION
 from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_KEXEC_DIR, DEFAULT_MARKER, REBOOT_COMMANDS, LinuxPlatform
 from cidkid.protocol import REQUEST_TIMEOUT, InstallerCredentials
-from cidkid.service import AgentService, client_endpoint, parse_server
+from cidkid.service import AgentService, client_endpoint, parse_server, tls_options
 from cidkid.sim import SimConfig, SimFleet
 
 log = structlog.get_logger(__name__)
@@ -44,10 +45,17 @@ environment:
   CID_SERVER       default for --server (else 127.0.0.1:{DEFAULT_PORT})
   CID_TOKEN_FILE   default for --token-file (else <state dir>/secrets/agent.token)
   CID_STATE_DIR    the state directory (default /var/lib/cid for root, else ~/.local/state/cid)
+  CID_CA_FILE      default for --ca (else <state dir>/tls/ca.pem)
+  CID_CERT_FILE, CID_KEY_FILE   defaults for --cert and --key (else <state dir>/secrets/agent.pem and
+                   agent.key when both exist)
+  CID_PLAIN_TCP=1  same as --plain-tcp
+
+The session with cidd runs over TLS: cidd's certificate must be signed by the CA file and name the --server
+host. The installer has the CA certificate baked into its initramfs (at <state dir>/tls/ca.pem, or --ca).
 
 exit status:
   0  stopped by SIGTERM or SIGINT     2  bad command line (address, hostlist, value)
-  4  token file missing or unsafe     1  unexpected error (see the log)
+  4  token, key or CA file missing or unsafe      1  unexpected error (see the log)
 """
 
 
@@ -88,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", metavar="S", type=_seconds, default=REQUEST_TIMEOUT,
                    help="seconds cidd has to answer a request before the session is dropped and re-opened "
                         "(default: %(default)g)")
+    p.add_argument("--ca", metavar="FILE", type=Path,
+                   help="the cluster CA certificate that signed cidd's (default: $CID_CA_FILE, else "
+                   "<state dir>/tls/ca.pem)")
+    p.add_argument("--cert", metavar="FILE", type=Path,
+                   help="this node's agent certificate for mutual TLS, from 'cidd issue-cert NODE' (default: "
+                   "$CID_CERT_FILE, else <state dir>/secrets/agent.pem if it exists)")
+    p.add_argument("--key", metavar="FILE", type=Path,
+                   help="the private key of --cert, mode 0600 (default: $CID_KEY_FILE, else "
+                   "<state dir>/secrets/agent.key)")
+    p.add_argument("--plain-tcp", action="store_true",
+                   help="no TLS: only for a cidd configured with 'tls: {mode: plain}' (default: $CID_PLAIN_TCP)")
     real = p.add_argument_group("real agent (default)")
     real.add_argument("--node", metavar="NAME", help="node name as cidd's inventory knows it "
                       "(default: the short host name)")
@@ -143,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="file holding 'user:password' for the simulated BMCs (mode 0600)")
     sim.add_argument("--bmc-dead", metavar="HOSTLIST", help="nodes whose simulated BMC never answers")
     sim.add_argument("--seed", metavar="N", type=int, help="seed of the injected failures and backoff jitter")
+    sim.add_argument("--cert-dir", metavar="DIR", type=Path,
+                     help="mutual TLS for the fleet: every node uses DIR/NODE.pem and DIR/NODE.key "
+                     "('cidd issue-cert' writes them into <state dir>/secrets/agents)")
     return p
 
 
@@ -201,12 +223,35 @@ def check_install_options(args: argparse.Namespace) -> None:
         raise ValueError("--target must not be / with --install-device")
 
 
+def tls_files(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None] | None:
+    """Return (CA file, agent certificate, agent key) for TLS, or None for --plain-tcp.
+
+    Raises TlsError when the CA file does not exist (a missing CA is never a reason to fall back to clear text).
+    """
+    if args.plain_tcp or plain_requested(os.environ):
+        return None
+    defaults = default_pki_paths(default_state_dir())
+    ca = args.ca or (Path(os.environ[CA_ENV]) if os.environ.get(CA_ENV) else defaults.ca)
+    if not ca.is_file():
+        raise TlsError(f"CA file {ca} does not exist; copy the cluster CA certificate from the head node "
+                       "(cidd's <state dir>/tls/ca.pem) here, or pass --ca FILE or set CID_CA_FILE "
+                       "(--plain-tcp only for a cidd configured with tls mode plain)")
+    cert = args.cert or (Path(os.environ[CERT_ENV]) if os.environ.get(CERT_ENV) else None)
+    key = args.key or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
+    own_cert, own_key = defaults.key.parent / "agent.pem", defaults.key.parent / "agent.key"
+    if cert is None and not args.sim and own_cert.is_file() and own_key.is_file():
+        cert, key = own_cert, own_key
+    return ca, cert, key
+
+
 def build_service(args: argparse.Namespace, reactor: Any, token: str | InstallerCredentials) -> IService:
     """Return the service the command line asks for: one AgentService or a SimFleet.
 
-    Raises ValueError (bad address) and BadHostlist.
+    Raises ValueError (bad address), BadHostlist, TlsError and TokenFileError (TLS files).
     """
     host, port = parse_server(args.server)
+    files = tls_files(args)
+    tls = None if files is None else tls_options(host, *files)
     if args.sim:
         config = SimConfig(
             reboot_delay=args.reboot_delay, install_time=args.install_time,
@@ -214,14 +259,22 @@ def build_service(args: argparse.Namespace, reactor: Any, token: str | Installer
             fail_install_nodes=_names(args.fail_install), fail_install_rate=args.fail_install_rate,
             initial_image=args.initial_image, seed=args.seed, request_timeout=args.request_timeout)
         sim_dir = args.sim_dir or default_state_dir() / "sim"
-        return SimFleet(args.sim, host, port, token, sim_dir, reactor, config=config, master=True)
+        endpoint_for = None
+        if files is not None and args.cert_dir is not None:
+            cert_dir, ca = args.cert_dir, files[0]
+
+            def endpoint_for(name: str) -> Any:
+                return client_endpoint(reactor, host, port,
+                                       tls=tls_options(host, ca, cert_dir / f"{name}.pem", cert_dir / f"{name}.key"))
+        return SimFleet(args.sim, host, port, token, sim_dir, reactor, config=config, master=True,
+                        endpoint=client_endpoint(reactor, host, port, tls=tls), endpoint_for=endpoint_for)
     reboot = (("/bin/sh", "-c", args.reboot_command),) if args.reboot_command else REBOOT_COMMANDS
     platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=target_of(args),
                              install_device=args.install_device, reboot_commands=reboot,
                              grub_boot_dir=args.grub_boot_dir, kexec_dir=args.kexec_dir)
     if isinstance(token, str) and _holds_master(args):
         token = node_token(token, platform.node)  # cidd's own master secret: this is the head node
-    return AgentService(platform, client_endpoint(reactor, host, port), token, reactor, node=platform.node,
+    return AgentService(platform, client_endpoint(reactor, host, port, tls=tls), token, reactor, node=platform.node,
                         server=f"{host}:{port}", request_timeout=args.request_timeout)
 
 
@@ -272,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_AUTH
     from twisted.internet import reactor
 
-    service = build_service(args, reactor, token)
+    try:
+        service = build_service(args, reactor, token)
+    except (TlsError, TokenFileError) as exc:
+        print(f"cidkid: {exc.message}", file=sys.stderr)
+        return EXIT_AUTH
     route_twisted_logs()
     failed: list[BaseException] = []
 

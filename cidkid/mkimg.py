@@ -337,9 +337,12 @@ def reload_cidd(server: str, token: str) -> object:
     """
     from cidcapt.connection import parse_server, simple_request
     from cidcommon.errors import CidError
+    from cidcommon.tlsfiles import client_tls
 
     try:
-        reply = simple_request(*parse_server(server), "admin", token, {"type": "reload"}, connect_timeout=10.0)
+        tls = client_tls(None, None, None, plain=False, env=os.environ)  # $CID_CA_FILE, $CID_PLAIN_TCP
+        reply = simple_request(*parse_server(server), "admin", token, {"type": "reload"}, connect_timeout=10.0,
+                               tls=tls)
     except CidError as exc:
         raise ReloadError(f"image and catalog are written, but cidd did not reload its catalog: {exc}; "
                           "reload it with 'kill -HUP $(pidof cidd)' or 'cidcapt --reload'")
@@ -389,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmdline", default="", help="extra kernel arguments")
     p.add_argument("--reload", nargs="?", const="", metavar="HOST:PORT",
                    help="then ask cidd to reload its catalog (default $CID_SERVER, else 127.0.0.1:38008)")
-    p.add_argument("--token-file", type=Path, help="admin token (default <state_dir>/secrets/admin.token)")
+    p.add_argument("--token-file", type=Path, help="admin token (default <state_dir>/secrets/admin.token); "
+                   "the session runs over TLS with the CA in $CID_CA_FILE or <state_dir>/tls/ca.pem")
     return p
 
 

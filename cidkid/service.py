@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
 from twisted.application.internet import ClientService
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
     IReactorTime,
@@ -28,6 +30,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cidcommon.errors import AuthError
+from cidcommon.paths import check_private
+from cidcommon.tlsfiles import TlsError
 from cidcommon.wire import DEFAULT_PORT, Message
 from cidkid.installs import InstallRunner
 from cidkid.platform import Platform
@@ -59,13 +63,56 @@ def parse_server(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     return host, int(port)
 
 
-def client_endpoint(reactor: Any, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
-    """Return a TCP client endpoint for ``host:port`` (IP literals are used as is, names are resolved)."""
+def client_endpoint(reactor: Any, host: str, port: int, timeout: float = CONNECT_TIMEOUT,
+                    tls: IOpenSSLClientConnectionCreator | None = None) -> IStreamClientEndpoint:
+    """Return a client endpoint for ``host:port`` (IP literals are used as is, names are resolved), over TLS
+    with ``tls`` (see ``tls_options``), else plain TCP."""
+    endpoint: IStreamClientEndpoint
     if isIPAddress(host):
-        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    if isIPv6Address(host):
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    elif isIPv6Address(host):
+        endpoint = TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    else:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    return endpoint if tls is None else wrapClientTLS(tls, endpoint)
+
+
+def tls_options(host: str, ca: Path, cert: Path | None = None, key: Path | None = None
+                ) -> IOpenSSLClientConnectionCreator:
+    """Return TLS client options: cidd's certificate must be signed by ``ca`` and name ``host`` (a host name
+    or an IP address); ``cert``/``key`` are this agent's certificate for mutual TLS (CN = node name).
+
+    Raises TlsError naming the file when one is missing or unusable, TokenFileError when the key is readable
+    by group or others.
+    """
+    from twisted.internet import ssl
+
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise TlsError(f"cannot read {what} {path}: {exc.strerror}; copy it from the head node "
+                           "(cidd's <state dir>/tls/ca.pem, or 'cidd issue-cert NODE' for an agent certificate) "
+                           "or pass --ca / --cert / --key") from None
+
+    try:
+        trust = ssl.Certificate.loadPEM(read(ca, "CA file"))
+    except TlsError:
+        raise
+    except Exception as exc:  # pyOpenSSL's own error types
+        raise TlsError(f"CA file {ca} does not hold a PEM certificate ({exc}); use cidd's <state dir>/tls/ca.pem") \
+            from None
+    client = None
+    if cert is not None:
+        key = key or cert
+        check_private(Path(key))
+        try:
+            client = ssl.PrivateCertificate.loadPEM(read(cert, "agent certificate") + b"\n" + read(key, "agent key"))
+        except TlsError:
+            raise
+        except Exception as exc:
+            raise TlsError(f"cannot use agent certificate {cert} with key {key}: {exc}") from None
+    return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)
 
 
 class Backoff:
@@ -238,6 +285,11 @@ class AgentService(ClientService):
         def refused(failure: Failure) -> Failure:
             if failure.check(AuthError):
                 self.backoff.hold_off("auth")
+            elif "SSL routines" in failure.getErrorMessage():
+                self.backoff.hold_off("tls")
+                log.error("agent.tls_failed", node=self.node, server=self.server, reason=failure.getErrorMessage(),
+                          hint="cidd's certificate must be signed by the CA file given with --ca ($CID_CA_FILE) and "
+                          "name the --server host; with client_certs: required the agent needs --cert/--key")
             return failure
 
         return agent.when_ready().addCallbacks(ready, refused)

@@ -271,13 +271,15 @@ class SimFleet(Service):
     """Many SimNodes in one process, each with its own AgentService against ``server_host:server_port``.
 
     ``names`` is a hostlist (``"sim[0001-2000]"``, raises BadHostlist) or a sequence of node names.
-    ``reactor`` is the clock and (unless ``endpoint`` is given) the TCP reactor. ``startService`` powers the nodes
+    ``reactor`` is the clock and (unless ``endpoint`` is given) the TCP reactor; ``endpoint_for(name)``, when
+    given, makes each node's own endpoint (TLS with a per-node agent certificate). ``startService`` powers the nodes
     on over a ramp of ``ramp_batch`` nodes per ``ramp_interval`` s; ``stopService`` returns a Deferred that fires
     when every session is closed; ``when_announced(n)`` fires once ``n`` nodes (default all) were greeted by cidd.
     """
 
     def __init__(self, names: str | Sequence[str], server_host: str, server_port: int, token: str, sim_dir: Path,
                  reactor: Any, *, config: SimConfig | None = None, endpoint: IStreamClientEndpoint | None = None,
+                 endpoint_for: Callable[[str], IStreamClientEndpoint] | None = None,
                  ramp_batch: int = 200, ramp_interval: float = 0.1, master: bool = False) -> None:
         """``master``: ``token`` is the agent master secret and each node says hello with its own derived token
         (cidcommon.paths.node_token), as real nodes do; otherwise every node sends ``token`` as it is."""
@@ -294,7 +296,8 @@ class SimFleet(Service):
         self.endpoint = endpoint or client_endpoint(reactor, server_host, server_port)
         health = SharedHealth(reactor, self.sim_dir)
         self.nodes: dict[str, SimNode] = {
-            name: SimNode(name, self.sim_dir, reactor, self.endpoint, node_token(token, name) if master else token,
+            name: SimNode(name, self.sim_dir, reactor, endpoint_for(name) if endpoint_for else self.endpoint,
+                          node_token(token, name) if master else token,
                           config=self.config,
                           health=health, server=self.server, on_ready=self._node_ready)
             for name in names

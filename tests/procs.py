@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -60,6 +61,7 @@ class Cluster:
     nodes: list[dict[str, str]] = field(default_factory=list)
     heartbeat: float = 1.0
     extra_config: dict[str, Any] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # for every cidkid and cidcapt (e.g. CID_PLAIN_TCP)
     cidd: subprocess.Popen | None = None
     fleets: list[subprocess.Popen] = field(default_factory=list)
 
@@ -70,6 +72,21 @@ class Cluster:
     @property
     def server(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The cluster CA certificate cidd created at its first start."""
+        return self.state_dir / "tls" / "ca.pem"
+
+    def tls_connect(self, timeout: float = 5.0) -> ssl.SSLSocket:
+        """Return a TLS connection to cidd's agent/client port, cidd's certificate verified with the cluster CA."""
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        try:
+            return context.wrap_socket(sock, server_hostname="127.0.0.1")
+        except BaseException:
+            sock.close()
+            raise
 
     @property
     def db(self) -> Path:
@@ -115,13 +132,13 @@ class Cluster:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cidkid.main", "--sim", hostlist, "--server", self.server,
              "--sim-dir", str(self.root / "sim"), *extra],
-            stdout=log, stderr=subprocess.STDOUT, env=_env(self.state_dir))
+            stdout=log, stderr=subprocess.STDOUT, env={**_env(self.state_dir), **self.extra_env})
         self.fleets.append(proc)
         return proc
 
     def cidcapt(self, *args: str, timeout: float = 120.0, role: str | None = None) -> subprocess.CompletedProcess:
         """Run cidcapt against this cidd and return the finished process (text output)."""
-        env = _env(self.state_dir)
+        env = {**_env(self.state_dir), **self.extra_env}
         if role:
             env["CID_ROLE"] = role
         return subprocess.run([sys.executable, "-m", "cidcapt.main", "--server", self.server, *args],
@@ -130,7 +147,8 @@ class Cluster:
     def cidcapt_background(self, *args: str) -> subprocess.Popen:
         """Start cidcapt against this cidd without waiting; return the process (output discarded)."""
         return subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", self.server, *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(self.state_dir))
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**_env(self.state_dir), **self.extra_env})
 
     def status(self, hostlist: str | None = None) -> dict[str, dict[str, Any]]:
         """Return {node: status row} from ``cidcapt --status --json``."""

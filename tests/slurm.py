@@ -260,7 +260,7 @@ def write_defaults(path: Path, cluster: Cluster, slurm_conf: Path, bindir: Path,
     """Write the /etc/default/cid-slurm of a test (settings of the rc/slurm hooks); return its path."""
     settings = {"SLURM_CONF": str(slurm_conf), "CID_SERVER": cluster.server, "CID_ROLE": "scheduler",
                 "CID_TOKEN_FILE": str(cluster.state_dir / "secrets" / "scheduler.token"), "CID_BIN": str(bindir),
-                **extra}
+                "CID_CA_FILE": str(cluster.ca_file), **extra}
     path.write_text("".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items()))
     return path
 

@@ -17,7 +17,7 @@ from cidcapt.connection import Connection, Timing, parse_server
 from cidcapt.errors import BadServerReply, ConnectionLost, Unreachable, error_from_wire
 from cidcapt.main import exit_code, main
 from cidcapt.render import format_age, summary_rows
-from cidcapt.testing import FakeCidd, FakeSession
+from cidcapt.testing import FakeCidd, FakeSession, test_ca_file
 from cidcommon.errors import CidError, Conflict, UnknownImage
 from cidcommon.wire import encode
 
@@ -47,7 +47,7 @@ def run(args: list[str], token_file: Path, cidd: FakeCidd | None = None) -> tupl
     """Run cidcapt's main with a fixed wall clock; return (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     argv = args + ["--token-file", str(token_file)] + (["--server", cidd.address] if cidd else [])
-    code = main(argv, stdout=out, stderr=err, env={}, timing=FAST, now=lambda: NOW)
+    code = main(argv, stdout=out, stderr=err, env={"CID_CA_FILE": test_ca_file()}, timing=FAST, now=lambda: NOW)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from cidcapt.connection import Timing
 from cidcapt.main import main
-from cidcapt.testing import FakeCidd, FakeSession, node_info
+from cidcapt.testing import FakeCidd, FakeSession, node_info, test_ca_file
 
 TOKEN = "t0ken-for-tests"
 IMAGE = "debian-12-1"
@@ -43,7 +43,8 @@ def run(args: list[str], token_file: Path | None = None, *, server: FakeCidd | s
     if token_file is not None:
         argv += ["--token-file", str(token_file)]
     out, err = io.StringIO(), io.StringIO()
-    code = main(argv, stdout=out, stderr=err, env=env if env is not None else {"USER": "alice"}, timing=timing)
+    env = {"CID_CA_FILE": test_ca_file(), **(env if env is not None else {"USER": "alice"})}
+    code = main(argv, stdout=out, stderr=err, env=env, timing=timing)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -393,10 +394,11 @@ def test_quiet_keeps_only_the_summary_and_groups_many_nodes(token_file: Path) ->
 def test_console_script_runs_without_twisted(token_file: Path) -> None:
     """Run ``python -m cidcapt`` as a prolog would, and check that Twisted was never imported."""
     with FakeCidd(switch_ok, token=TOKEN) as cidd:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "CID_SERVER": cidd.address}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CID_SERVER": cidd.address, "CID_CA_FILE": test_ca_file()}
         code = ("import sys, runpy; sys.argv = ['cidcapt'] + sys.argv[1:]\n"
                 "try:\n    runpy.run_module('cidcapt', run_name='__main__')\n"
-                "finally:\n    assert 'twisted' not in sys.modules, 'cidcapt imported twisted'\n")
+                "finally:\n    assert 'twisted' not in sys.modules, 'cidcapt imported twisted'\n"
+                "    assert 'cryptography' not in sys.modules, 'cidcapt imported cryptography (slow start)'\n")
         proc = subprocess.run([sys.executable, "-c", code, "-j", "1", "-n", "node[01-02]", "-i", IMAGE,
                                "--token-file", str(token_file)], env=env, capture_output=True, text=True,
                               timeout=20)

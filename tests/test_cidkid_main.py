@@ -17,6 +17,7 @@ import pytest_twisted
 import structlog
 from twisted.internet import reactor
 
+from cidcapt.testing import test_ca_file, test_server_context
 from cidkid.main import build_parser, main
 from cidkid.platform import InstallRequest, LinuxPlatform
 
@@ -115,16 +116,18 @@ def listener() -> Iterator[socket.socket]:
 
 
 def spawn(args: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CID_STATE_DIR": str(tmp_path / "state")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CID_STATE_DIR": str(tmp_path / "state"),
+           "CID_CA_FILE": test_ca_file()}
     return subprocess.Popen([sys.executable, "-m", "cidkid", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
 
 class Peer:
-    """One accepted agent connection, read line by line with a timeout."""
+    """One accepted agent connection (TLS, the test CA's server certificate), read line by line with a timeout."""
 
     def __init__(self, conn: socket.socket) -> None:
         conn.settimeout(15)
+        conn = test_server_context().wrap_socket(conn, server_side=True)
         self.conn = conn
         self.file = conn.makefile("rb")
 

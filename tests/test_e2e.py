@@ -150,9 +150,7 @@ def test_reader_role_may_not_capture(cluster: Cluster) -> None:
 
 
 def test_cidd_survives_garbage_from_a_peer(cluster: Cluster) -> None:
-    import socket
-
-    with socket.create_connection(("127.0.0.1", cluster.port)) as sock:
+    with cluster.tls_connect() as sock:
         sock.sendall(b"\x00\xff not json\n" + b"x" * 70000 + b"\n")
         sock.settimeout(5)
         data = sock.recv(65536)

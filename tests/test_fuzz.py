@@ -75,11 +75,16 @@ def test_fuzzing_both_ports_leaves_cidd_serving_with_bounded_memory(tmp_path) ->
         while time.monotonic() < end:
             if rss_middle is None and time.monotonic() >= middle:
                 rss_middle = proc.memory_info().rss
-            with socket.create_connection(("127.0.0.1", cluster.port), timeout=5) as sock:
+            plain = rng.random() < 0.1  # a tenth of the sessions speak clear text to the TLS port: refused
+            with (socket.create_connection(("127.0.0.1", cluster.port), timeout=5) if plain
+                  else cluster.tls_connect()) as sock:
                 sessions += 1
                 if rng.random() < 0.5:  # half of the sessions fuzz after a valid hello
                     hello = {"type": "hello", "id": 1, "proto": 1, "role": "admin", "token": admin_token}
-                    sock.sendall(json.dumps(hello).encode() + b"\n")
+                    try:
+                        sock.sendall(json.dumps(hello).encode() + b"\n")
+                    except OSError:
+                        pass  # the TLS port already refused a clear-text session
                 for _ in range(rng.randrange(1, 20)):
                     try:
                         sock.sendall(mutate(rng))
@@ -97,6 +102,7 @@ def test_fuzzing_both_ports_leaves_cidd_serving_with_bounded_memory(tmp_path) ->
                     except OSError:
                         pass
         assert cluster.cidd.poll() is None, "cidd died under fuzzing"
+        assert any(e.get("event") == "security.tls_refused" for e in cluster.log_events())
         result = cluster.cidcapt("-j", "after-fuzz", "-n", "node[01-02]", "-i", "debian-12-2")
         assert result.returncode == 0, result.stderr
         rss_after = proc.memory_info().rss

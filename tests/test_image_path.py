@@ -185,6 +185,7 @@ def test_a_netbooted_installer_authenticates_with_its_single_use_boot_token(tmp_
         installer = subprocess.Popen([sys.executable, "-m", "cidkid.main", "--kernel-cmdline",
                                       str(tmp_path / "cmdline"), "--mode", "installer", "--target", str(target),
                                       "--token-file", str(tmp_path / "no-such-file"),
+                                      "--ca", str(cluster.ca_file),  # public; baked into the initramfs
                                       "--reboot-command", "kill -TERM $PPID"], env=env,
                                      stderr=open(tmp_path / "installer.log", "wb"))  # noqa: SIM115
         assert installer.wait(timeout=60) == 0, (tmp_path / "installer.log").read_text()[-2000:]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cidcapt.testing import FakeCidd, FakeSession
+from cidcapt.testing import FakeCidd, FakeSession, test_ca_file
 from cidd.catalog import Image, load_catalog, render_entry
 from cidkid import mkimg
 from cidkid.mkimg import default_excludes, main, tar_pattern
@@ -282,8 +282,9 @@ def test_write_failure_removes_the_part_file(tmp_path: Path, monkeypatch: pytest
 
 
 @pytest.fixture()
-def token_file(tmp_path: Path) -> Path:
-    """Return a private admin token file holding TOKEN."""
+def token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Return a private admin token file holding TOKEN (and trust the FakeCidd CA for --reload)."""
+    monkeypatch.setenv("CID_CA_FILE", test_ca_file())
     path = tmp_path / "admin.token"
     path.write_text(TOKEN + "\n")
     path.chmod(0o600)

@@ -341,7 +341,8 @@ async def test_power_controller_drives_the_simulated_fleet(tmp_path: Path) -> No
     fleet = subprocess.Popen(
         [sys.executable, "-m", "cidkid.main", "--sim", "sim[01-02]", "--server",
          f"127.0.0.1:{listening.getHost().port}", "--token-file", str(token_file), "--sim-dir", str(tmp_path / "sim"),
-         "--reboot-delay", "0.1", "--bmc-base-port", str(base), "--bmc-credentials", str(creds)],
+         "--reboot-delay", "0.1", "--bmc-base-port", str(base), "--bmc-credentials", str(creds),
+         "--plain-tcp"],  # the tiny fake cidd speaks plain TCP; this test is about the BMCs
         stdout=log, stderr=subprocess.STDOUT)
     power = PowerController(BmcCredentials("admin", "simpw"), reactor, call_timeout=10)
     address = f"127.0.0.1:{base + 1}"  # sim02

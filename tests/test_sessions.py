@@ -348,3 +348,70 @@ def test_thousands_of_fuzzed_sessions_leave_no_memory_behind(world):
             tracemalloc.stop()
             logs.configure()
     assert growth < 256 * 1024, f"{growth} bytes kept after 2,000 fuzzed sessions"
+
+
+# -- TLS: the verified client certificate binds an agent to its node ---------------------------------------------------
+
+class CertPeer(Peer):
+    """A Peer whose TLS handshake completed with a client certificate for ``cn`` (None: no certificate)."""
+
+    def __init__(self, factory: CiddFactory, cn: str | None) -> None:
+        from OpenSSL import crypto
+
+        from cidcommon.pki import create_ca, issue
+
+        super().__init__(factory)
+        x509 = None
+        if cn is not None:
+            ca_key, ca_cert = create_ca()
+            x509 = crypto.X509.from_cryptography(issue(ca_key, ca_cert, cn, server=False)[1])
+        self.transport.getPeerCertificate = lambda: x509  # type: ignore[attr-defined]
+        self.proto.handshakeCompleted()
+
+
+@pytest.fixture
+def tls_world(world):
+    clock, engine, factory = world
+    factory.tls, factory.client_certs = True, "required"
+    return clock, engine, factory
+
+
+def test_agent_certificate_for_another_node_is_refused(tls_world):
+    _clock, engine, factory = tls_world
+    liar = CertPeer(factory, "n1")
+    assert liar.proto.peer_cert_node == "n1"
+    liar.send(agent_hello(node="n2"))
+    [error] = liar.received()
+    assert error["code"] == "auth" and "certificate is for node 'n1'" in error["message"] and liar.closed
+    assert "n2" not in engine.nodes and factory.security.counts["security.node_mismatch"] == 1
+    honest = CertPeer(factory, "n1")
+    honest.send(agent_hello(node="n1"))
+    assert honest.received()[0]["type"] == "reply" and engine.nodes["n1"].state == "ready"
+
+
+def test_required_client_certificate_for_agents_but_not_for_clients_or_installers(tls_world):
+    _clock, engine, factory = tls_world
+    bare = CertPeer(factory, None)
+    bare.send(agent_hello(node="n1"))
+    [error] = bare.received()
+    assert error["code"] == "auth" and "cidd issue-cert n1" in error["message"] and bare.closed
+    assert "n1" not in engine.nodes and factory.security.counts["security.agent_without_cert"] == 1
+    admin = CertPeer(factory, None)
+    admin.send({"type": "hello", "id": 1, "proto": 1, "role": "admin", "token": TOKENS["admin"]})
+    assert admin.received()[0]["type"] == "reply"  # clients prove themselves with their token
+    CertPeer(factory, "n1").send(agent_hello(node="n1"))
+    engine.capture("9", ["n1"], "rocky-9-3", None, "admin", 3600)  # mints the installer boot token
+    token, _expires = engine.netboot.tokens["n1"]
+    installer = CertPeer(factory, None)
+    installer.send(installer_hello(boot_token=token))
+    assert [m["type"] for m in installer.received()][0] == "reply"  # one initramfs for all: the boot token
+
+
+def test_failed_tls_handshakes_are_security_events_clean_closes_are_not(tls_world):
+    from OpenSSL import SSL
+    from twisted.python.failure import Failure
+
+    _clock, _engine, factory = tls_world
+    Peer(factory).proto.connectionLost(Failure(SSL.Error([("SSL routines", "", "wrong version number")])))
+    Peer(factory).proto.connectionLost()  # a port probe: connected and closed before any byte
+    assert factory.security.counts == {"security.tls_refused": 1}

@@ -64,12 +64,14 @@ def test_init_scripts_start_status_reload_and_stop_the_daemons(tmp_path: Path) -
     bindir = Path(sys.executable).parent
     logs = tmp_path / "log"
     cidd_defaults = tmp_path / "cidd.default"
+    this_tree = f"export PYTHONPATH={RC.parent}\n"  # the daemons run this tree's code, not the venv's install
     cidd_defaults.write_text(f'DAEMON={bindir}/cidd\nCIDD_OPTS="--config {config}"\nCID_STATE_DIR={cluster.state_dir}\n'
-                             f"PIDFILE={tmp_path}/cidd.pid\nLOGDIR={logs}\n")
+                             f"PIDFILE={tmp_path}/cidd.pid\nLOGDIR={logs}\n{this_tree}")
     kid_defaults = tmp_path / "cidkid.default"
     kid_defaults.write_text(f'DAEMON={bindir}/cidkid\nCID_SERVER={cluster.server}\nPIDFILE={tmp_path}/cidkid.pid\n'
                             f'LOGDIR={logs}\nCIDKID_OPTS="--sim node[01-02] --sim-dir {tmp_path}/sim '
-                            f'--token-file {cluster.state_dir}/secrets/agent.token"\n')
+                            f'--token-file {cluster.state_dir}/secrets/agent.token --ca {cluster.ca_file}"\n'
+                            f"{this_tree}")
     try:
         assert init("cidd", "start", cidd_defaults).returncode == 0
         wait_port(cluster.port)

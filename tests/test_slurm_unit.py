@@ -15,7 +15,7 @@ from cidcapt import slurm, slurm_helper
 from cidcapt.connection import Timing
 from cidcapt.main import main
 from cidcapt.slurm import ConstraintError, ImageChoiceError, Term, choose_image, drain_commands, parse_constraint
-from cidcapt.testing import ClientClosed, FakeCidd, FakeSession, node_info
+from cidcapt.testing import ClientClosed, FakeCidd, FakeSession, node_info, test_ca_file
 
 TOKEN = "slurm-t0ken"
 FEATURES = {"img_deb121": "debian-12-1", "img_rocky93": "rocky-9-3", "rocky": "rocky-9-3"}
@@ -159,7 +159,8 @@ def env(tmp_path: Path) -> dict[str, str]:
     fake.chmod(0o755)
     return {"PATH": f"{bindir}:/usr/bin:/bin", "SLURM_CONF": "/etc/slurm-test/slurm.conf", "CID_ROLE": "scheduler",
             "CID_TOKEN_FILE": str(token), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[01-02]",
-            "SLURM_JOB_USER": "alice", "SLURM_JOB_CONSTRAINTS": "img_rocky93&gpu", "TMP": str(tmp_path)}
+            "SLURM_JOB_USER": "alice", "SLURM_JOB_CONSTRAINTS": "img_rocky93&gpu", "TMP": str(tmp_path),
+            "CID_CA_FILE": test_ca_file()}
 
 
 def run(cidd: FakeCidd | str, env: dict[str, str], *args: str) -> tuple[int, str]:

@@ -12,10 +12,11 @@ CID_SLURM_DEFAULTS=${CID_SLURM_DEFAULTS:-/etc/default/cid-slurm}
 : "${CID_SERVER:=127.0.0.1:38008}"
 : "${CID_ROLE:=scheduler}"
 : "${CID_TOKEN_FILE:=/etc/cid/scheduler.token}"
+: "${CID_CA_FILE:=/etc/cid/ca.pem}"                 # the cluster CA (cidd's <state>/tls/ca.pem), public
 : "${CID_BIN:=/usr/local/bin}"
 : "${CID_LOG:=/var/log/cid/slurm-helper.log}"
 PATH="$CID_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-export CID_SERVER CID_ROLE CID_TOKEN_FILE PATH
+export CID_SERVER CID_ROLE CID_TOKEN_FILE CID_CA_FILE PATH
 [ -n "${CID_NODE:-}" ] && export CID_NODE
 [ -n "${CID_REBOOT_COMMAND:-}" ] && export CID_REBOOT_COMMAND
 if ! { : >>"$CID_LOG"; } 2>/dev/null; then CID_LOG=/dev/null; fi

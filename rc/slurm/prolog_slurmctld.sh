@@ -18,12 +18,13 @@ CID_SLURM_DEFAULTS=${CID_SLURM_DEFAULTS:-/etc/default/cid-slurm}
 : "${CID_SERVER:=127.0.0.1:38008}"
 : "${CID_ROLE:=scheduler}"
 : "${CID_TOKEN_FILE:=/etc/cid/scheduler.token}"   # a copy of cidd's scheduler.token, owned by SlurmUser, mode 0600
+: "${CID_CA_FILE:=/etc/cid/ca.pem}"                 # the cluster CA (cidd's <state>/tls/ca.pem), public
 : "${CID_TIMEOUT:=1800}"                          # seconds; keep below PrologEpilogTimeout
 : "${CID_BIN:=/usr/local/bin}"                    # where cidcapt is installed
 : "${CID_LOG:=/var/log/cid/slurm-prolog.log}"
 
 PATH="$CID_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-export SLURM_CONF CID_SERVER CID_ROLE CID_TOKEN_FILE PATH
+export SLURM_CONF CID_SERVER CID_ROLE CID_TOKEN_FILE CID_CA_FILE PATH
 [ -n "${CID_SOCKET:-}" ] && export CID_SOCKET   # on the head node: the local socket, no token file
 
 # Progress goes to the log (Slurm throws this program's output away); no log directory: no log.
