@@ -10,7 +10,6 @@ from typing import Any
 
 import structlog
 from twisted.internet import ssl
-from twisted.internet.interfaces import IReactorTime
 
 from cidcommon.paths import check_private
 from cidcommon.pki import PkiError, init_pki

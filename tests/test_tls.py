@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from twisted.internet.task import Clock
 
 from cidcommon.pki import cert_pem, create_ca, fingerprint, issue, key_pem, load_cert, san_entries, write_file
 from cidd.config import ConfigError, parse_config
