@@ -457,7 +457,7 @@ def _console(args: argparse.Namespace, env: Mapping[str, str], timing: Timing, c
     host, port = args.server
     deadline = clock() + args.connect_timeout
     with open_session(host, port, args.role, _token(args, env), deadline=deadline, timing=timing, clock=clock,
-                      sleep=sleep) as conn:
+                      sleep=sleep, tls=_tls(args, env)) as conn:
         reason = console.run(conn, args.console, err=err)
     return EXIT_FAILED if reason else EXIT_OK
 
