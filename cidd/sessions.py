@@ -121,7 +121,8 @@ class PeerProtocol(Protocol):
         node = message.get("node") if hello else self.node
         self.factory.security.refused(kind, peer_host(self.peer), role=message.get("role") if hello else self.role,
                                       node=node if isinstance(node, str) else None, type=message.get("type"),
-                                      session=self.session_id, reason=exc.message)
+                                      session=self.session_id, reason=exc.message,
+                                      **({"cert_node": self.peer_cert_node} if self.peer_cert_node else {}))
 
     def connectionMade(self) -> None:
         if self.factory.unix:

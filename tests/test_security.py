@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import ssl
 import stat
 import subprocess
 import sys
@@ -194,11 +195,15 @@ def wait_events(cluster: Cluster, kind: str, count: int) -> list[dict[str, Any]]
     return found
 
 
-def raw_session(address: Any, hello: dict[str, Any], family: int = socket.AF_INET) -> tuple[socket.socket, dict]:
-    """Open a session, send ``hello``; return the socket and cidd's first answer."""
+def raw_session(address: Any, hello: dict[str, Any], family: int = socket.AF_INET,
+                ca: Path | None = None) -> tuple[socket.socket, dict]:
+    """Open a session (TLS with the cluster CA on the TCP port), send ``hello``; return the socket and cidd's
+    first answer."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(address)
+    if ca is not None:
+        sock = ssl.create_default_context(cafile=str(ca)).wrap_socket(sock, server_hostname=address[0])
     sock.sendall(json.dumps(hello).encode() + b"\n")
     line = sock.makefile("rb").readline()
     return sock, json.loads(line)
@@ -216,7 +221,8 @@ def refused_without_trace(cluster: Cluster, attempt: Any, kind: str) -> Any:
 def test_client_without_token_wrong_token_or_another_roles_token_is_refused(cluster: Cluster, tmp_path) -> None:
     address = ("127.0.0.1", cluster.port)
     hello = {"type": "hello", "id": 1, "proto": 1, "role": "admin"}
-    sock, answer = refused_without_trace(cluster, lambda: raw_session(address, hello), "auth_failed")
+    sock, answer = refused_without_trace(cluster, lambda: raw_session(address, hello, ca=cluster.ca_file),
+                                          "auth_failed")
     sock.close()
     assert answer["type"] == "error" and answer["code"] == "auth" and "missing token for role 'admin'" in answer[
         "message"]
@@ -234,7 +240,8 @@ def test_an_agent_may_not_claim_another_nodes_name(cluster: Cluster) -> None:
     master = read_token(token_path(cluster.state_dir, "agent"))
     hello = {"type": "hello", "id": 1, "proto": 1, "role": "agent", "node": "node01", "mode": "system",
              "image": "debian-12-1", "boot_id": "evil", "token": node_token(master, "node02")}
-    sock, answer = refused_without_trace(cluster, lambda: raw_session(("127.0.0.1", cluster.port), hello),
+    sock, answer = refused_without_trace(cluster, lambda: raw_session(("127.0.0.1", cluster.port), hello,
+                                                                              ca=cluster.ca_file),
                                          "auth_failed")
     sock.close()
     assert answer["code"] == "auth" and "not node node01's agent token" in answer["message"]
@@ -288,10 +295,11 @@ def test_a_replayed_boot_token_is_refused(cluster: Cluster) -> None:
         assert token, "node08 got no installer boot token"
         hello = {"type": "hello", "id": 1, "proto": 1, "role": "agent", "node": "node08", "mode": "installer",
                  "image": None, "boot_id": "inst-1", "boot_token": token}
-        first, answer = raw_session(("127.0.0.1", cluster.port), hello)
+        first, answer = raw_session(("127.0.0.1", cluster.port), hello, ca=cluster.ca_file)
         assert answer["type"] == "reply" and answer["resume_token"]  # the genuine installer, once
         replay, refused = refused_without_trace(
-            cluster, lambda: raw_session(("127.0.0.1", cluster.port), {**hello, "boot_id": "inst-2"}), "auth_failed")
+            cluster, lambda: raw_session(("127.0.0.1", cluster.port), {**hello, "boot_id": "inst-2"},
+                                         ca=cluster.ca_file), "auth_failed")
         replay.close()
         assert refused["code"] == "auth" and "boot token of node08 is not valid: it was already used" in refused[
             "message"]
@@ -312,7 +320,8 @@ def test_a_flood_of_bad_logins_is_counted_but_not_all_logged(cluster: Cluster) -
     counted, logged = refusals(), len(security_events(cluster, "auth_failed"))
     for _ in range(40):
         sock, answer = raw_session(("127.0.0.1", cluster.port), {"type": "hello", "id": 1, "proto": 1,
-                                                                 "role": "admin", "token": "guess"})
+                                                                 "role": "admin", "token": "guess"},
+                                   ca=cluster.ca_file)
         sock.close()
         assert answer["code"] == "auth"
     assert refusals() == counted + 40
