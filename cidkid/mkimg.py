@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -449,6 +450,7 @@ def run(args: argparse.Namespace) -> None:
     _say(f"captured {_human(result.raw)} of tar into {_human(result.size)} ({result.size} bytes), ratio "
          f"{ratio:.2f}, in {result.seconds:.1f} s ({_human(rate)}/s)\nsha256 {result.sha256}")
     image = dataclasses.replace(image, size=result.size, sha256=result.sha256)
+    store_boot_files(args.root, args.image_dir, image)
     try:
         replaced = update_catalog(args.catalog, image)
     except (CatalogError, OSError) as exc:
@@ -458,6 +460,21 @@ def run(args: argparse.Namespace) -> None:
     _say(f"catalog {args.catalog}: {'replaced' if replaced else 'added'} {image.id}\n{render_entry(image).rstrip()}")
     if reload is not None:
         _say(f"cidd at {reload[0]} reloaded its catalog: {reload_cidd(*reload)} images")
+
+
+def store_boot_files(root: Path, image_dir: Path, image: Image) -> None:
+    """Copy the image's kernel and initrd (its boot hints) next to it as ``<id>.vmlinuz`` and ``<id>.initrd.img``:
+    cidd serves them to nodes that boot the installed image (docs/boot.md). Missing files are skipped (warned
+    about before the capture)."""
+    for rel, suffix in ((image.boot.kernel, "vmlinuz"), (image.boot.initrd, "initrd.img")):
+        if not rel:
+            continue
+        src = os.path.join(root, rel.lstrip("/"))
+        if os.path.isfile(src):  # follows a symlink inside the tree (e.g. /vmlinuz -> boot/vmlinuz-6.1...)
+            dest = image_dir / f"{image.id}.{suffix}"
+            shutil.copyfile(src, f"{dest}.tmp")
+            os.replace(f"{dest}.tmp", dest)
+            _say(f"boot file {rel} stored as {dest}")
 
 
 def main(argv: list[str] | None = None) -> int:

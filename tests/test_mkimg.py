@@ -57,7 +57,9 @@ def test_capture_keeps_everything_and_writes_the_entry(tmp_path: Path, capsys: p
         pytest.fail(str(exc))  # make test installs the tools: a missing one is a broken set-up, not a skip
     assert run(tmp_path, src, "--kernel", "/boot/vmlinuz-test", "--description", "fixture") == 0
     image = tmp_path / "img/test-1-1.tar.zst"
-    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["test-1-1.tar.zst"]
+    # the kernel named by --kernel is stored next to the image, for cidd to serve (docs/boot.md)
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["test-1-1.tar.zst", "test-1-1.vmlinuz"]
+    assert (tmp_path / "img/test-1-1.vmlinuz").read_bytes() == (src / "boot/vmlinuz-test").read_bytes()
     out = tmp_path / "out"
     out.mkdir()
     tar = subprocess.Popen(["tar", "-x", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner", "-p",
