@@ -73,16 +73,19 @@ def site(tmp_path_factory):
             print(f"--- console of {vm.name} (tail) ---\n{vm.console_text()[-3000:]}")
 
 
-def capture(cluster, job: str, hosts: str, image: str, vms: dict[str, VM] | None = None,
-            timeout: float = 700.0) -> subprocess.CompletedProcess:
-    """Run cidcapt for ``job``; start ``vms`` once cidd has accepted it (their boot profile is then set)."""
+def capture(cluster, job: str, hosts: str, image: str, vms: dict[str, VM], timeout: float = 700.0
+            ) -> subprocess.CompletedProcess:
+    """Run cidcapt for ``job`` on ``vms``; the VMs not running yet are started once cidd has accepted the
+    capture (their boot profile is then the installer): a VM is first powered on by the first test that
+    uses it."""
     proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "-j", job, "-n", hosts,
                              "-i", image, "--timeout", str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env(cluster.state_dir))
-    if vms:
-        wait_for(lambda: all(row.get("state") == "to_installer" for row in cluster.status().values()
-                             if row["node"] in vms), 30, "cidd did not take the capture")
-        for vm in vms.values():
+    off = [vm for vm in vms.values() if vm.proc is None]
+    if off:
+        wait_for(lambda: all(cluster.status()[vm.name]["state"] == "to_installer" for vm in off), 30,
+                 "cidd did not take the capture")
+        for vm in off:
             vm.start()
     out, err = proc.communicate(timeout=timeout + 30)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -103,7 +106,7 @@ def test_two_vms_netboot_install_and_report_image_a(site) -> None:
 @needs_tools
 def test_second_capture_switches_both_to_image_b(site) -> None:
     cluster, vms = site
-    result = capture(cluster, "J2", "vm[1-2]", IMAGE_B)
+    result = capture(cluster, "J2", "vm[1-2]", IMAGE_B, vms)
     assert result.returncode == 0, result.stderr + result.stdout
     status = cluster.status()
     assert {status[n]["image"] for n in ("vm1", "vm2")} == {IMAGE_B}
@@ -115,7 +118,7 @@ def test_second_capture_switches_both_to_image_b(site) -> None:
 def test_third_capture_with_the_running_image_returns_without_a_reboot(site) -> None:
     cluster, vms = site
     seen = len(cluster.log_events())
-    result = capture(cluster, "J3", "vm[1-2]", IMAGE_B, timeout=60)
+    result = capture(cluster, "J3", "vm[1-2]", IMAGE_B, vms, timeout=60)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "2 already in the image" in result.stdout + result.stderr
     after = [e for e in cluster.log_events()[seen:] if e.get("node") in vms]
@@ -126,13 +129,16 @@ def test_third_capture_with_the_running_image_returns_without_a_reboot(site) -> 
 @needs_tools
 def test_corrupted_image_fails_with_the_reason_then_a_good_one_succeeds(site) -> None:
     cluster, vms = site
-    result = capture(cluster, "J4", "vm1", BAD)
+    vm1 = {"vm1": vms["vm1"]}
+    result = capture(cluster, "J4", "vm1", BAD, vm1)
     assert result.returncode == 1, result.stderr + result.stdout
-    assert "sha256" in (result.stderr + result.stdout)
+    assert "checksum mismatch" in result.stderr
     row = cluster.status()["vm1"]
     assert row["state"] == "failed" and row["mode"] == "installer", row  # the VM stays in the installer
-    assert "sha256" in row["reason"]
-    result = capture(cluster, "J5", "vm1", IMAGE_A)
+    assert "checksum mismatch" in row["reason"]
+    last_boot = vms["vm1"].console_text().rsplit("blancmange: cid installer starting", 1)[-1]
+    assert "blancmange: starting cidkid" in last_boot and "cid test image" not in last_boot
+    result = capture(cluster, "J5", "vm1", IMAGE_A, vm1)
     assert result.returncode == 0, result.stderr + result.stdout
     row = cluster.status()["vm1"]
     assert row["state"] == "ready" and row["image"] == IMAGE_A and row["mode"] == "system", row
