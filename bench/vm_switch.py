@@ -68,7 +68,7 @@ def main() -> int:
     build_image(installer, cluster, "vmbench", "2", token, "--pad-mb", str(args.pad_mb))
     size = (cluster.root / "images" / "vmbench-2-0.tar.zst").stat().st_size
     kvm = kvm_boots(installer / "vmlinuz")
-    vm = VM("vm1", MAC, root / "vms", cluster.http_port, kvm=kvm)
+    vm = VM("vm1", MAC, root / "vms", cluster.http_port, cluster.port, kvm=kvm)
     cluster.start_cidd()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "-j", "warm",

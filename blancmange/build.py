@@ -7,11 +7,11 @@ mirror is the one of the machine's apt sources; nothing names a host.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import glob
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -153,7 +153,7 @@ def module_order(kroot: Path, kver: str, wanted: tuple[str, ...]) -> list[str]:
 
 
 def copy_modules(kroot: Path, kver: str, order: list[str], dest: Path) -> None:
-    """Copy the modules of ``order`` under ``dest``/lib/modules/KVER (decompressing .ko.xz/.ko.zst)."""
+    """Copy the modules of ``order`` under ``dest``/lib/modules/KVER, as shipped (bookworm: plain .ko files)."""
     src = kroot / "lib" / "modules" / kver
     for rel in order:
         target = dest / "lib" / "modules" / kver / rel
@@ -191,7 +191,8 @@ def add_cid(root: Path, python_modules: tuple[str, ...]) -> None:
     wrapper = root / "usr" / "bin" / "cidkid"
     wrapper.write_text("#!/bin/sh\nexec python3 -m cidkid.main \"$@\"\n")
     wrapper.chmod(0o755)
-    run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-j0", f"/{PY_SITE}/cidkid",
+    run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash",
+         f"/{PY_SITE}/cidkid",
          f"/{PY_SITE}/cidcommon"] + [f"/{PY_SITE}/{n}.py" for n in python_modules
                                      if (site / f"{n}.py").exists()], "compiling cidkid")
 
@@ -209,21 +210,17 @@ def busybox_links(root: Path, bindir: str = "usr/lib/blancmange/bin") -> None:
 
 
 def pack(root: Path, out: Path, level: int) -> int:
-    """Pack ``root`` as a reproducible newc cpio compressed with zstd into ``out``; return its size in bytes."""
+    """Pack ``root`` as a reproducible newc cpio compressed with zstd into ``out``; return its size in bytes.
+
+    Every file time of ``root`` (a scratch copy) is set to the epoch first, and files go in name order: the same
+    tree gives the same bytes."""
     tmp = out.with_name(out.name + ".tmp")
-    cmd = (f"cd {shlex_quote(str(root))} && find . -print0 | LC_ALL=C sort -z | "
+    cmd = (f"cd {shlex.quote(str(root))} && find . -exec touch -h -d @0 {{}} + && find . -print0 | LC_ALL=C sort -z | "
            f"cpio --null --create --format=newc --reproducible --quiet | zstd -q -T0 -{level} -o "
-           f"{shlex_quote(str(tmp))} -f")
+           f"{shlex.quote(str(tmp))} -f")
     run(["sh", "-c", cmd], "packing the initramfs", env={**os.environ, "SOURCE_DATE_EPOCH": "0"})
     os.replace(tmp, out)
     return out.stat().st_size
-
-
-def shlex_quote(text: str) -> str:
-    """Return ``text`` quoted for sh."""
-    import shlex
-
-    return shlex.quote(text)
 
 
 def tree_size(root: Path) -> int:
@@ -235,8 +232,3 @@ def tree_size(root: Path) -> int:
             if not os.path.islink(path):
                 total += os.path.getsize(path)
     return total
-
-
-def matches(path: str, patterns: tuple[str, ...]) -> bool:
-    """Return True when ``path`` matches one of ``patterns``."""
-    return any(fnmatch.fnmatch(path, p) for p in patterns)

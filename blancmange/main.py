@@ -109,8 +109,9 @@ def prepare_tree(root: Path, config: BuildConfig) -> None:
                  if len(f) > 2]
         shadow.write_text("\n".join(lines) + "\n")
     build.add_cid(root, config.python_modules)
-    build.run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-j0", "/usr/lib/python3.11",
-               "/usr/lib/python3/dist-packages"], "compiling the Python code")
+    # unchecked-hash bytecode does not depend on file times, so pack() may clamp them (reproducible archive)
+    build.run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-f", "-j0", "--invalidation-mode",
+               "unchecked-hash", "/usr/lib/python3.11", "/usr/lib/python3/dist-packages"], "compiling the Python code")
 
 
 def build_rootboot(tree: Path, kver: str, order: list[str], out: Path, cache: Path) -> int:

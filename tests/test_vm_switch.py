@@ -61,7 +61,7 @@ def site(tmp_path_factory):
     print(f"built the installer and 2 images in {time.monotonic() - started:.0f} s")
     kvm = kvm_boots(installer / "vmlinuz")
     print(f"accelerator: {'kvm' if kvm else 'tcg (software emulation)'}")
-    vms = {node: VM(node, mac, root / "vms", cluster.http_port, kvm=kvm) for mac, node in MACS.items()}
+    vms = {node: VM(node, mac, root / "vms", cluster.http_port, cluster.port, kvm=kvm) for mac, node in MACS.items()}
     cluster.start_cidd()
     try:
         yield cluster, vms

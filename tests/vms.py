@@ -1,7 +1,8 @@
 """Real QEMU virtual machines that netboot through iPXE into cidd's installer (tests and benchmarks).
 
-Each VM has an empty disk made by qemu-img, QEMU's user-mode network (DHCP and TFTP built in; the guest
-reaches the host's loopback at 10.0.2.2, so cidd listens on 127.0.0.1 only) and its serial console in a file.
+Each VM has an empty disk made by qemu-img, QEMU's user-mode network with ``restrict=on`` (DHCP and TFTP built
+in; the guest reaches nothing outside but cidd: ``guestfwd`` relays 10.0.2.100:80 and 10.0.2.100:38008 to
+cidd's HTTP and agent ports on 127.0.0.1, one ``busybox nc`` per connection) and its serial console in a file.
 The iPXE ROM of the NIC (Debian ipxe-qemu) loads ``boot.ipxe`` from the TFTP directory, which chains to
 cidd's ``/boot/<mac>`` script. KVM is used when it really boots a guest; otherwise software emulation (TCG).
 Every VM is stopped by PID.
@@ -20,7 +21,8 @@ from pathlib import Path
 from tests.procs import REPO, Cluster, _env
 
 QEMU = "qemu-system-x86_64"
-HOST = "10.0.2.2"  # the host's loopback as QEMU user-mode guests see it
+HOST = "10.0.2.100"  # cidd as the VMs see it (guestfwd to 127.0.0.1)
+HTTP_PORT, AGENT_PORT = 80, 38008  # cidd's ports as the VMs see them
 BLANCMANGE_CACHE = Path(os.environ.get("BLANCMANGE_CACHE") or Path.home() / ".cache" / "blancmange")
 
 
@@ -75,9 +77,9 @@ def vm_cluster(root: Path, installer: Path, macs: dict[str, str], **policy: obje
     cluster.nodes = [{"hosts": ",".join(sorted(macs.values())), "group": "vms"}]
     cluster.extra_config = {
         "image_dir": str(root / "images"),
-        "http": {"host": "127.0.0.1", "port": cluster.http_port, "public_url": f"http://{HOST}:{cluster.http_port}"},
+        "http": {"host": "127.0.0.1", "port": cluster.http_port, "public_url": f"http://{HOST}:{HTTP_PORT}"},
         "boot": {"ethers": str(ethers), "kernel": str(installer / "vmlinuz"), "initrd": str(installer / "initrd.img"),
-                 "cmdline": "console=ttyS0 quiet", "server": f"{HOST}:{cluster.port}"},
+                 "cmdline": "console=ttyS0 quiet", "server": f"{HOST}:{AGENT_PORT}"},
     }
     return cluster
 
@@ -89,7 +91,8 @@ class VM:
     name: str
     mac: str
     root: Path
-    http_port: int
+    http_port: int  # cidd's ports on 127.0.0.1
+    agent_port: int
     kvm: bool = False
     memory_mb: int = 1024
     disk_mb: int = 2048
@@ -107,12 +110,15 @@ class VM:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{self.disk_mb}M"], check=True)
         tftp = self.root / "tftp"
         tftp.mkdir(exist_ok=True)
-        (tftp / "boot.ipxe").write_text(f"#!ipxe\nchain http://{HOST}:{self.http_port}/boot/${{net0/mac}}\n")
+        (tftp / "boot.ipxe").write_text(f"#!ipxe\nchain http://{HOST}:{HTTP_PORT}/boot/${{net0/mac}}\n")
+        relay = "cmd:busybox nc 127.0.0.1"
         accel = ["-accel", "kvm", "-cpu", "host"] if self.kvm else ["-accel", "tcg"]
         argv = [QEMU, *accel, "-m", str(self.memory_mb), "-smp", "1", "-nographic", "-monitor", "none",
                 "-serial", f"file:{self.console}", "-boot", "order=nc",
                 "-drive", f"file={disk},if=virtio,format=qcow2,cache=unsafe",
-                "-netdev", f"user,id=n0,tftp={tftp},bootfile=boot.ipxe",
+                "-netdev", f"user,id=n0,restrict=on,tftp={tftp},bootfile=boot.ipxe,"
+                           f"guestfwd=tcp:{HOST}:{HTTP_PORT}-{relay} {self.http_port},"
+                           f"guestfwd=tcp:{HOST}:{AGENT_PORT}-{relay} {self.agent_port}",
                 "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}"]
         log = open(self.root / f"{self.name}.qemu.log", "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
