@@ -462,6 +462,30 @@ def run(args: argparse.Namespace) -> None:
         _say(f"cidd at {reload[0]} reloaded its catalog: {reload_cidd(*reload)} images")
 
 
+def _in_tree(root: Path, rel: str) -> str | None:
+    """Return the path of ``rel`` in the tree ``root``, following symlinks as if ``root`` were ``/`` (Debian's
+    ``/vmlinuz -> boot/vmlinuz-6.1...``, or an absolute link); None after 40 links (a loop)."""
+    path = rel
+    for _ in range(40):
+        parts = [p for p in path.split("/") if p and p != "."]
+        current = ""
+        for index, part in enumerate(parts):
+            if part == "..":
+                current = current.rsplit("/", 1)[0] if "/" in current else ""
+                continue
+            candidate = f"{current}/{part}"
+            full = os.path.join(root, candidate.lstrip("/"))
+            if os.path.islink(full):
+                link = os.readlink(full)
+                base = "" if link.startswith("/") else current
+                path = f"{base}/{link}/" + "/".join(parts[index + 1:])
+                break
+            current = candidate
+        else:
+            return os.path.join(root, current.lstrip("/"))
+    return None
+
+
 def store_boot_files(root: Path, image_dir: Path, image: Image) -> None:
     """Copy the image's kernel and initrd (its boot hints) next to it as ``<id>.vmlinuz`` and ``<id>.initrd.img``:
     cidd serves them to nodes that boot the installed image (docs/boot.md). Missing files are skipped (warned
@@ -469,8 +493,8 @@ def store_boot_files(root: Path, image_dir: Path, image: Image) -> None:
     for rel, suffix in ((image.boot.kernel, "vmlinuz"), (image.boot.initrd, "initrd.img")):
         if not rel:
             continue
-        src = os.path.join(root, rel.lstrip("/"))
-        if os.path.isfile(src):  # follows a symlink inside the tree (e.g. /vmlinuz -> boot/vmlinuz-6.1...)
+        src = _in_tree(root, rel)
+        if src is not None and os.path.isfile(src):
             dest = image_dir / f"{image.id}.{suffix}"
             shutil.copyfile(src, f"{dest}.tmp")
             os.replace(f"{dest}.tmp", dest)
