@@ -179,9 +179,12 @@ def build_image(args: argparse.Namespace, config: BuildConfig, cache: Path) -> N
     build.run(["cp", "-a", str(tree), str(work)], "copying the package tree")
     prepare_tree(work, config)
     build.busybox_links(work)
-    kroot, kver2 = build.kernel_tree(config, cache)
-    order = build.module_order(kroot, kver2, config.modules)
-    build.copy_modules(kroot, kver2, order, work)
+    kroot, modules_kver = build.kernel_tree(config, cache)
+    if modules_kver != kver:
+        raise BlancmangeError(f"the installer in {args.installer} has kernel {kver} but the config's kernel is now "
+                              f"{modules_kver}: run 'blancmange build' again first")
+    order = build.module_order(kroot, kver, config.modules)
+    build.copy_modules(kroot, kver, order, work)
     etc = work / "etc" / "blancmange"
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "modules.order").write_text("\n".join(order) + "\n")
