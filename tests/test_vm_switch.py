@@ -142,3 +142,29 @@ def test_corrupted_image_fails_with_the_reason_then_a_good_one_succeeds(site) ->
     assert result.returncode == 0, result.stderr + result.stdout
     row = cluster.status()["vm1"]
     assert row["state"] == "ready" and row["image"] == IMAGE_A and row["mode"] == "system", row
+
+
+@needs_tools
+def test_installer_without_cid_arguments_stays_up_and_says_why(site, tmp_path: Path) -> None:
+    """The installer booted without cidd's arguments reports the reason on its console and stays up:
+    QEMU runs with -no-reboot, so a reboot would end it."""
+    cluster, vms = site
+    boot = cluster.extra_config["boot"]
+    console = tmp_path / "console.log"
+    accel = ["-accel", "kvm", "-cpu", "host"] if vms["vm1"].kvm else ["-accel", "tcg"]
+    qemu = subprocess.Popen(["qemu-system-x86_64", *accel, "-m", "1024", "-nographic", "-monitor", "none",
+                             "-no-reboot", "-serial", f"file:{console}", "-kernel", boot["kernel"], "-initrd",
+                             boot["initrd"], "-append", "console=ttyS0 quiet", "-netdev", "user,id=n0,restrict=on",
+                             "-device", "virtio-net-pci,netdev=n0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: console.exists() and "blancmange: FAILED" in console.read_text(errors="replace"), 180,
+                 "the installer did not report its failure")
+        time.sleep(3)  # a reboot loop would restart the kernel (and end QEMU) right after the message
+        text = console.read_text(errors="replace")
+        assert "FAILED: no cid.server= on the kernel command line" in text
+        assert text.count("blancmange: cid installer starting") == 1 and qemu.poll() is None
+        assert "staying up" in text
+    finally:
+        qemu.kill()
+        qemu.wait()
