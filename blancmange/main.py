@@ -81,6 +81,8 @@ def build_installer(config: BuildConfig, out: Path, cache: Path) -> dict[str, in
     shutil.copy2(HERE / "cid-partition", work / "usr" / "lib" / "blancmange" / "bin" / "cid-partition")
     (work / "init").unlink(missing_ok=True)
     shutil.copy2(HERE / "init.sh", work / "init")
+    for script in (work / "init", etc / "udhcpc.script", work / "usr/lib/blancmange/bin/cid-partition"):
+        script.chmod(0o755)  # an installed package may have lost the modes
     if config.ca is not None:
         (work / "etc" / "cid").mkdir(parents=True, exist_ok=True)
         shutil.copy2(config.ca, work / "etc" / "cid" / "ca.pem")
@@ -138,6 +140,7 @@ def build_rootboot(tree: Path, kver: str, order: list[str], out: Path, cache: Pa
         shutil.copy2(tree / "lib" / "modules" / kver / rel, target)
     (work / "etc" / "modules.order").write_text("\n".join(disk) + "\n")
     shutil.copy2(HERE / "rootboot-init.sh", work / "init")
+    (work / "init").chmod(0o755)
     size = build.pack(work, out, 19)
     shutil.rmtree(work, ignore_errors=True)
     return size
@@ -189,6 +192,7 @@ def build_image(args: argparse.Namespace, config: BuildConfig, cache: Path) -> N
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "modules.order").write_text("\n".join(order) + "\n")
     shutil.copy2(HERE / "udhcpc.script", etc / "udhcpc.script")
+    (etc / "udhcpc.script").chmod(0o755)
     (work / "boot").mkdir(exist_ok=True)
     shutil.copy2(args.installer / "vmlinuz", work / "boot" / f"vmlinuz-{kver}")
     shutil.copy2(args.installer / "rootboot.img", work / "boot" / f"initrd.img-{kver}")
