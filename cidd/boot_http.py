@@ -103,8 +103,8 @@ class _ImageFiles(Resource):
             return NoResource("expected /boot/images/<catalogued image>/vmlinuz or initrd.img")
         request.postpath = []
         name = f"{image_id}.{IMAGE_BOOT_FILES[rest[0]]}"
-        path_ = image_dir_of(self.engine.config) / name
-        if not path_.is_file():
+        file_path = image_dir_of(self.engine.config) / name
+        if not file_path.is_file():
             return NoResource(f"no boot file {name} in the image directory (capture the image with cid-mkimg "
                               "--kernel/--initrd)")
-        return File(str(path_), defaultType="application/octet-stream")
+        return File(str(file_path), defaultType="application/octet-stream")
