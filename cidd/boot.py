@@ -67,6 +67,30 @@ class InstallerBoot:
     cmdline: str = ""
 
 
+@dataclass(frozen=True)
+class ImageBoot:
+    """An installed image's own kernel and initrd as nodes fetch them (``/boot/images/<id>/...``), and its
+    kernel arguments (the catalog's ``boot.cmdline``)."""
+
+    image: str
+    kernel_url: str
+    initrd_url: str
+    cmdline: str = ""
+
+
+#: The root file system the installer creates (cidkid formats it with this label; docs/blancmange.md).
+ROOT_ARG = "root=LABEL=cid-root"
+
+
+def image_args(node: str, server: str, image: ImageBoot) -> str:
+    """Return the kernel arguments of an installed image: its root (unless its cmdline names one), cidd's
+    address and the node's name (cidkid in the image reads them with --kernel-cmdline), then its own cmdline."""
+    words = image.cmdline.split()
+    args = [] if any(w.startswith("root=") for w in words) else [ROOT_ARG, "rw"]
+    args += [f"cid.server={server}", f"cid.node={node}", *words]
+    return " ".join(args)
+
+
 def kernel_args(node: str, server: str, token: str | None, extra: str) -> str:
     """Return the installer's kernel arguments: cidd's address, the node's name and its boot token."""
     args = [f"cid.server={server}", f"cid.node={node}"]
@@ -78,11 +102,13 @@ def kernel_args(node: str, server: str, token: str | None, extra: str) -> str:
 
 
 def ipxe_script(node: str | None, boot: str, installer: InstallerBoot | None, server: str,
-                token: str | None = None, detail: str = "") -> str:
+                token: str | None = None, detail: str = "", image: ImageBoot | None = None) -> str:
     """Return the iPXE script for a node whose next boot is ``boot`` (``installer`` or ``disk``).
 
     An unknown node (``node`` None), or an installer profile without installer files, boots its local disk:
-    a node cidd does not know must never be reinstalled.
+    a node cidd does not know must never be reinstalled. A disk boot with ``image`` (the installed image's
+    kernel and initrd, served by cidd) loads that kernel with its root on the local disk; without, the
+    script hands over to the disk's own boot loader (``sanboot``).
     """
     if node is None:
         return ("#!ipxe\necho cid: this MAC is not in cidd's ethers file; booting the local disk\n"
@@ -92,6 +118,10 @@ def ipxe_script(node: str | None, boot: str, installer: InstallerBoot | None, se
         return (f"#!ipxe\n# cid: {node} -> installer{' (' + detail + ')' if detail else ''}\n"
                 f"kernel {installer.kernel_url} initrd=initrd.img {args}\n"
                 f"initrd --name initrd.img {installer.initrd_url}\nboot\n")
+    if boot != "installer" and image is not None:
+        return (f"#!ipxe\n# cid: {node} -> image {image.image} on the local disk\n"
+                f"kernel {image.kernel_url} initrd=initrd.img {image_args(node, server, image)}\n"
+                f"initrd --name initrd.img {image.initrd_url}\nboot\n")
     note = " (no installer configured)" if boot == "installer" else ""
     return f"#!ipxe\n# cid: {node} -> local disk{note}\nsanboot --no-describe --drive 0x80 || exit\n"
 

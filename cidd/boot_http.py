@@ -2,7 +2,8 @@
 
 ``GET /boot/<mac>`` (any MAC spelling iPXE produces: ``${net0/mac}``, ``${mac:hexhyp}``) answers the script
 for the node the ethers file names; ``GET /boot/files/vmlinuz`` and ``/boot/files/initrd.img`` serve the
-configured installer files, and nothing else.
+configured installer files; ``GET /boot/images/<id>/vmlinuz|initrd.img`` the kernel and initrd cid-mkimg
+stored next to a catalogued image (``<image_dir>/<id>.vmlinuz``, ``<id>.initrd.img``), and nothing else.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Request
 from twisted.web.static import File
 
-from cidd.boot import InstallerBoot, ipxe_script, normalize_mac
+from cidd.boot import ImageBoot, InstallerBoot, ipxe_script, normalize_mac
 from cidd.engine import Engine
+from cidd.images_http import image_dir_of
+
+#: The files of an image's boot, as served and as stored next to the image by cid-mkimg.
+IMAGE_BOOT_FILES = {b"vmlinuz": "vmlinuz", b"initrd.img": "initrd.img"}
 
 log = structlog.get_logger("cidd.boot")
 
@@ -30,6 +35,7 @@ class BootResource(Resource):
             files.putChild(b"vmlinuz", File(str(boot.kernel), defaultType="application/octet-stream"))
             files.putChild(b"initrd.img", File(str(boot.initrd), defaultType="application/octet-stream"))
             self.putChild(b"files", files)
+        self.putChild(b"images", _ImageFiles(engine))
 
     def installer(self) -> InstallerBoot | None:
         """Return the installer's URLs, or None when no installer files are configured."""
@@ -38,6 +44,17 @@ class BootResource(Resource):
             return None
         base = self.engine.config.http_base
         return InstallerBoot(f"{base}/boot/files/vmlinuz", f"{base}/boot/files/initrd.img", boot.cmdline)
+
+    def image_boot(self, image_id: str | None) -> ImageBoot | None:
+        """Return the boot of catalogued image ``image_id`` when cidd holds its kernel and initrd, else None."""
+        if not image_id or image_id not in self.engine.catalog:
+            return None
+        folder = image_dir_of(self.engine.config)
+        if not all((folder / f"{image_id}.{name}").is_file() for name in IMAGE_BOOT_FILES.values()):
+            return None
+        base = f"{self.engine.config.http_base}/boot/images/{image_id}"
+        image = self.engine.catalog.get(image_id)
+        return ImageBoot(image_id, f"{base}/vmlinuz", f"{base}/initrd.img", image.boot.cmdline or "")
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         mac = normalize_mac(path.decode("ascii", "replace"))
@@ -65,4 +82,29 @@ class _Script(Resource):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         token = netboot.tokens.get(node or "", (None, 0.0))[0] if boot == "installer" else None
-        return ipxe_script(node, boot, self.parent.installer(), engine.config.agent_address, token, detail).encode()
+        image = None
+        if record is not None and boot == "disk":
+            image = self.parent.image_boot(record.target if record.state == "to_image" else record.image)
+        return ipxe_script(node, boot, self.parent.installer(), engine.config.agent_address, token, detail,
+                           image).encode()
+
+
+class _ImageFiles(Resource):
+    """``/boot/images/<id>/vmlinuz|initrd.img``: the boot files of catalogued images only."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        image_id = path.decode("utf-8", "replace")
+        rest = request.postpath
+        if image_id not in self.engine.catalog or len(rest) != 1 or rest[0] not in IMAGE_BOOT_FILES:
+            return NoResource("expected /boot/images/<catalogued image>/vmlinuz or initrd.img")
+        request.postpath = []
+        name = f"{image_id}.{IMAGE_BOOT_FILES[rest[0]]}"
+        file_path = image_dir_of(self.engine.config) / name
+        if not file_path.is_file():
+            return NoResource(f"no boot file {name} in the image directory (capture the image with cid-mkimg "
+                              "--kernel/--initrd)")
+        return File(str(file_path), defaultType="application/octet-stream")

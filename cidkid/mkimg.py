@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -453,6 +454,7 @@ def run(args: argparse.Namespace) -> None:
     _say(f"captured {_human(result.raw)} of tar into {_human(result.size)} ({result.size} bytes), ratio "
          f"{ratio:.2f}, in {result.seconds:.1f} s ({_human(rate)}/s)\nsha256 {result.sha256}")
     image = dataclasses.replace(image, size=result.size, sha256=result.sha256)
+    store_boot_files(args.root, args.image_dir, image)
     try:
         replaced = update_catalog(args.catalog, image)
     except (CatalogError, OSError) as exc:
@@ -462,6 +464,45 @@ def run(args: argparse.Namespace) -> None:
     _say(f"catalog {args.catalog}: {'replaced' if replaced else 'added'} {image.id}\n{render_entry(image).rstrip()}")
     if reload is not None:
         _say(f"cidd at {reload[0]} reloaded its catalog: {reload_cidd(*reload)} images")
+
+
+def _in_tree(root: Path, rel: str) -> str | None:
+    """Return the path of ``rel`` in the tree ``root``, following symlinks as if ``root`` were ``/`` (Debian's
+    ``/vmlinuz -> boot/vmlinuz-6.1...``, or an absolute link); None after 40 links (a loop)."""
+    path = rel
+    for _ in range(40):
+        parts = [p for p in path.split("/") if p and p != "."]
+        current = ""
+        for index, part in enumerate(parts):
+            if part == "..":
+                current = current.rsplit("/", 1)[0] if "/" in current else ""
+                continue
+            candidate = f"{current}/{part}"
+            full = os.path.join(root, candidate.lstrip("/"))
+            if os.path.islink(full):
+                link = os.readlink(full)
+                base = "" if link.startswith("/") else current
+                path = f"{base}/{link}/" + "/".join(parts[index + 1:])
+                break
+            current = candidate
+        else:
+            return os.path.join(root, current.lstrip("/"))
+    return None
+
+
+def store_boot_files(root: Path, image_dir: Path, image: Image) -> None:
+    """Copy the image's kernel and initrd (its boot hints) next to it as ``<id>.vmlinuz`` and ``<id>.initrd.img``:
+    cidd serves them to nodes that boot the installed image (docs/boot.md). Missing files are skipped (warned
+    about before the capture)."""
+    for rel, suffix in ((image.boot.kernel, "vmlinuz"), (image.boot.initrd, "initrd.img")):
+        if not rel:
+            continue
+        src = _in_tree(root, rel)
+        if src is not None and os.path.isfile(src):
+            dest = image_dir / f"{image.id}.{suffix}"
+            shutil.copyfile(src, f"{dest}.tmp")
+            os.replace(f"{dest}.tmp", dest)
+            _say(f"boot file {rel} stored as {dest}")
 
 
 def main(argv: list[str] | None = None) -> int:

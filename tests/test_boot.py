@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 
 import pytest
 
 from cidd.boot import (
     EthersError,
+    ImageBoot,
     InstallerBoot,
     ipxe_script,
     normalize_mac,
@@ -51,6 +53,22 @@ def test_ipxe_scripts() -> None:
     assert "kernel" not in ipxe_script("node01", "installer", None, "s:1")  # no installer configured
 
 
+def test_ipxe_script_of_an_installed_image_boots_its_own_kernel_on_the_local_root() -> None:
+    image = ImageBoot("debian-12-1", "http://h/boot/images/debian-12-1/vmlinuz",
+                      "http://h/boot/images/debian-12-1/initrd.img", "console=ttyS0")
+    script = ipxe_script("node01", "disk", None, "10.0.0.1:38008", image=image)
+    assert ("kernel http://h/boot/images/debian-12-1/vmlinuz initrd=initrd.img root=LABEL=cid-root rw "
+            "cid.server=10.0.0.1:38008 cid.node=node01 console=ttyS0\n") in script
+    assert "initrd --name initrd.img http://h/boot/images/debian-12-1/initrd.img\nboot\n" in script
+    assert "sanboot" not in script and "cid.token" not in script  # an installed system gets no boot token
+    own_root = ImageBoot("x-1-1", "k", "i", "root=/dev/sda2 quiet")
+    assert "kernel k initrd=initrd.img cid.server=s:1 cid.node=n root=/dev/sda2 quiet" in ipxe_script(
+        "n", "disk", None, "s:1", image=own_root)
+    # the installer profile and unknown machines never boot an image kernel
+    assert "boot/images" not in ipxe_script("node01", "installer", InstallerBoot("k", "i"), "s:1", "t", image=image)
+    assert "sanboot" in ipxe_script(None, "disk", None, "s:1", image=image)
+
+
 def test_pxelinux_files() -> None:
     assert pxelinux_name("52:54:00:00:00:01") == "01-52-54-00-00-00-01"
     text = pxelinux_config("n1", "installer", "cid/vmlinuz", "cid/initrd.img", "h:38008", None, "")
@@ -64,7 +82,11 @@ def test_cidd_publishes_the_installer_while_switching_and_the_disk_after(tmp_pat
     kernel.write_bytes(b"K" * 1000)
     initrd.write_bytes(b"I" * 2000)
     (tmp_path / "ethers").write_text("52:54:00:00:00:01 boot01\n52:54:00:00:00:02 boot02\n")
-    cluster = Cluster(tmp_path / "c", extra_config={"boot": {
+    images = tmp_path / "images"  # cid-mkimg stores an image's kernel and initrd next to it
+    images.mkdir()
+    (images / "rocky-9-3.vmlinuz").write_bytes(b"R" * 100)
+    (images / "rocky-9-3.initrd.img").write_bytes(b"r" * 50)
+    cluster = Cluster(tmp_path / "c", extra_config={"image_dir": str(images), "boot": {
         "ethers": str(tmp_path / "ethers"), "kernel": str(kernel), "initrd": str(initrd),
         "cmdline": "console=ttyS0", "tftp_dir": str(tmp_path / "tftp")}})
     cluster.start_cidd()
@@ -90,7 +112,15 @@ def test_cidd_publishes_the_installer_while_switching_and_the_disk_after(tmp_pat
         assert "KERNEL cid/vmlinuz" in pxe
         assert urllib.request.urlopen(f"{base}/boot/files/vmlinuz", timeout=10).read() == b"K" * 1000
         assert capture.wait(timeout=60) == 0
-        assert "sanboot" in script("52:54:00:00:00:01")
+        after = script("52:54:00:00:00:01")  # the image's own kernel, its root on the local disk
+        assert f"kernel {base}/boot/images/rocky-9-3/vmlinuz initrd=initrd.img root=LABEL=cid-root" in after
+        assert "cid.node=boot01" in after and "cid.token" not in after
+        assert urllib.request.urlopen(f"{base}/boot/images/rocky-9-3/initrd.img", timeout=10).read() == b"r" * 50
+        assert "sanboot" in script("52:54:00:00:00:02")  # debian-12-1 has no boot files here: its disk
+        for bad in ("debian-12-1/vmlinuz", "nosuch-1-1/vmlinuz", "rocky-9-3/other", "rocky-9-3/vmlinuz/x"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"{base}/boot/images/{bad}", timeout=10)
+            assert err.value.code == 404
         assert "LOCALBOOT 0" in (tmp_path / "tftp" / "pxelinux.cfg" / "01-52-54-00-00-00-01").read_text()
     finally:
         cluster.stop()

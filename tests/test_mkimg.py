@@ -57,7 +57,9 @@ def test_capture_keeps_everything_and_writes_the_entry(tmp_path: Path, capsys: p
         pytest.fail(str(exc))  # make test installs the tools: a missing one is a broken set-up, not a skip
     assert run(tmp_path, src, "--kernel", "/boot/vmlinuz-test", "--description", "fixture") == 0
     image = tmp_path / "img/test-1-1.tar.zst"
-    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["test-1-1.tar.zst"]
+    # the kernel named by --kernel is stored next to the image, for cidd to serve (docs/boot.md)
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["test-1-1.tar.zst", "test-1-1.vmlinuz"]
+    assert (tmp_path / "img/test-1-1.vmlinuz").read_bytes() == (src / "boot/vmlinuz-test").read_bytes()
     out = tmp_path / "out"
     out.mkdir()
     tar = subprocess.Popen(["tar", "-x", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner", "-p",
@@ -320,3 +322,20 @@ def test_failed_reload_keeps_image_and_catalog(tmp_path: Path, token_file: Path,
     assert err.startswith("cid-mkimg: error: image and catalog are written, but cidd did not reload") and \
         "file has no value" in err and "kill -HUP" in err
     assert (tmp_path / "img/test-1-1.tar.zst").exists() and "test-1-1" in load_catalog(tmp_path / "images.yaml")
+
+
+def test_boot_files_are_found_inside_the_tree_even_through_absolute_symlinks(tmp_path: Path) -> None:
+    from cidkid.mkimg import _in_tree
+
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot" / "vmlinuz-1").write_text("k")
+    os.symlink("boot/vmlinuz-1", tmp_path / "vmlinuz")  # Debian's relative link
+    os.symlink("/boot/vmlinuz-1", tmp_path / "abs")  # an absolute one means the tree's /boot, not the host's
+    os.symlink("/etc/passwd", tmp_path / "host")
+    os.symlink("../../../../etc/shadow", tmp_path / "boot" / "up")
+    os.symlink("loop", tmp_path / "loop")
+    assert _in_tree(tmp_path, "/vmlinuz") == str(tmp_path / "boot" / "vmlinuz-1")
+    assert _in_tree(tmp_path, "/abs") == str(tmp_path / "boot" / "vmlinuz-1")
+    assert _in_tree(tmp_path, "/host") == str(tmp_path / "etc" / "passwd")  # absent there: nothing is copied
+    assert _in_tree(tmp_path, "/boot/up") == str(tmp_path / "etc" / "shadow")
+    assert _in_tree(tmp_path, "/loop") is None

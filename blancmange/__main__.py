@@ -1,0 +1,5 @@
+import sys
+
+from blancmange.main import main
+
+sys.exit(main())
