@@ -25,9 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cidcommon.paths import ensure_token  # noqa: E402
 from tests.procs import _env  # noqa: E402
-from tests.vms import VM, build_image, build_installer, kvm_boots, vm_cluster  # noqa: E402
+from tests.vms import VM, build_image, build_installer, init_tls, kvm_boots, vm_cluster  # noqa: E402
 
 MAC = "52:54:00:c1:d0:11"
 
@@ -59,13 +58,11 @@ def main() -> int:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="cid-vm-bench-"))
     started = time.monotonic()
-    installer = build_installer(root / "installer")
+    cluster = vm_cluster(root / "cid", root / "installer", {MAC: "vm1"})
+    installer = build_installer(root / "installer", init_tls(cluster))
     print(f"installer built in {time.monotonic() - started:.0f} s")
-    cluster = vm_cluster(root / "cid", installer, {MAC: "vm1"})
-    token = cluster.state_dir / "secrets" / "agent.token"
-    ensure_token(token)
-    build_image(installer, cluster, "vmbench", "1", token)
-    build_image(installer, cluster, "vmbench", "2", token, "--pad-mb", str(args.pad_mb))
+    build_image(installer, cluster, "vmbench", "1")
+    build_image(installer, cluster, "vmbench", "2", "--pad-mb", str(args.pad_mb))
     size = (cluster.root / "images" / "vmbench-2-0.tar.zst").stat().st_size
     kvm = kvm_boots(installer / "vmlinuz")
     vm = VM("vm1", MAC, root / "vms", cluster.http_port, cluster.port, kvm=kvm)

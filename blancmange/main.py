@@ -6,6 +6,7 @@ Exit codes: 0 built, 1 a build step failed (the message says which and why), 2 b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -44,10 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build vmlinuz, initrd.img and rootboot.img into --out")
     b.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    b.add_argument("--ca", type=Path, default=None,
+                   help="cidd's cluster CA certificate (<state>/tls/ca.pem) to put in the initramfs as /etc/cid/ca.pem "
+                   "(overrides the config's 'ca'); the installer then verifies cidd with it")
     i = sub.add_parser("image", help="build a small bootable test image with cidkid, captured with cid-mkimg")
     i.add_argument("--installer", type=Path, required=True,
                    help="directory of a 'blancmange build' (its vmlinuz and rootboot.img go into /boot)")
-    i.add_argument("--token-file", type=Path, required=True, help="agent token the image's cidkid uses")
+    i.add_argument("--token-file", type=Path, default=None,
+                   help="a node's own agent token to put into the image (tests only: cid's installer writes each "
+                   "node's own token into the installed system, so shared images carry none)")
+    i.add_argument("--ca", type=Path, default=None,
+                   help="cidd's cluster CA certificate, put into the image as /etc/cid/ca.pem (cidkid passes --ca)")
     i.add_argument("--name", required=True)
     i.add_argument("--version", required=True)
     i.add_argument("--subversion", default="0")
@@ -164,9 +172,11 @@ for path in /sys/class/net/*; do
     udhcpc -i "$nic" -s /etc/blancmange/udhcpc.script -q -n -t 5 -T 2 >/dev/null 2>&1 && break
 done
 echo "cid test image $(head -1 /etc/cid-image 2>/dev/null) up"
+set -- --mode system --kernel-cmdline /proc/cmdline --token-file /etc/cid/agent.token --log-format console \\
+    --reboot-command "sync; reboot -f"
+[ -f /etc/cid/ca.pem ] && set -- "$@" --ca /etc/cid/ca.pem
 while :; do
-    python3 -m cidkid.main --mode system --kernel-cmdline /proc/cmdline --token-file /etc/cid/agent.token \\
-        --log-format console --reboot-command "sync; reboot -f"
+    python3 -m cidkid.main "$@"
     echo "cidkid exited with status $?; restarting in 5 s"; sleep 5
 done
 """
@@ -201,9 +211,12 @@ def build_image(args: argparse.Namespace, config: BuildConfig, cache: Path) -> N
     init.write_text(IMAGE_INIT)
     init.chmod(0o755)
     (work / "etc" / "cid").mkdir(parents=True, exist_ok=True)
-    token = work / "etc" / "cid" / "agent.token"
-    shutil.copy2(args.token_file, token)
-    token.chmod(0o600)
+    if args.token_file is not None:
+        token = work / "etc" / "cid" / "agent.token"
+        shutil.copy2(args.token_file, token)
+        token.chmod(0o600)
+    if args.ca is not None:
+        shutil.copy2(args.ca, work / "etc" / "cid" / "ca.pem")
     (work / "etc" / "hostname").write_text(f"{args.name}\n")
     for item in args.file:
         dest, _, text = item.partition("=")
@@ -243,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         if args.command == "build":
+            if args.ca is not None:
+                config = dataclasses.replace(config, ca=args.ca)
             sizes = build_installer(config, args.out, cache)
             for name, size in sizes.items():
                 label = "unpacked initramfs" if name == "tree" else str(args.out / name)

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cidcommon.paths import ensure_token
 from tests.procs import _env
-from tests.vms import VM, build_image, build_installer, kvm_boots, vm_cluster, wait_for
+from tests.vms import VM, build_image, build_installer, init_tls, kvm_boots, vm_cluster, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -51,12 +50,10 @@ def site(tmp_path_factory):
     the first capture and stopped (by PID) at the end."""
     root = tmp_path_factory.mktemp("vmswitch")
     started = time.monotonic()
-    installer = build_installer(root / "installer")
-    cluster = vm_cluster(root / "cid", installer, MACS)
-    token = cluster.state_dir / "secrets" / "agent.token"
-    ensure_token(token)  # cidd finds it at start; the images carry it
-    build_image(installer, cluster, "vmtest", "1", token, "--file", "/etc/cid-test=image A")
-    build_image(installer, cluster, "vmtest", "2", token, "--file", "/etc/cid-test=image B")
+    cluster = vm_cluster(root / "cid", root / "installer", MACS)
+    installer = build_installer(root / "installer", init_tls(cluster))  # the installer verifies cidd with its CA
+    build_image(installer, cluster, "vmtest", "1", "--file", "/etc/cid-test=image A")
+    build_image(installer, cluster, "vmtest", "2", "--file", "/etc/cid-test=image B")
     corrupt_entry(cluster.catalog, IMAGE_A, IMAGE_B)
     print(f"built the installer and 2 images in {time.monotonic() - started:.0f} s")
     kvm = kvm_boots(installer / "vmlinuz")

@@ -44,19 +44,34 @@ def kvm_boots(kernel: Path, timeout: float = 20.0) -> bool:
     return "Kernel panic" in output or "VFS:" in output
 
 
-def build_installer(out: Path) -> Path:
-    """Run ``blancmange build`` into ``out`` (cache: $BLANCMANGE_CACHE, else ~/.cache/blancmange); return out."""
+def init_tls(cluster: Cluster) -> Path:
+    """Create ``cluster``'s CA and a server certificate naming the address the VMs use (``cidd init --san``);
+    return the CA certificate (baked into the installer and the test images)."""
+    done = subprocess.run([sys.executable, "-m", "cidd.main", "init", "--san", HOST, "--config",
+                           str(cluster.write_config())], capture_output=True, text=True,
+                          env=_env(cluster.state_dir), timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+    return cluster.ca_file
+
+
+def build_installer(out: Path, ca: Path | None = None) -> Path:
+    """Run ``blancmange build`` into ``out`` (cache: $BLANCMANGE_CACHE, else ~/.cache/blancmange), with cidd's
+    CA certificate ``ca`` in the initramfs; return out."""
     done = subprocess.run([sys.executable, "-m", "blancmange", "--cache", str(BLANCMANGE_CACHE), "build",
-                           "--out", str(out)], capture_output=True, text=True, env=_env(out), timeout=1800)
+                           "--out", str(out), *(["--ca", str(ca)] if ca else [])],
+                          capture_output=True, text=True, env=_env(out), timeout=1800)
     assert done.returncode == 0, done.stderr + done.stdout
     print(done.stdout)
     return out
 
 
-def build_image(installer: Path, cluster: Cluster, name: str, version: str, token: Path, *extra: str) -> None:
-    """Build the blancmange test image ``name-version-0`` into ``cluster``'s image directory and catalog."""
+def build_image(installer: Path, cluster: Cluster, name: str, version: str, *extra: str) -> None:
+    """Build the blancmange test image ``name-version-0`` into ``cluster``'s image directory and catalog.
+
+    The image carries cidd's CA certificate but no agent token: cid's installer writes each node's own token.
+    """
     done = subprocess.run([sys.executable, "-m", "blancmange", "--cache", str(BLANCMANGE_CACHE), "image",
-                           "--installer", str(installer), "--token-file", str(token), "--name", name,
+                           "--installer", str(installer), "--ca", str(cluster.ca_file), "--name", name,
                            "--version", version, "--image-dir", str(cluster.root / "images"),
                            "--catalog", str(cluster.catalog), *extra],
                           capture_output=True, text=True, env=_env(cluster.state_dir), timeout=1800)
