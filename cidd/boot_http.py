@@ -16,9 +16,9 @@ from twisted.web.static import File
 from cidd.boot import ImageBoot, InstallerBoot, ipxe_script, normalize_mac
 from cidd.engine import Engine
 from cidd.images_http import image_dir_of
+from cidd.netboot import IMAGE_BOOT_FILES, image_boot
 
 #: The files of an image's boot, as served and as stored next to the image by cid-mkimg.
-IMAGE_BOOT_FILES = {b"vmlinuz": "vmlinuz", b"initrd.img": "initrd.img"}
 
 log = structlog.get_logger("cidd.boot")
 
@@ -47,14 +47,7 @@ class BootResource(Resource):
 
     def image_boot(self, image_id: str | None) -> ImageBoot | None:
         """Return the boot of catalogued image ``image_id`` when cidd holds its kernel and initrd, else None."""
-        if not image_id or image_id not in self.engine.catalog:
-            return None
-        folder = image_dir_of(self.engine.config)
-        if not all((folder / f"{image_id}.{name}").is_file() for name in IMAGE_BOOT_FILES.values()):
-            return None
-        base = f"{self.engine.config.http_base}/boot/images/{image_id}"
-        image = self.engine.catalog.get(image_id)
-        return ImageBoot(image_id, f"{base}/vmlinuz", f"{base}/initrd.img", image.boot.cmdline or "")
+        return image_boot(self.engine.config, self.engine.catalog, image_dir_of(self.engine.config), image_id)
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         mac = normalize_mac(path.decode("ascii", "replace"))

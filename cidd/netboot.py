@@ -16,7 +16,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from cidcommon.errors import AuthError
 from cidcommon.paths import tokens_equal
-from cidd.boot import macs_of, parse_ethers, pxelinux_config, pxelinux_name
+from cidd.boot import ImageBoot, macs_of, parse_ethers, pxelinux_config, pxelinux_name
+from cidd.catalog import Catalog
 from cidd.config import Config, ConfigError
 from cidd.store import Store
 
@@ -118,3 +119,21 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.write_text(text, encoding="utf-8")
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+#: The boot files cid-mkimg stores next to an image (``<image dir>/<id>.vmlinuz``), by their URL name.
+IMAGE_BOOT_FILES = {b"vmlinuz": "vmlinuz", b"initrd.img": "initrd.img"}
+
+
+def image_boot(config: Config, catalog: Catalog, image_dir: Path, image_id: str | None) -> ImageBoot | None:
+    """Return how nodes boot catalogued image ``image_id`` (its kernel and initrd URLs under
+    ``/boot/images/<id>/`` and its kernel arguments), or None when it is not catalogued or cidd holds no
+    kernel and initrd for it (the node then boots its disk's own boot loader)."""
+    if not image_id or image_id not in catalog:
+        return None
+    if not all((image_dir / f"{image_id}.{name}").is_file() for name in IMAGE_BOOT_FILES.values()):
+        return None
+    base = f"{config.http_base}/boot/images/{image_id}"
+    image = catalog.get(image_id)
+    cmdline = image.boot.cmdline if image is not None and image.boot.cmdline else ""
+    return ImageBoot(image_id, f"{base}/vmlinuz", f"{base}/initrd.img", cmdline)

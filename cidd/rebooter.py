@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from cidcommon.errors import CidError
+from cidd.images_http import image_dir_of
 from cidd.machine import Node, State
 from cidd.machine_types import POWER_METHODS, Policy, Reboot, RungFailed, SetDeadline
+from cidd.netboot import image_boot
 from cidd.power import PowerController, bmc_address
 from cidd.reboots import reboot_message
 from cidd.windows import Window
@@ -107,8 +109,12 @@ class Rebooter:
         log.info("node.reboot_issued", node=name, method=action.method, boot=action.boot, in_flight=in_flight,
                  window=self.window.limit)
         token = self.engine.netboot.tokens.get(name, (None, 0.0))[0]
+        image = None
+        if action.boot != "installer":
+            image = image_boot(self.engine.config, self.engine.catalog, image_dir_of(self.engine.config),
+                               node.target if node.state is State.TO_IMAGE else node.image)
         message, note = reboot_message(self.engine.config, self._policy(name), name, action.boot, action.method,
-                                       token)
+                                       token, image)
         if note:
             log.info("node.reboot_method_replaced", node=name, method=action.method, reason=note)
         self.engine.send_command(name, message, f"agent refused {message['method']} into {action.boot}")

@@ -81,7 +81,7 @@ def test_each_group_reboots_with_its_method_within_the_window(cluster: Cluster) 
     assert "cid.token=***" in cmdline and cmdline.endswith(" quiet")  # a token was sent; logs never show it
     assert all("cid.token=" not in line or "cid.token=***" in line
                for line in (cluster.root / "fleet-0.log").read_text().splitlines())
-    assert seen[("n02", "disk")][0] == "reboot"  # no image kernel to kexec into yet: an ordinary reboot
+    assert seen[("n02", "disk")][0] == "reboot"  # the sample image has no published kernel: an ordinary reboot
     assert seen[("n06", "installer")] == ("grub_reboot", None, None, "cid-installer")
     assert seen[("n06", "disk")] == ("grub_reboot", None, None, "debian")
     assert seen[("n10", "installer")] == ("efi_bootnext", None, None, "0003")

@@ -210,3 +210,27 @@ async def test_kexec_files_come_over_real_http(tmp_path: Path) -> None:
     assert (tmp_path / "kexec" / "vmlinuz").read_bytes() == b"K" * 300_000
     assert (tmp_path / "kexec" / "initrd.img").stat().st_size == 500_000
     assert runner.calls[0][0] == "kexec" and runner.calls[-1] == ["kexec", "-e"]
+
+
+# -- what cidd tells the agent (cidd/reboots.py) -----------------------------------------------------------------------
+
+def test_cidd_kexecs_into_the_installed_images_own_kernel_or_falls_back_to_a_reboot() -> None:
+    from cidd.boot import ImageBoot
+    from cidd.config import parse_config
+    from cidd.machine_types import Policy
+    from cidd.reboots import reboot_message
+
+    config = parse_config({"state_dir": "/s", "http": {"host": "10.0.0.1", "port": 8080},
+                           "listen": {"host": "10.0.0.1", "port": 38008},
+                           "boot": {"kernel": "/k", "initrd": "/i", "cmdline": "quiet"}})
+    image = ImageBoot("deb-1-0", "http://10.0.0.1:8080/boot/images/deb-1-0/vmlinuz",
+                      "http://10.0.0.1:8080/boot/images/deb-1-0/initrd.img", "console=ttyS0")
+    message, note = reboot_message(config, Policy(), "n01", "disk", "kexec", None, image)
+    assert note is None and message["method"] == "kexec"
+    assert (message["kernel"], message["initrd"]) == (image.kernel_url, image.initrd_url)
+    assert message["cmdline"].split() == ["root=LABEL=cid-root", "rw", "cid.server=10.0.0.1:38008", "cid.node=n01",
+                                          "console=ttyS0"]
+    message, note = reboot_message(config, Policy(), "n01", "disk", "kexec", None, None)
+    assert message == {"type": "reboot", "boot": "disk", "method": "reboot"} and "no kernel of the image" in note
+    message, note = reboot_message(config, Policy(), "n01", "installer", "kexec", "tok", image)
+    assert message["kernel"] == "http://10.0.0.1:8080/boot/files/vmlinuz" and "cid.token=tok" in message["cmdline"]
