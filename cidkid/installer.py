@@ -114,6 +114,16 @@ class TargetError(InstallError):
     """The install target cannot take the image (full, read-only, not writable, missing)."""
 
 
+def unwritable_target(path: Path | str, exc: OSError, label: str = "target") -> TargetError:
+    """Return the TargetError for ``exc`` raised while writing into ``path`` (called ``label path`` in the
+    message): read-only, full, or not writable."""
+    if exc.errno == errno.EROFS:
+        return TargetError(f"{label} {path} is read-only")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TargetError(f"target full: {path} has no room left ({exc.strerror or exc})")
+    return TargetError(f"{label} {path} is not writable: {exc.strerror or exc}")
+
+
 class ArchiveError(InstallError):
     """The image is not a good archive: corrupt or truncated stream, unsafe member, tar error."""
 
@@ -772,11 +782,7 @@ def _begin(target: Path, request: InstallRequest) -> None:
             os.close(root)
         remove_marker(target)
     except OSError as exc:
-        if exc.errno == errno.EROFS:
-            raise TargetError(f"target {target} is read-only")
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise TargetError(f"target full: {target} has no room left ({exc.strerror})")
-        raise TargetError(f"target {target} is not writable: {exc.strerror or exc}")
+        raise unwritable_target(target, exc) from None
 
 
 def write_agent_token(target: Path, token: str) -> None:

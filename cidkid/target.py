@@ -19,7 +19,7 @@ from typing import Protocol
 
 import structlog
 
-from cidkid.installer import TargetError, mark_incomplete, remove_marker
+from cidkid.installer import TargetError, mark_incomplete, remove_marker, unwritable_target
 
 log = structlog.get_logger(__name__)
 
@@ -189,11 +189,7 @@ def _probe(dir_fd: int, path: Path) -> None:
             os.close(fd)
         os.unlink(name, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == errno.EROFS:
-            raise TargetError(f"install target {path} is read-only")
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise TargetError(f"target full: {path} has no room left ({_strerror(exc)})")
-        raise TargetError(f"install target {path} is not writable: {_strerror(exc)}")
+        raise unwritable_target(path, exc, "install target") from None
 
 
 def _run(argv: list[str], what: str) -> None:

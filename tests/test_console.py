@@ -8,12 +8,15 @@ into cidcapt reach the serial port, bytes written on the serial port come out of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -90,6 +93,41 @@ class Output:
         return self.data
 
 
+@contextlib.contextmanager
+def console_process(cluster: Cluster, node: str, stdin: Any = subprocess.PIPE,
+                    stdout: Any = subprocess.PIPE) -> Iterator[subprocess.Popen]:
+    """Run ``cidcapt --console NODE`` against ``cluster``; kill it (by PID) if a test leaves it running."""
+    proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "--console", node],
+                            stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=_env(cluster.state_dir))
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def type_until_received(write: Callable[[bytes], object], serial: Serial, data: bytes) -> None:
+    """Type ``data`` into the console until it shows up on the serial side (SOL may take a moment to open)."""
+    deadline = time.monotonic() + 30
+    while data not in serial.received and time.monotonic() < deadline:
+        write(data)
+        serial.read_until(data, timeout=2)
+    assert data in serial.received, f"{data!r} typed into cidcapt did not reach the serial port"
+
+
+def pipe_writer(proc: subprocess.Popen) -> Callable[[bytes], object]:
+    """Return a function writing bytes to ``proc``'s stdin at once."""
+    assert proc.stdin is not None
+    stdin = proc.stdin
+
+    def write(data: bytes) -> None:
+        stdin.write(data)
+        stdin.flush()
+
+    return write
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("console")
@@ -114,29 +152,16 @@ def setup(tmp_path_factory):
 
 def test_console_bytes_flow_both_ways_and_tilde_dot_detaches(setup) -> None:
     cluster, serial, _sim = setup
-    proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "--console", "n01"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env(cluster.state_dir))
-    try:
+    with console_process(cluster, "n01") as proc:
         out = Output(proc.stdout)
         time.sleep(0.5)
-        assert proc.stdin is not None
-        deadline = time.monotonic() + 30
-        while b"root" not in serial.received and time.monotonic() < deadline:  # SOL may take a moment to open
-            proc.stdin.write(b"root\r")
-            proc.stdin.flush()
-            serial.read_until(b"root\r", timeout=2)
-        assert b"root\r" in serial.received, "what was typed into cidcapt did not reach the serial port"
+        write = pipe_writer(proc)
+        type_until_received(write, serial, b"root\r")
         assert serial.conn is not None
         serial.conn.sendall(b"\r\nnode01 login: ")
         assert b"node01 login: " in out.wait_for(b"node01 login: "), "serial output did not reach cidcapt"
-        proc.stdin.write(b"\r~.")
-        proc.stdin.flush()
+        write(b"\r~.")
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert "console of n01" in err and "closed" in err
     assert PASSWORD not in err and PASSWORD.encode() not in out.data
@@ -156,15 +181,8 @@ def test_console_is_for_admins_only(setup) -> None:
 
 def test_a_console_to_a_silent_bmc_fails_with_a_reason_naming_it(setup) -> None:
     cluster, _serial, sim = setup
-    proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "--console", "n02"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env(cluster.state_dir))
-    try:
+    with console_process(cluster, "n02") as proc:
         code = proc.wait(timeout=60)  # stdin stays open: only the console's failure ends it
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert code == 1, err
     assert f"SOL console of n02 (BMC 127.0.0.1:{sim.port + 1}) failed" in err
@@ -177,51 +195,30 @@ def test_in_a_terminal_keys_go_out_one_by_one_and_the_terminal_is_restored(setup
     cluster, serial, _sim = setup
     master, slave = pty.openpty()
     before = termios.tcgetattr(slave)
-    proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "--console", "n01"],
-                            stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=_env(cluster.state_dir))
     try:
-        serial.received = b""
-        deadline = time.monotonic() + 30
-        while b"xyz" not in serial.received and time.monotonic() < deadline:
-            os.write(master, b"xyz")  # no Enter: only a raw terminal lets these through at once
-            serial.read_until(b"xyz", timeout=2)
-        assert b"xyz" in serial.received, "keys typed in a terminal did not reach the serial port without Enter"
-        assert not termios.tcgetattr(slave)[3] & termios.ICANON  # raw while attached
-        os.write(master, b"\r~.")
-        assert proc.wait(timeout=20) == 0
-        assert termios.tcgetattr(slave)[3] == before[3], "the terminal's modes were not restored"
+        with console_process(cluster, "n01", stdin=slave, stdout=slave) as proc:
+            serial.received = b""
+            # no Enter: only a raw terminal lets these through at once
+            type_until_received(lambda data: os.write(master, data), serial, b"xyz")
+            assert not termios.tcgetattr(slave)[3] & termios.ICANON  # raw while attached
+            os.write(master, b"\r~.")
+            assert proc.wait(timeout=20) == 0
+            assert termios.tcgetattr(slave)[3] == before[3], "the terminal's modes were not restored"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         os.close(master)
         os.close(slave)
 
 
 def test_power_calls_to_the_same_bmc_work_while_its_console_is_open(setup) -> None:
     cluster, serial, _sim = setup
-    proc = subprocess.Popen([sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "--console", "n01"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env(cluster.state_dir))
-    try:
-        assert proc.stdin is not None
+    with console_process(cluster, "n01") as proc:
+        write = pipe_writer(proc)
         serial.received = b""
-        deadline = time.monotonic() + 30
-        while b"1" not in serial.received and time.monotonic() < deadline:
-            proc.stdin.write(b"1")
-            proc.stdin.flush()
-            serial.read_until(b"1", timeout=2)
-        assert b"1" in serial.received
+        type_until_received(write, serial, b"1")
         for _ in range(3):  # cidd's BMC pool and the console's SOL session share the BMC (and pyghmi)
             result = cluster.cidcapt("--power", "status", "n01", timeout=60)
             assert result.returncode == 0 and "ok" in result.stdout, result.stderr
-        proc.stdin.write(b"2")
-        proc.stdin.flush()
+        write(b"2")
         assert b"2" in serial.read_until(b"2", timeout=10), "the console stopped relaying after the power calls"
-        proc.stdin.write(b"\r~.")
-        proc.stdin.flush()
+        write(b"\r~.")
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
