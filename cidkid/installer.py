@@ -24,6 +24,9 @@ Safety rules:
   read-only, or unable to hold the image's extended attributes/ACLs (tar's warnings about them are fatal).
 - Nothing is fsync'ed here: the caller makes the install durable before reporting it (``Target.finish``
   runs ``sync``), so an install is never reported before its data is on disk.
+
+The parts: ``install_http`` (the GET and network errors as words), ``decompress`` (zstd/gzip into tar's
+pipe), ``install_marker`` (marker, incomplete flag, agent token), ``install_errors``; this module runs them.
 """
 
 from __future__ import annotations
@@ -37,32 +40,41 @@ import os
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-from urllib.parse import urlsplit
 
 import structlog
 import zstandard
 
-from cidcommon.errors import CidError
+from cidkid.decompress import WRITE_SIZE, PipeWriter, QueueSource, ungzip, unzstd
+from cidkid.install_errors import ArchiveError, DownloadError, InstallError, TargetError, VerifyError
+from cidkid.install_http import Opener, Response, describe_network_error, http_open
+from cidkid.install_marker import (
+    INCOMPLETE,
+    MARKER,
+    begin_install,
+    complete_install,
+    mark_incomplete,
+    write_agent_token,
+)
 from cidkid.platform import InstallRequest, InstallResult
 
+__all__ = ["INCOMPLETE", "MARKER", "InstallError", "stream_install"]
+
 log = structlog.get_logger(__name__)
+
+#: ``progress(step, bytes_done, bytes_total)``, called from the installing thread.
+Progress = Callable[[str, int, int | None], None]
 
 MiB = 1 << 20
 #: Least time between two ``progress`` calls of one install.
 PROGRESS_INTERVAL = 0.5
-#: The marker of an installed image, relative to the target; and the flag of an unfinished install.
-MARKER = "etc/cid-image"
-INCOMPLETE = ".cid-incomplete"
 #: Accepted ``format`` values and the decompressor each needs.
 FORMATS = {"tar.zst": "zstd", "zst": "zstd", "tzst": "zstd", "tar.gz": "gzip", "gz": "gzip", "tgz": "gzip"}
 #: GNU tar options that keep everything a root file system holds (devices and sparse files need nothing more);
@@ -71,8 +83,6 @@ TAR_OPTIONS = ("--numeric-owner", "--same-owner", "--preserve-permissions", "--x
                "--acls", "--blocking-factor=256")
 #: Chunks read ahead of the decompressing thread (memory: (QUEUE_DEPTH + 4) * chunk).
 QUEUE_DEPTH = 8
-#: Size of the pieces the decompressor hands to tar (also the most it holds at once).
-WRITE_SIZE = MiB
 #: Delays before the successive resumes of one download (the last one repeats).
 RESUME_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: The reason of an install stopped through ``stream_install(..., cancel=event)``.
@@ -88,220 +98,8 @@ _LOST_ATTRS_RE = re.compile(r"Cannot (?:l?setxattr|fsetxattr|acl_\w+|l?setfileco
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
-class InstallError(CidError):
-    """An install that cannot go on; ``retry`` says whether trying again later may help."""
-
-    code = "install_failed"
-    retry = False
-
-    def __init__(self, message: str, *, retry: bool | None = None) -> None:
-        super().__init__(message)
-        if retry is not None:
-            self.retry = retry
-
-
-class DownloadError(InstallError):
-    """The image could not be fetched (HTTP error, refused connection, timeout, dropped download)."""
-
-    retry = True
-
-
-class VerifyError(InstallError):
-    """The bytes received are not the image asked for (size or sha256 mismatch)."""
-
-
-class TargetError(InstallError):
-    """The install target cannot take the image (full, read-only, not writable, missing)."""
-
-
-def unwritable_target(path: Path | str, exc: OSError, label: str = "target") -> TargetError:
-    """Return the TargetError for ``exc`` raised while writing into ``path`` (called ``label path`` in the
-    message): read-only, full, or not writable."""
-    if exc.errno == errno.EROFS:
-        return TargetError(f"{label} {path} is read-only")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return TargetError(f"target full: {path} has no room left ({exc.strerror or exc})")
-    return TargetError(f"{label} {path} is not writable: {exc.strerror or exc}")
-
-
-class ArchiveError(InstallError):
-    """The image is not a good archive: corrupt or truncated stream, unsafe member, tar error."""
-
-
 class _Aborted(Exception):
     """The extraction failed while the download waited to resume: stop downloading."""
-
-
-class Response(Protocol):
-    """What ``stream_install`` reads: an ``http.client.HTTPResponse`` or anything shaped like it."""
-
-    status: int
-    reason: str
-
-    def getheader(self, name: str, default: str | None = None) -> str | None:
-        """Return the value of header ``name``, or ``default``."""
-        ...
-
-    def readinto(self, buffer: memoryview) -> int:
-        """Fill ``buffer`` with body bytes; return their number (0 at the end of the body)."""
-        ...
-
-    def close(self) -> None:
-        """Release the connection."""
-        ...
-
-
-#: ``opener(url, headers, connect_timeout, read_timeout)`` sends a GET and returns the response (headers read).
-Opener = Callable[[str, Mapping[str, str], float, float], Response]
-Progress = Callable[[str, int, int | None], None]
-
-
-def http_open(url: str, headers: Mapping[str, str], connect_timeout: float, read_timeout: float) -> Response:
-    """Send ``GET url`` with ``headers``; return the response once its headers arrived.
-
-    Connecting may take ``connect_timeout`` seconds, every later read ``read_timeout``. Raises InstallError
-    for a URL that is not http(s), OSError (ConnectionRefusedError, TimeoutError, socket.gaierror) and
-    http.client.HTTPException as the connection fails.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InstallError(f"cannot download {url}: only http:// and https:// URLs are supported")
-    port = parts.port
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(parts.hostname, port, timeout=connect_timeout)
-    else:
-        conn = http.client.HTTPConnection(parts.hostname, port, timeout=connect_timeout)
-    try:
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.settimeout(read_timeout)
-        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-                     headers={"User-Agent": "cidkid-installer", **headers})
-        return conn.getresponse()
-    except BaseException:
-        conn.close()
-        raise
-
-
-def _describe(exc: BaseException) -> str:
-    """Return a short sentence for a network exception."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return "timed out"
-    if isinstance(exc, http.client.IncompleteRead):
-        return "connection closed early"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror or exc})"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
-
-
-class _PipeWriter:
-    """A file-like ``write`` into a pipe file descriptor that writes everything it is given."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def write(self, data: bytes | memoryview) -> int:
-        """Write all of ``data``; return its length. Raises BrokenPipeError when the reader went away."""
-        view = memoryview(data)
-        size = len(view)
-        while view:
-            view = view[os.write(self.fd, view):]
-        return size
-
-
-class _QueueSource:
-    """The compressed chunks queued by the download thread, as a file-like ``read`` (for the decompressors).
-
-    A chunk's buffer goes back to the free list two reads later (the zstd reader may still look at the input
-    it was last given); ``fed`` counts the compressed bytes handed out, ``ended`` says the end marker was seen.
-    """
-
-    def __init__(self, full: queue.Queue[tuple[memoryview, int] | None], free: queue.SimpleQueue[memoryview]) -> None:
-        self._full = full
-        self._free = free
-        self._held: deque[memoryview] = deque()
-        self.fed = 0
-        self.ended = False
-
-    def read(self, size: int = -1) -> memoryview | bytes:
-        """Return the next chunk (whatever ``size``), or b"" at the end of the download."""
-        while len(self._held) >= 2:
-            self._free.put(self._held.popleft())
-        if self.ended:
-            return b""
-        item = self._full.get()
-        if item is None:
-            self.ended = True
-            return b""
-        view, n = item
-        self._held.append(view)
-        self.fed += n
-        return view[:n]
-
-    def drain(self) -> None:
-        """Recycle every held and queued chunk up to the end marker (the download thread must never block)."""
-        while not self.ended:
-            self.read()
-        while self._held:
-            self._free.put(self._held.popleft())
-
-
-def _unzstd(source: _QueueSource, writer: _PipeWriter, read_size: int) -> None:
-    """Decompress zstd (any number of frames) from ``source`` into ``writer``, WRITE_SIZE bytes at a time.
-
-    Memory stays bounded whatever the ratio (a GiB of zeros is 33 KB of zstd). Raises zstandard.ZstdError for
-    a corrupt stream and BrokenPipeError. A stream cut short inside a frame is not detected here (zstandard's
-    streaming readers do not tell): the size and sha256 checks and tar's "Unexpected EOF" catch it.
-    """
-    reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=read_size, read_across_frames=True,
-                                                        closefd=False)
-    out = memoryview(bytearray(WRITE_SIZE))
-    while n := reader.readinto(out):
-        writer.write(out[:n])
-
-
-class _GzipDecoder:
-    """Decompresses gzip (any number of members) into ``writer``, never holding more than WRITE_SIZE out."""
-
-    def __init__(self, writer: _PipeWriter) -> None:
-        self._writer = writer
-        self._z = zlib.decompressobj(wbits=31)
-
-    def feed(self, data: memoryview | bytes) -> None:
-        """Decompress ``data``; raises zlib.error for a corrupt stream, BrokenPipeError."""
-        while data:
-            if self._z.eof:
-                self._z = zlib.decompressobj(wbits=31)
-            out = self._z.decompress(data, WRITE_SIZE)
-            if out:
-                self._writer.write(out)
-            if self._z.eof:
-                data = self._z.unused_data
-            else:
-                data = self._z.unconsumed_tail
-                while not data and not self._z.eof:  # output was capped: drain what zlib still holds
-                    out = self._z.decompress(b"", WRITE_SIZE)
-                    if not out:
-                        break
-                    self._writer.write(out)
-
-    def finish(self) -> None:
-        """Raise ArchiveError when the last gzip member is incomplete."""
-        if not self._z.eof:
-            raise ArchiveError("truncated compressed stream: the gzip data ends in the middle of a member")
-
-
-def _ungzip(source: _QueueSource, writer: _PipeWriter) -> None:
-    """Decompress gzip from ``source`` into ``writer``; raises zlib.error, ArchiveError (truncated), BrokenPipeError."""
-    decoder = _GzipDecoder(writer)
-    while data := source.read():
-        decoder.feed(data)
-    decoder.finish()
 
 
 @dataclass
@@ -365,7 +163,7 @@ class _Install:
         try:
             resp = self._request(0)
         except (OSError, http.client.HTTPException) as exc:
-            raise DownloadError(f"cannot download {self.request.url}: {_describe(exc)}", retry=True)
+            raise DownloadError(f"cannot download {self.request.url}: {describe_network_error(exc)}", retry=True)
         return self._checked(resp, 0)
 
     def _checked(self, resp: Response, offset: int) -> Response:
@@ -424,7 +222,7 @@ class _Install:
         """
         while True:
             self.resumes += 1
-            reason = _describe(exc)
+            reason = describe_network_error(exc)
             if self.resumes > self.max_resumes:
                 raise DownloadError(f"download of {self.request.url} failed at byte {self.state.received} after "
                                     f"{self.max_resumes} resumes: {reason}", retry=True)
@@ -501,13 +299,13 @@ class _Install:
         chunks are then only recycled, so that the download can go on to hash the rest of the file.
         """
         assert tar.stdin is not None
-        source = _QueueSource(self._full, self._free)
-        writer = _PipeWriter(tar.stdin.fileno())
+        source = QueueSource(self._full, self._free)
+        writer = PipeWriter(tar.stdin.fileno())
         try:
             if kind == "zstd":
-                _unzstd(source, writer, self.chunk)
+                unzstd(source, writer, self.chunk)
             else:
-                _ungzip(source, writer)
+                ungzip(source, writer)
         except BrokenPipeError:
             self._tar_stopped(tar)
         except (zstandard.ZstdError, zlib.error) as exc:
@@ -652,181 +450,6 @@ class _Install:
         return digest
 
 
-# --- the marker and the incomplete flag ---------------------------------------------------------------------
-
-def _open_dir(path: Path) -> int:
-    """Return a file descriptor of the directory ``path`` (raises OSError)."""
-    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-
-
-def _write_at(dir_fd: int, name: str, text: str, mode: int = 0o644) -> None:
-    """Write ``text`` to ``name`` in ``dir_fd`` through a temporary file and a rename, following no symlink.
-
-    Not fsync'ed: making the install durable is the target's ``finish`` (a ``sync`` of everything, done before
-    the result is reported). Raises OSError.
-    """
-    tmp = name + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dir_fd)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, mode)
-            os.write(fd, text.encode("utf-8"))
-        finally:
-            os.close(fd)
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-
-
-def _rewrite_at(dir_fd: int, name: str, text: str) -> None:
-    """Overwrite the existing regular file ``name`` in place (needs no new inode: works on a full disk).
-
-    Raises OSError (ELOOP for a symlink, FileNotFoundError when absent).
-    """
-    fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW, dir_fd=dir_fd)
-    try:
-        os.write(fd, text.encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
-def _etc_fd(target: Path, *, create: bool) -> int | None:
-    """Return a descriptor of ``<target>/etc`` opened without following a symlink (None when absent).
-
-    Raises OSError (ELOOP when the image's etc is a symlink).
-    """
-    root = _open_dir(target)
-    try:
-        if create:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir("etc", 0o755, dir_fd=root)
-        try:
-            return os.open("etc", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
-        except FileNotFoundError:
-            return None
-    finally:
-        os.close(root)
-
-
-def remove_marker(target: Path) -> None:
-    """Remove ``<target>/etc/cid-image`` (and its temporary file) if there; never follows a symlinked etc.
-
-    Raises OSError when it exists but cannot be removed.
-    """
-    try:
-        etc = _etc_fd(target, create=False)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            return  # etc is a symlink or a file: there is no marker inside the target
-        raise
-    if etc is None:
-        return
-    try:
-        for name in ("cid-image", "cid-image.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=etc)
-    finally:
-        os.close(etc)
-
-
-def write_install_marker(target: Path, image: str, sha256: str) -> None:
-    """Write ``<target>/etc/cid-image``: the image id, then ``sha256=<hex>``. Raises TargetError."""
-    try:
-        etc = _etc_fd(target, create=True)
-        assert etc is not None
-        try:
-            before = os.fstat(etc)
-            _write_at(etc, "cid-image", f"{image}\nsha256={sha256}\n")
-            os.utime(etc, ns=(before.st_atime_ns, before.st_mtime_ns))  # etc keeps the image's time stamps
-        finally:
-            os.close(etc)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and (target / "etc").is_symlink():
-            raise TargetError(f"cannot write the marker {target / MARKER}: the image's /etc is a symlink")
-        raise TargetError(f"cannot write the marker {target / MARKER}: {exc.strerror or exc}")
-
-
-def mark_incomplete(target: Path, reason: str) -> None:
-    """Write ``reason`` to ``<target>/.cid-incomplete`` and remove any ``etc/cid-image``; best effort, logged."""
-    try:
-        remove_marker(target)
-    except OSError as exc:
-        log.error("installer.marker_not_removed", target=str(target), error=str(exc))
-    try:
-        root = _open_dir(target)
-        try:
-            text = reason.rstrip("\n") + "\n"
-            try:
-                _write_at(root, INCOMPLETE, text)
-            except OSError:  # a full target: the flag written at the start has room for a sentence
-                _rewrite_at(root, INCOMPLETE, text)
-        finally:
-            os.close(root)
-    except OSError as exc:
-        log.error("installer.incomplete_flag_not_written", target=str(target), error=str(exc))
-
-
-def _begin(target: Path, request: InstallRequest) -> None:
-    """Check the target is a writable directory; flag it incomplete and drop any old marker. Raises TargetError."""
-    if not target.is_dir():
-        raise TargetError(f"target {target} is not a directory (is the target file system mounted?)")
-    try:
-        root = _open_dir(target)
-        try:
-            _write_at(root, INCOMPLETE, f"install of {request.image} from {request.url} in progress\n")
-        finally:
-            os.close(root)
-        remove_marker(target)
-    except OSError as exc:
-        raise unwritable_target(target, exc) from None
-
-
-def write_agent_token(target: Path, token: str) -> None:
-    """Write the node's own agent token to ``<target>/etc/cid/agent.token`` (mode 0600, directory 0700).
-
-    The installed system's cidkid reads it (rc/cidkid.service); so a shared image needs no token inside and
-    each node still holds only its own. Never follows a symlinked etc or etc/cid. Raises TargetError.
-    """
-    try:
-        etc = _etc_fd(target, create=True)
-        assert etc is not None
-        try:
-            before = os.fstat(etc)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir("cid", 0o700, dir_fd=etc)
-            cid = os.open("cid", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=etc)
-            os.utime(etc, ns=(before.st_atime_ns, before.st_mtime_ns))  # etc keeps the image's time stamps
-        finally:
-            os.close(etc)
-        try:
-            os.fchmod(cid, 0o700)
-            _write_at(cid, "agent.token", token + "\n", mode=0o600)
-        finally:
-            os.close(cid)
-    except OSError as exc:
-        raise TargetError(f"cannot write the agent token into {target / 'etc/cid'}: {exc.strerror or exc}")
-
-
-def _complete(target: Path, image: str, digest: str) -> None:
-    """Write the marker of ``image``, then remove the incomplete flag. Raises TargetError."""
-    write_install_marker(target, image, digest)
-    try:
-        root = _open_dir(target)
-        try:
-            before = os.fstat(root)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(INCOMPLETE, dir_fd=root)
-            os.utime(root, ns=(before.st_atime_ns, before.st_mtime_ns))  # the root keeps the image's time stamps
-        finally:
-            os.close(root)
-    except OSError as exc:
-        raise TargetError(f"cannot remove {target / INCOMPLETE}: {exc.strerror or exc}")
-
-
 def _check_request(request: InstallRequest) -> None:
     """Raise InstallError for a request this installer cannot carry out."""
     if request.format not in FORMATS:
@@ -856,14 +479,14 @@ def stream_install(request: InstallRequest, target: Path, progress: Progress, *,
     log.info("installer.started", image=request.image, url=request.url, target=str(target), format=request.format)
     try:
         _check_request(request)
-        _begin(target, request)
+        begin_install(target, request)
         install = _Install(request, target, progress, chunk=chunk, max_resumes=max_resumes,
                            connect_timeout=connect_timeout, read_timeout=read_timeout, opener=opener or http_open,
                            cancel=cancel)
         digest = install.run()
         if request.agent_token:
             write_agent_token(target, request.agent_token)
-        _complete(target, request.image, digest)
+        complete_install(target, request.image, digest)
     except InstallError as exc:
         result = InstallResult(ok=False, reason=exc.message, retry=exc.retry)
     except Exception as exc:

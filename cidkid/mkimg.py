@@ -4,58 +4,27 @@ GNU tar writes the archive to a pipe; this process compresses it with multithrea
 the compressed bytes, writes ``<image-dir>/<id>.tar.zst.part``, fsyncs it and renames it into place. The
 catalog is then edited under ``<catalog>.lock``: only this image's entry changes, and the new text replaces
 the old one atomically. ``main`` is the console script; ``exit_code`` is the one place mapping outcomes to
-exit codes. See docs/images.md.
+exit codes. The parts: ``image_capture`` (tar, zstd, sha256, the file), ``catalog_edit`` (the entry),
+``mkimg_errors``; this module checks the arguments and runs them. See docs/images.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
-import io
 import os
-import queue
 import shutil
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import zstandard
+from cidd.catalog import BootHints, CatalogError, Image, render_entry
+from cidkid.catalog_edit import read_catalog_text, update_catalog, updated_catalog
+from cidkid.image_capture import capture, default_excludes, tar_pattern
+from cidkid.mkimg_errors import CaptureError, CatalogUpdateError, MkimgError, ReloadError, UsageError
 
-from cidd.catalog import BootHints, CatalogError, CatalogProblem, Image, parse_catalog, render_entry, upsert_entry_text
+__all__ = ["CaptureError", "capture", "main", "tar_pattern"]
 
-READ_SIZE = 1 << 20  # bytes per read from tar's pipe (the pipe is grown to this size), into one reused buffer
-WRITE_SIZE = 256 << 10  # compressed bytes per write: small enough for malloc to recycle, no page-fault churn
-WRITEBACK = 32 << 20  # start writing the image out every this many bytes
-HASH_QUEUE = 32  # compressed chunks waiting to be hashed (at most HASH_QUEUE * WRITE_SIZE bytes)
-LIVE_EMPTIED = ("proc", "sys", "dev", "run", "tmp", "var/tmp", "mnt", "media", "lost+found")
-LIVE_FILES = ("var/cache/apt/archives/*.deb", "swapfile", "swap.img")
-TAR_LINES = 5  # lines of tar's stderr quoted in an error
 PLACEHOLDER_SHA = "0" * 64
-
-
-class MkimgError(Exception):
-    """Base class; ``str()`` is the sentence printed after ``cid-mkimg: error:``."""
-
-
-class UsageError(MkimgError):
-    """Bad arguments, an invalid name or version, or a broken catalog: nothing was written."""
-
-
-class CaptureError(MkimgError):
-    """tar, compression or writing the image failed; no image file (and no ``.part``) was left."""
-
-
-class CatalogUpdateError(MkimgError):
-    """The image file was written but the catalog could not be updated (it is unchanged)."""
-
-
-class ReloadError(MkimgError):
-    """Image and catalog are written, but cidd did not reload its catalog."""
 
 
 def exit_code(error: BaseException | None) -> int:
@@ -72,244 +41,6 @@ def exit_code(error: BaseException | None) -> int:
     if isinstance(error, ReloadError):
         return 4
     return 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Captured:
-    """What a capture produced: ``raw`` tar bytes became ``size`` compressed bytes in ``seconds``."""
-
-    path: Path
-    size: int
-    raw: int
-    sha256: str
-    seconds: float
-    warnings: tuple[str, ...]
-
-
-def _inside(root: Path, path: str | Path) -> str | None:
-    """Return ``path`` relative to ``root`` (both resolved) when it lies strictly inside it, else None."""
-    base, full = os.path.realpath(root), os.path.realpath(path)
-    rel = os.path.relpath(full, base)
-    return None if rel == "." or rel == ".." or rel.startswith("../") else rel
-
-
-def default_excludes(root: Path, image_dir: Path, *, live: bool, swaps: str | None = None) -> list[str]:
-    """Return the default exclude patterns (``--exclude`` syntax, relative to ``root``).
-
-    With ``live``: the contents (not the directories) of LIVE_EMPTIED, downloaded .deb files, swap files
-    (LIVE_FILES, and each file listed in ``swaps`` -- the text of /proc/swaps, read when None -- inside
-    ``root``). Always: ``image_dir`` when it is inside ``root``, so the image never captures itself.
-    """
-    patterns: list[str] = []
-    if live:
-        patterns += [f"{d}/*" for d in LIVE_EMPTIED] + list(LIVE_FILES)
-        if swaps is None:
-            with contextlib.suppress(OSError):
-                swaps = Path("/proc/swaps").read_text(encoding="utf-8", errors="replace")
-        for line in (swaps or "").splitlines()[1:]:
-            fields = line.split()
-            if len(fields) > 1 and fields[1] == "file":
-                rel = _inside(root, fields[0].replace("\\040", " "))
-                patterns += [rel] if rel else []
-    rel = _inside(root, image_dir)
-    return patterns + ([rel] if rel else [])
-
-
-def tar_pattern(pattern: str) -> str:
-    """Return a user pattern (``var/log/*.gz``, ``/var/log/*.gz``) as GNU tar matches it (``./var/log/*.gz``)."""
-    pattern = pattern.strip()
-    while pattern.startswith(("/", "./")):
-        pattern = pattern[1:] if pattern.startswith("/") else pattern[2:]
-    return "./" + pattern
-
-
-def tar_command(root: Path, patterns: list[str], *, live: bool) -> list[str]:
-    """Return the GNU tar command line writing the archive of ``root`` to stdout.
-
-    atime and ctime are left out of the pax headers (tar -x restores neither): a file whose mtime is a whole
-    second then needs no extended header at all, 1 KiB less per file of a debootstrap tree.
-    """
-    return ["tar", "-c", "-f", "-", "-C", str(root), "--format=posix", "--xattrs", "--xattrs-include=*", "--acls",
-            "--numeric-owner", "--sparse", "--pax-option=delete=atime,delete=ctime",
-            *(["--one-file-system"] if live else []), "--anchored",
-            *(f"--exclude={tar_pattern(p)}" for p in patterns), "."]
-
-
-class _Sink:
-    """The file-like end of the compressor: writes, counts and hashes the compressed chunks.
-
-    Hashing runs in a thread at the lowest CPU priority, fed through a bounded queue (HASH_QUEUE chunks): it
-    uses the CPU time the compression pipeline leaves idle instead of competing with it. Every WRITEBACK
-    bytes the kernel is asked to start writing the file out and to drop the pages already written
-    (``posix_fadvise(DONTNEED)``): the final fsync is short, and capturing a live node does not push its
-    working set out of the page cache.
-    """
-
-    def __init__(self, handle: io.BufferedWriter) -> None:
-        self.handle = handle
-        self.size = 0
-        self._sha = hashlib.sha256()
-        self._marks = (0, 0)  # start of the range to advise next, end of the last advised range
-        self._queue: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE)
-        self._thread = threading.Thread(target=self._hash, name="cid-mkimg-sha256", daemon=True)
-        self._thread.start()
-
-    def _hash(self) -> None:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
-        while (data := self._queue.get()) is not None:
-            self._sha.update(data)
-
-    def write(self, data: bytes) -> int:
-        """Write, count and queue ``data`` for hashing; return its length. Raises OSError from the file."""
-        data = data if isinstance(data, bytes) else bytes(data)  # the hasher needs an immutable copy
-        self._queue.put(data)
-        self.handle.write(data)
-        self.size += len(data)
-        older, last = self._marks
-        if self.size - last >= WRITEBACK:
-            os.posix_fadvise(self.handle.fileno(), older, self.size - older, os.POSIX_FADV_DONTNEED)
-            self._marks = (last, self.size)  # pages still dirty now are dropped on the next call
-        return len(data)
-
-    def flush(self) -> None:
-        """Flush the file object's buffer (called by the compressor at the end of the frame)."""
-        self.handle.flush()
-
-    def close(self) -> str:
-        """Stop the hashing thread once it has hashed everything; return the sha256 (hex) of what was written."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        return self._sha.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def capture(root: Path, out: Path, patterns: list[str], *, live: bool, level: int = 3, threads: int = -1) -> Captured:
-    """Archive ``root`` into ``out`` (via ``out.part``, renamed when complete); return what was written.
-
-    Raises CaptureError when tar fails (exit 1 is accepted with ``live``), or compressing or writing fails;
-    the ``.part`` file is then removed.
-    """
-    part = out.with_name(out.name + ".part")
-    start = time.monotonic()
-    try:
-        handle = open(part, "ab")  # not truncated before it is locked; closed by the with below
-    except OSError as exc:
-        raise CaptureError(f"cannot write {part}: {exc.strerror}; check that --image-dir exists and is writable")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise CaptureError(f"another cid-mkimg is writing {part}; wait until it ends")
-    try:
-        handle.truncate(0)
-        with handle, open(os.memfd_create("cid-mkimg-tar-stderr"), "w+b") as errors:
-            try:
-                tar = subprocess.Popen(tar_command(root, patterns, live=live), stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.PIPE, stderr=errors)  # readinto fills the buffer
-            except OSError as exc:
-                raise CaptureError(f"cannot run tar: {exc.strerror}; install GNU tar (Debian package tar)")
-            sink, raw = _Sink(handle), 0
-            try:
-                with contextlib.suppress(OSError):  # fewer, larger reads; the default 64 KiB works too
-                    fcntl.fcntl(tar.stdout.fileno(), fcntl.F_SETPIPE_SZ, READ_SIZE)
-                compressor = zstandard.ZstdCompressor(level=level, threads=threads)  # sha256 covers integrity
-                buffer = bytearray(READ_SIZE)
-                view = memoryview(buffer)
-                with compressor.stream_writer(sink, write_size=WRITE_SIZE, closefd=False) as writer:
-                    while count := tar.stdout.readinto(buffer):
-                        writer.write(view[:count])
-                        raw += count
-                handle.flush()
-                os.fsync(handle.fileno())
-            except (OSError, zstandard.ZstdError) as exc:
-                tar.kill()
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise CaptureError(f"writing {part} failed: {reason}; check the space left in --image-dir")
-            except BaseException:  # an interrupt: do not wait for a tar stuck on a slow file
-                tar.kill()
-                raise
-            finally:
-                sha256 = sink.close()
-                tar.stdout.close()
-                status = tar.wait()
-            errors.seek(0)
-            lines = tuple(errors.read().decode("utf-8", "replace").splitlines())
-        if status != 0 and not (status == 1 and live):
-            hint = "; the root is in use: stop what writes to it, or use --live for a running system" \
-                if status == 1 else ""
-            raise CaptureError(f"tar failed (exit {status}) on {root}:\n  " + "\n  ".join(lines[-TAR_LINES:]) + hint)
-        os.replace(part, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        raise
-    return Captured(out, sink.size, raw, sha256, time.monotonic() - start, lines)
-
-
-def updated_catalog(text: str, image: Image, path: str) -> tuple[str, bool]:
-    """Return (the catalog text with ``image``'s entry written, whether an entry was replaced).
-
-    Raises CatalogError when ``text`` is not a valid catalog or cannot be edited.
-    """
-    old = parse_catalog(text, path)
-    new = upsert_entry_text(text, image, path)
-    if parse_catalog(new, path).get(image.id) != image:
-        raise CatalogError([CatalogProblem(path, None, f"the edited catalog does not hold {image.id} as written")])
-    return new, image.id in old
-
-
-def _read_text(path: Path) -> tuple[str, os.stat_result | None]:
-    """Return (the catalog's text, its stat) or ("", None) when it does not exist. Raises CatalogError."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read(), os.fstat(handle.fileno())
-    except FileNotFoundError:
-        return "", None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc.reason})"
-        raise CatalogError([CatalogProblem(str(path), None, f"cannot read the catalog: {reason}")])
-
-
-def update_catalog(path: Path, image: Image) -> bool:
-    """Write ``image``'s entry into the catalog at ``path`` (created if missing); return whether it replaced one.
-
-    Holds an exclusive flock on ``<path>.lock``, writes a temporary file in the same directory, fsyncs it and
-    renames it over the catalog, keeping its mode and owner. Raises CatalogError or OSError; the catalog is
-    then unchanged.
-    """
-    path = Path(os.path.realpath(path))
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        text, st = _read_text(path)
-        new, replaced = updated_catalog(text, image, str(path))
-        tmp = path.with_name(f".{path.name}.cid-mkimg.tmp")  # ours alone while we hold the lock
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(new)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, st.st_mode & 0o7777 if st else 0o644)
-            if st:
-                with contextlib.suppress(PermissionError):
-                    os.chown(tmp, st.st_uid, st.st_gid)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
-    return replaced
 
 
 def _reload_target(address: str, token_file: Path | None) -> tuple[str, str]:
@@ -427,7 +158,7 @@ def plan(args: argparse.Namespace) -> tuple[Image, list[str], tuple[str, str] | 
             raise UsageError(f"cannot read --exclude-from {args.exclude_from}: {exc}")
         patterns += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     try:
-        updated_catalog(_read_text(args.catalog)[0], dataclasses.replace(image, sha256=PLACEHOLDER_SHA),
+        updated_catalog(read_catalog_text(args.catalog)[0], dataclasses.replace(image, sha256=PLACEHOLDER_SHA),
                         str(args.catalog))
     except CatalogError as exc:
         problems = "\n".join(str(problem) for problem in exc.problems)

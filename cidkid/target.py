@@ -19,7 +19,8 @@ from typing import Protocol
 
 import structlog
 
-from cidkid.installer import TargetError, mark_incomplete, remove_marker, unwritable_target
+from cidkid.install_errors import TargetError, unwritable_target
+from cidkid.install_marker import mark_incomplete, remove_marker
 
 log = structlog.get_logger(__name__)
 

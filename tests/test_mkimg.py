@@ -17,8 +17,9 @@ import zstandard
 
 from cidcapt.testing import FakeCidd, FakeSession, test_ca_file
 from cidd.catalog import Image, load_catalog, render_entry
-from cidkid import mkimg
-from cidkid.mkimg import default_excludes, main, tar_pattern
+from cidkid import image_capture, mkimg
+from cidkid.image_capture import default_excludes, tar_pattern
+from cidkid.mkimg import main
 from tests.rootfs import MissingTool, build_rootfs, compare_trees
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,7 +127,7 @@ def test_catalog_broken_during_capture_keeps_the_image(tmp_path: Path, monkeypat
     catalog = tmp_path / "images.yaml"
     capture = mkimg.capture
 
-    def capture_then_break(*args: object, **kwargs: object) -> mkimg.Captured:
+    def capture_then_break(*args: object, **kwargs: object) -> image_capture.Captured:
         result = capture(*args, **kwargs)
         catalog.write_text("images: [\n")  # someone saves a broken catalog meanwhile
         return result
@@ -247,7 +248,7 @@ def test_a_second_run_of_the_same_image_is_refused(tmp_path: Path, capsys: pytes
 def fake_tar(monkeypatch: pytest.MonkeyPatch, status: int, message: str) -> None:
     """Make cid-mkimg run a fake tar that writes some bytes, ``message`` on stderr, and exits with ``status``."""
     script = f"printf 'some archive bytes'; echo '{message}' >&2; exit {status}"
-    monkeypatch.setattr(mkimg, "tar_command", lambda *args, **kwargs: ["sh", "-c", script])
+    monkeypatch.setattr(image_capture, "tar_command", lambda *args, **kwargs: ["sh", "-c", script])
 
 
 def test_tar_failure_removes_the_part_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -277,7 +278,7 @@ def test_write_failure_removes_the_part_file(tmp_path: Path, monkeypatch: pytest
     def full(self: object, data: bytes) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mkimg._Sink, "write", full)
+    monkeypatch.setattr(image_capture.CompressedSink, "write", full)
     assert run(tmp_path, small_tree(tmp_path / "root")) == 1
     assert "No space left on device; check the space left in --image-dir" in capsys.readouterr().err
     assert list((tmp_path / "img").iterdir()) == [] and not (tmp_path / "images.yaml").exists()
