@@ -40,7 +40,7 @@ exit codes:
   1  some nodes failed (each is listed with its reason)
   2  bad request: usage, unknown image, bad hostlist, unknown node (nothing was started)
   3  deadline passed (the nodes still pending are listed with their step)
-  4  cidd unreachable, or authentication failed
+  4  cidd unreachable, authentication failed, or the head node's user database did not answer (retry)
   5  refused: no right to do this (role, rights rules, a private image), or a conflict with another job
 With --slurm the same codes; on 1 and 3 the failed and pending nodes are first drained (scontrol, reason
 "cid: ..."), so that Slurm requeues the job onto other nodes. --release exits 0 except for bad usage (2).

@@ -19,8 +19,9 @@ from cidcommon.errors import BadRequest, CidError, Forbidden, UnknownNode
 from cidd.catalog import CatalogError
 from cidd.engine import Engine
 from cidd.power import bmc_address
-from cidd.rights import GroupsOf, ImageFacts, system_groups_of
+from cidd.rights import ImageFacts
 from cidd.rights import check as check_rights
+from cidd.user_directory import UserDirectory
 
 if TYPE_CHECKING:
     from cidd.sessions import PeerProtocol
@@ -36,10 +37,10 @@ POWER_ACTIONS = ("status", "on", "off", "cycle", "reset")
 class ClientAPI:
     """Handles the requests of client sessions."""
 
-    def __init__(self, engine: Engine, clock: IReactorTime, groups_of: GroupsOf = system_groups_of) -> None:
+    def __init__(self, engine: Engine, clock: IReactorTime, directory: UserDirectory) -> None:
         self.engine = engine
         self.clock = clock
-        self.groups_of = groups_of
+        self.directory = directory  # users' groups, looked up off the reactor thread
         self.consoles: dict[int, Any] = {}  # id(session) -> its open ConsoleRelay (docs/power.md)
 
     def handle(self, session: PeerProtocol, message: wire.Message) -> None:
@@ -63,7 +64,23 @@ class ClientAPI:
         names = hostlists.expand(wire.get_str(message, "nodes"))
         timeout = wire.get_number(message, "timeout")
         user = message.get("user") if isinstance(message.get("user"), str) else session.user
-        self.check_rights(session, user, image, names)
+        if not self.needs_groups(session, user, image, names):
+            self.start_capture(session, message, job, image, names, timeout, user, frozenset())
+            return
+        assert user is not None
+        self.directory.groups(user).addCallback(
+            lambda groups: self.start_capture(session, message, job, image, names, timeout, user, groups)
+        ).addErrback(session.request_failed, message)
+
+    def start_capture(self, session: PeerProtocol, message: wire.Message, job: str, image: str, names: list[str],
+                      timeout: float | None, user: str | None, groups: frozenset[str]) -> None:
+        """Check the rights of ``user`` (in ``groups``), start or re-attach to the capture and answer.
+
+        Raises CidError (RightsRefused, BadRequest...) for the session to answer.
+        """
+        if session.closed:
+            return  # the client left while its user's groups were looked up: nothing is started
+        self.check_rights(session, user, image, names, groups)
         plan = self.engine.capture(job, names, image, user, session.role or "?", timeout)
         view = self.engine.describe(plan.capture)
         session.send(wire.reply(message.get("id"), capture={**view, "attached": plan.attached}))
@@ -91,8 +108,16 @@ class ClientAPI:
         keepalive.start(KEEPALIVE_S, now=False)
         session.cleanups.append(stop)
 
-    def check_rights(self, session: PeerProtocol, user: str | None, image: str, names: list[str]) -> None:
-        """Return when ``user`` may put ``image`` on ``names`` (cidd/rights.py); the admin role bypasses rights.
+    def needs_groups(self, session: PeerProtocol, user: str | None, image: str, names: list[str]) -> bool:
+        """Return whether the rights check of this capture needs the groups of ``user`` (a rule names groups)."""
+        rules = self.engine.config.rights
+        return bool(user) and session.role != "admin" and rules is not None and image in self.engine.catalog \
+            and any(rule.groups for rule in rules) and all(self.engine.known(n) for n in names)
+
+    def check_rights(self, session: PeerProtocol, user: str | None, image: str, names: list[str],
+                     groups: frozenset[str]) -> None:
+        """Return when ``user`` (member of ``groups``) may put ``image`` on ``names`` (cidd/rights.py); the admin
+        role bypasses rights.
 
         Unknown images and nodes are left to the engine (a bad request, exit 2). Raises RightsRefused.
         """
@@ -100,7 +125,7 @@ class ClientAPI:
         if session.role == "admin" or entry is None or not all(self.engine.known(n) for n in names):
             return
         facts = ImageFacts(entry.id, entry.name, entry.owner, entry.visibility)
-        check_rights(self.engine.config.rights, user, facts, names, self.groups_of)
+        check_rights(self.engine.config.rights, user, facts, names, lambda _user: groups)
 
     def status(self, session: PeerProtocol, message: wire.Message) -> None:
         """Reply with the state of the requested nodes (every node when none is named)."""

@@ -23,6 +23,7 @@ from cidd.metrics import Metrics
 from cidd.security_events import SecurityEvents
 from cidd.sessions import CiddFactory, Sessions
 from cidd.unix_peers import MAX_SOCKET_PATH
+from cidd.user_directory import UserDirectory
 
 log = structlog.get_logger("cidd.socket")
 
@@ -49,7 +50,7 @@ def count_refusals(metrics: Metrics, security: SecurityEvents, reactor: Any) -> 
 
 
 def listen_unix(engine: Engine, sessions: Sessions, tokens: Mapping[str, str], reactor: Any,
-                security: SecurityEvents) -> Any:
+                security: SecurityEvents, directory: UserDirectory | None = None) -> Any:
     """Listen on the configured local socket; return the listening port, or None when disabled or impossible.
 
     A socket path that is too long when it is only the default is skipped with a warning; a configured one
@@ -66,7 +67,7 @@ def listen_unix(engine: Engine, sessions: Sessions, tokens: Mapping[str, str], r
         raise SocketError(f"socket path {path} is too long for a Unix socket; set socket.path in cidd.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
-    factory = CiddFactory(engine, sessions, tokens, reactor, security, unix=True)
+    factory = CiddFactory(engine, sessions, tokens, reactor, security, unix=True, directory=directory)
     port = reactor.listenUNIX(str(path), factory, mode=config.socket.mode, backlog=128)
     os.chmod(path, config.socket.mode)
     log.info("socket.listening", path=str(path), mode=f"{config.socket.mode:04o}")

@@ -36,6 +36,7 @@ from cidd.sessions import CiddFactory, Sessions
 from cidd.status_http import EngineCollector, StatusResource
 from cidd.store import Store, StoreError
 from cidd.tls import ensure_pki, server_options
+from cidd.user_directory import UserDirectory, thread_runner
 
 log = structlog.get_logger("cidd")
 
@@ -124,8 +125,9 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
         reactor.addSystemEventTrigger("during", "shutdown", power.stop)
     engine = Engine(config, catalog, store, reactor, sessions, power)
     engine.start()
+    directory = UserDirectory(reactor, thread_runner(reactor))  # shared by the TCP port and the local socket
     factory = CiddFactory(engine, sessions, tokens, reactor, tls=tls_options is not None,
-                          client_certs=config.tls.client_certs)
+                          client_certs=config.tls.client_certs, directory=directory)
     if tls_options is None:
         port = reactor.listenTCP(config.listen_port, factory, backlog=4096, interface=config.listen_host)
         log.warning("security.plain_tcp", host=config.listen_host, port=port.getHost().port,
@@ -136,7 +138,7 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
     metrics = Metrics()
     metrics.registry.register(EngineCollector(engine))
     count_refusals(metrics, factory.security, reactor)
-    listen_unix(engine, sessions, tokens, reactor, factory.security)
+    listen_unix(engine, sessions, tokens, reactor, factory.security, directory)
     listen_http(config, lambda: engine.catalog, metrics, reactor,
                 extra={b"status": StatusResource(engine), b"boot": BootResource(engine)})
     log.info("cidd.listening", host=config.listen_host, port=port.getHost().port, state_dir=str(config.state_dir),

@@ -29,7 +29,8 @@ from cidd.client_api import ClientAPI
 from cidd.engine import Engine, SessionClosed
 from cidd.rights import RightsRefused, system_groups_of
 from cidd.security_events import SecurityEvents, peer_host
-from cidd.unix_peers import PeerIdentity, granted_role, lookup_peer, socket_role
+from cidd.unix_peers import PeerIdentity, granted_role, socket_role
+from cidd.user_directory import UserDirectory, thread_runner
 
 log = structlog.get_logger("cidd.sessions")
 
@@ -42,6 +43,8 @@ class CertificateRefused(AuthError):
         self.kind = kind
 
 HELLO_TIMEOUT = 10.0
+#: Most bytes a local peer may send before cidd knows who it is (its hello and first request fit easily).
+MAX_HELD = 64 * 1024
 MAX_BAD_LINES = 10
 _session_ids = itertools.count(1)
 
@@ -94,6 +97,8 @@ class PeerProtocol(Protocol):
         self._idle_timer: IDelayedCall | None = None
         self.cleanups: list[Any] = []
         self.local: PeerIdentity | None = None  # the uid/gid of a peer on the local Unix socket
+        self._identity_pending = False  # its user database lookup runs: input is held until it ends
+        self._held = b""
         self.user: str | None = None  # a local peer's user name (the job user of its captures by default)
         self.tls_established = False
         self.peer_cert_node: str | None = None
@@ -125,9 +130,30 @@ class PeerProtocol(Protocol):
                                       **({"cert_node": self.peer_cert_node} if self.peer_cert_node else {}))
 
     def connectionMade(self) -> None:
-        if self.factory.unix:
-            self.local = self._peer_credentials()
         self._hello_timer = self.clock.callLater(HELLO_TIMEOUT, self._no_hello)
+        if self.factory.unix:
+            ids = self._peer_ids()
+            if ids is not None:
+                self._identity_pending = True
+                self.factory.directory.peer(*ids).addCallbacks(self._identity_known, self._identity_failed)
+
+    def _identity_known(self, peer: PeerIdentity) -> None:
+        """The local peer's name and groups are known: go on with what it sent meanwhile."""
+        self.local = peer
+        self._identity_pending = False
+        held, self._held = self._held, b""
+        if held and not self.closed:
+            self.dataReceived(held)
+
+    def _identity_failed(self, failure: Failure) -> None:
+        """The user database did not tell who the local peer is: say so and close (nothing was done)."""
+        self._identity_pending = False
+        self._held = b""
+        error = failure.value if isinstance(failure.value, CidError) else CidError(failure.getErrorMessage())
+        log.warning("session.peer_lookup_failed", peer=self.peer, session=self.session_id, error=error.message)
+        if not self.closed:
+            self.send(wire.error("unavailable", error.message))
+            self.close()
 
     def _no_hello(self) -> None:
         self._hello_timer = None
@@ -182,6 +208,12 @@ class PeerProtocol(Protocol):
     # --- input ---
 
     def dataReceived(self, data: bytes) -> None:
+        if self._identity_pending:
+            self._held += data
+            if len(self._held) > MAX_HELD:
+                self.send(wire.error("line_too_long", f"more than {MAX_HELD} bytes sent before cidd knew the peer"))
+                self.close()
+            return
         try:
             lines = self.buffer.feed(data)
         except wire.LineTooLong as exc:
@@ -204,18 +236,30 @@ class PeerProtocol(Protocol):
         except ProtocolError as exc:
             self._reject(exc)
             return
-        request_id = message.get("id")
         try:
             self.dispatch(message)
         except CidError as exc:
-            if isinstance(exc, AuthError | Forbidden):
-                self.refused(exc, message)
-            self.send(wire.error(exc.code, exc.message, request_id))
-            if isinstance(exc, AuthError) or exc.code == "out_of_order":
-                self.close()
+            self.request_refused(exc, message)
         except Exception:  # a bug must not take the daemon down
             log.exception("session.internal_error", peer=self.peer, type=message.get("type"))
-            self.send(wire.error("internal", "cidd hit an internal error; see its log", request_id))
+            self.send(wire.error("internal", "cidd hit an internal error; see its log", message.get("id")))
+
+    def request_refused(self, exc: CidError, message: wire.Message) -> None:
+        """Answer ``message`` with the error ``exc`` (a security event when it is a refusal)."""
+        if isinstance(exc, AuthError | Forbidden):
+            self.refused(exc, message)
+        self.send(wire.error(exc.code, exc.message, message.get("id")))
+        if isinstance(exc, AuthError) or exc.code == "out_of_order":
+            self.close()
+
+    def request_failed(self, failure: Failure, message: wire.Message) -> None:
+        """Errback of a request answered later: its CidError becomes the error reply; anything else is a bug."""
+        if isinstance(failure.value, CidError):
+            self.request_refused(failure.value, message)
+            return
+        log.error("session.internal_error", peer=self.peer, type=message.get("type"),
+                  error=failure.getTraceback())
+        self.send(wire.error("internal", "cidd hit an internal error; see its log", message.get("id")))
 
     def _reject(self, exc: CidError, close: bool = False) -> None:
         self.bad_lines += 1
@@ -289,15 +333,15 @@ class PeerProtocol(Protocol):
             raise AuthError(f"authentication failed: this is not node {node}'s agent token; each node uses its "
                             f"own token, made on the head node with 'cidd agent-token {node}'")
 
-    def _peer_credentials(self) -> PeerIdentity | None:
-        """Return the uid/gid of the local socket's peer (SO_PEERCRED), or None when unavailable."""
+    def _peer_ids(self) -> tuple[int, int] | None:
+        """Return the (uid, gid) of the local socket's peer (SO_PEERCRED), or None when unavailable."""
         try:
             handle = self.transport.getHandle()  # type: ignore[union-attr]
             _pid, uid, gid = struct.unpack("3i", handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                    struct.calcsize("3i")))
         except (AttributeError, OSError):
             return None
-        return lookup_peer(uid, gid, self.factory.groups_of)
+        return uid, gid
 
     def _local_role(self, requested: Any) -> str:
         """Return the role of a local socket peer from its uid/gid (no token). Raises AuthError."""
@@ -435,7 +479,7 @@ class CiddFactory(Factory):
 
     def __init__(self, engine: Engine, sessions: Sessions, tokens: Mapping[str, str], clock: IReactorTime,
                  security: SecurityEvents | None = None, *, unix: bool = False, groups_of: Any = None,
-                 tls: bool = False, client_certs: str = "none") -> None:
+                 directory: UserDirectory | None = None, tls: bool = False, client_certs: str = "none") -> None:
         self.engine = engine
         self.sessions = sessions
         self.tokens = dict(tokens)
@@ -443,10 +487,12 @@ class CiddFactory(Factory):
         sessions.agent_master = self.tokens.get(wire.AGENT_ROLE)
         self.security = security or SecurityEvents(clock.seconds)
         self.unix = unix  # the local Unix socket: roles from SO_PEERCRED, no tokens
-        self.groups_of = groups_of or system_groups_of
+        # users and groups are looked up in a thread and cached (cidd/user_directory.py): never on the reactor
+        self.directory = directory or UserDirectory(clock, thread_runner(clock),  # type: ignore[arg-type]
+                                                    groups_of=groups_of or system_groups_of)
         self.socket_roles = engine.config.socket.roles
         self.own_uid = os.geteuid()
-        self.api = ClientAPI(engine, clock, self.groups_of)
+        self.api = ClientAPI(engine, clock, self.directory)
         self.tls = tls  # the port speaks TLS: a session lost before its handshake is a refused peer
         self.client_certs = client_certs  # none | optional | required (cidd.config.TlsConfig)
 

@@ -1,0 +1,155 @@
+"""Users and groups from the head node's user database, looked up off the reactor thread and cached.
+
+At 3 a.m. the user database may be LDAP behind sssd, and slow or down: one ``getpwuid`` or ``getgrouplist``
+can then block for many seconds. Done on the reactor thread, that would stall every agent session of the
+cluster. So each lookup runs in a thread of its own and is waited for at most ``timeout`` seconds; its answer
+is kept ``ttl`` seconds, and after that it is still served (for up to ``stale_for`` seconds) while a fresh
+lookup runs in the background, so a directory outage does not refuse users cidd knew a minute earlier. One
+lookup runs per key however many requests wait for it, and at most ``max_running`` run at once.
+
+The cache logic is pure: the thread runner (``run``) and the clock are injected; ``thread_runner`` is the
+real one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from twisted.python.failure import Failure
+
+from cidcommon.errors import CidError
+from cidd.rights import GroupsOf, system_groups_of
+from cidd.unix_peers import PeerIdentity, lookup_peer
+
+log = structlog.get_logger(__name__)
+
+#: ``run(function, *args)`` returns a Deferred that fires with ``function(*args)`` computed in another thread.
+Run = Callable[..., "Deferred[Any]"]
+
+
+class UserDatabaseUnavailable(CidError):
+    """The user database did not answer in time, failed, or has too many lookups pending (try again)."""
+
+    code = "unavailable"
+
+
+def thread_runner(reactor: IReactorFromThreads) -> Run:
+    """Return a ``Run`` that calls the function in a new daemon thread and fires its Deferred in the reactor.
+
+    A thread per lookup (lookups are rare: answers are cached), a daemon so that a lookup stuck in NSS never
+    keeps cidd from exiting; no pool whose workers a stuck lookup could all take.
+    """
+    def run(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        deferred: Deferred[Any] = Deferred()
+
+        def body() -> None:
+            try:
+                value = function(*args)
+            except BaseException:  # noqa: BLE001 (delivered as the Deferred's failure)
+                reactor.callFromThread(deferred.errback, Failure())
+            else:
+                reactor.callFromThread(deferred.callback, value)
+
+        threading.Thread(target=body, name="cidd-user-lookup", daemon=True).start()
+        return deferred
+
+    return run
+
+
+class UserDirectory:
+    """Cached, non-blocking lookups of a user's groups and of a local peer's identity."""
+
+    def __init__(self, clock: IReactorTime, run: Run, *, groups_of: GroupsOf = system_groups_of,
+                 ttl: float = 300.0, stale_for: float = 3600.0, timeout: float = 5.0, max_running: int = 16,
+                 max_entries: int = 20000) -> None:
+        self.clock = clock
+        self.run = run
+        self.groups_of = groups_of
+        self.ttl = ttl
+        self.stale_for = stale_for
+        self.timeout = timeout
+        self.max_running = max_running
+        self.max_entries = max_entries
+        self._entries: dict[tuple[Any, ...], tuple[Any, float]] = {}
+        self._running: dict[tuple[Any, ...], list[tuple[Deferred[Any], IDelayedCall]]] = {}
+
+    def groups(self, user: str) -> Deferred[frozenset[str]]:
+        """Return a Deferred firing with the group names of ``user`` (empty for an unknown user).
+
+        It fails with UserDatabaseUnavailable when the database does not answer in ``timeout`` seconds.
+        """
+        return self._get(("groups", user), f"the groups of user {user}", self.groups_of, user)
+
+    def peer(self, uid: int, gid: int) -> Deferred[PeerIdentity]:
+        """Return a Deferred firing with the identity (name, groups) of a local peer's ``uid``/``gid``.
+
+        It fails with UserDatabaseUnavailable like ``groups``.
+        """
+        return self._get(("peer", uid, gid), f"uid {uid}", lookup_peer, uid, gid, self.groups_of)
+
+    def _get(self, key: tuple[Any, ...], what: str, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        hit = self._entries.get(key)
+        if hit is not None:
+            value, fetched = hit
+            age = self.clock.seconds() - fetched
+            if age < self.ttl:
+                return succeed(value)
+            if age < self.stale_for:
+                if key not in self._running and len(self._running) < self.max_running:
+                    self._start(key, what, function, args)  # refresh behind the answer already known
+                return succeed(value)
+        if key not in self._running:
+            if len(self._running) >= self.max_running:
+                log.warning("user_directory.busy", looking_up=what, running=len(self._running))
+                return _failed(UserDatabaseUnavailable(
+                    f"cidd could not look up {what}: {len(self._running)} lookups are already waiting on the "
+                    "head node's user database; try again, and check sssd/LDAP/nscd"))
+            self._start(key, what, function, args)
+        waiter: Deferred[Any] = Deferred()
+        timer = self.clock.callLater(self.timeout, self._expire, key, what, waiter)
+        self._running[key].append((waiter, timer))
+        return waiter
+
+    def _start(self, key: tuple[Any, ...], what: str, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._running[key] = []
+        started = self.clock.seconds()
+        self.run(function, *args).addCallbacks(self._answered, self._failed, callbackArgs=(key, what, started),
+                                               errbackArgs=(key, what))
+
+    def _answered(self, value: Any, key: tuple[Any, ...], what: str, started: float) -> None:
+        self._entries.pop(key, None)  # re-inserted last: the oldest entries are dropped first
+        self._entries[key] = (value, self.clock.seconds())
+        while len(self._entries) > self.max_entries:
+            del self._entries[next(iter(self._entries))]
+        seconds = self.clock.seconds() - started
+        if seconds > self.timeout:
+            log.warning("user_directory.late_answer", looking_up=what, seconds=round(seconds, 1))
+        for waiter, timer in self._running.pop(key, []):
+            timer.cancel()
+            waiter.callback(value)
+
+    def _failed(self, failure: Failure, key: tuple[Any, ...], what: str) -> None:
+        log.error("user_directory.lookup_failed", looking_up=what, error=failure.getErrorMessage())
+        for waiter, timer in self._running.pop(key, []):
+            timer.cancel()
+            waiter.errback(UserDatabaseUnavailable(
+                f"cidd could not look up {what} in the head node's user database: {failure.getErrorMessage()}"))
+
+    def _expire(self, key: tuple[Any, ...], what: str, waiter: Deferred[Any]) -> None:
+        if key in self._running:  # the lookup goes on: its answer, when it comes, is cached
+            self._running[key] = [(w, t) for w, t in self._running[key] if w is not waiter]
+        log.warning("user_directory.slow", looking_up=what, timeout=self.timeout)
+        waiter.errback(UserDatabaseUnavailable(
+            f"the head node's user database did not answer within {self.timeout:g} s looking up {what}; cidd "
+            "keeps the answer when it comes: try again, and check sssd/LDAP/nscd"))
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    deferred: Deferred[Any] = Deferred()
+    deferred.errback(error)
+    return deferred
