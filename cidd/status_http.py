@@ -46,7 +46,7 @@ class EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Yield cid_nodes{state}, cid_nodes_online and cid_captures_running."""
+        """Yield cid_nodes{state}, cid_nodes_online, cid_captures_running and the windows' gauges."""
         by_state = Counter(node.state.value for node in self.engine.nodes.values())
         nodes = GaugeMetricFamily("cid_nodes", "Nodes by state", labels=["state"])
         for state in State:
@@ -56,3 +56,14 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("cid_nodes_online", "Nodes with a live agent session", value=online)
         yield GaugeMetricFamily("cid_captures_running", "Captures that have not ended",
                                 value=len(self.engine.captures))
+        holders = GaugeMetricFamily("cid_window_holders", "Nodes holding a slot of a reboot or power window",
+                                    labels=["window"])
+        waiting = GaugeMetricFamily("cid_window_waiting", "Nodes waiting for a slot of a window", labels=["window"])
+        limits = GaugeMetricFamily("cid_window_limit", "Slots of a bounded window (absent: unbounded)",
+                                   labels=["window"])
+        for window in (self.engine.reboot_window, self.engine.power_window):
+            holders.add_metric([window.name], window.in_flight)
+            waiting.add_metric([window.name], window.waiting)
+            if window.limit is not None:
+                limits.add_metric([window.name], window.limit)
+        yield from (holders, waiting, limits)

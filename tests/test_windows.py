@@ -16,6 +16,7 @@ from cidd.catalog import Catalog, Image
 from cidd.config import parse_config
 from cidd.engine import Engine
 from cidd.machine import State
+from cidd.status_http import EngineCollector
 from cidd.store import Store
 from cidd.windows import Window
 
@@ -216,3 +217,25 @@ def test_power_window_bounds_bmc_actions_and_starts_the_deadline_with_the_call(t
     # n003 got its slot at 1007, when n001's cycle ended (1005: n001 next boot, 1006: n002, 1007: n001 cycle)
     assert engine.nodes["n003"].deadline == 1007 + 60
     assert engine.power_window.peak == 2
+
+
+def window_gauges(engine: Engine) -> dict[tuple[str, str], float]:
+    """Return {(metric, window): value} of the cid_window_* gauges the metrics endpoint would show."""
+    return {(family.name, sample.labels["window"]): sample.value
+            for family in EngineCollector(engine).collect() if family.name.startswith("cid_window_")
+            for sample in family.samples}
+
+
+def test_window_gauges_show_holders_waiting_and_limits(tmp_path) -> None:
+    engine, _clock, link = make_engine(tmp_path, 30, {"reboots": 10})
+    assert window_gauges(engine) == {("cid_window_holders", "reboots"): 0, ("cid_window_holders", "power"): 0,
+                                     ("cid_window_waiting", "reboots"): 0, ("cid_window_waiting", "power"): 0,
+                                     ("cid_window_limit", "reboots"): 10}  # power is unbounded: no limit
+    engine.capture("j1", names(30), IMAGE, "alice", "slurm", None)
+    gauges = window_gauges(engine)
+    assert gauges[("cid_window_holders", "reboots")] == 10 and gauges[("cid_window_waiting", "reboots")] == 20
+    for name in link.reboots():
+        come_back_in_installer(engine, name)
+    gauges = window_gauges(engine)
+    assert gauges[("cid_window_holders", "reboots")] == 10 and gauges[("cid_window_waiting", "reboots")] == 10
+    assert len(link.reboots()) == 20
