@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 # Debian packages needed by tests that use real components (added by later features).
 TEST_DEBS ?= slurmctld slurmd slurm-client munge busybox-static acl zstd e2fsprogs curl systemd openipmi ipmitool \
-	grub2-common efibootmgr kexec-tools qemu-system-x86 ipxe-qemu qemu-utils debootstrap cpio fdisk kmod
+	grub2-common efibootmgr kexec-tools qemu-system-x86 ipxe-qemu qemu-utils debootstrap cpio fdisk kmod gcc libc6-dev
 PYTEST_ARGS ?=
 # Backstop for the whole suite (each test also has pytest-timeout's limit): CI allows 90 minutes.
 TEST_TIME_LIMIT ?= 2400

@@ -12,9 +12,6 @@ the nodes of its owner's jobs. With no ``rights:`` section at all, every user ma
 from __future__ import annotations
 
 import fnmatch
-import grp
-import os
-import pwd
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -142,19 +139,3 @@ def _words(value: Any, key: str, where: str, problem: Callable[[str, str], None]
         problem(where, f"'{key}' must be a list of names")
         return []
     return list(value)
-
-
-def system_groups_of(user: str) -> frozenset[str]:
-    """Return the groups of ``user`` from the head node's user database (empty for an unknown user)."""
-    try:
-        entry = pwd.getpwnam(user)
-        gids = os.getgrouplist(user, entry.pw_gid)
-    except (KeyError, OSError):
-        return frozenset()
-    names = set()
-    for gid in gids:
-        try:
-            names.add(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            continue
-    return frozenset(names)

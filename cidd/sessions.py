@@ -27,10 +27,10 @@ from cidcommon.errors import AuthError, BadRequest, CidError, Forbidden, Protoco
 from cidcommon.paths import node_token, tokens_equal
 from cidd.client_api import ClientAPI
 from cidd.engine import Engine, SessionClosed
-from cidd.rights import RightsRefused, system_groups_of
+from cidd.rights import RightsRefused
 from cidd.security_events import SecurityEvents, peer_host
 from cidd.unix_peers import PeerIdentity, granted_role, socket_role
-from cidd.user_directory import UserDirectory, thread_runner
+from cidd.user_directory import UserDirectory, system_groups_of, thread_runner
 
 log = structlog.get_logger("cidd.sessions")
 

@@ -13,6 +13,9 @@ real one.
 
 from __future__ import annotations
 
+import ctypes
+import grp
+import pwd
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,13 +26,55 @@ from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReac
 from twisted.python.failure import Failure
 
 from cidcommon.errors import CidError
-from cidd.rights import GroupsOf, system_groups_of
+from cidd.rights import GroupsOf
 from cidd.unix_peers import PeerIdentity, lookup_peer
 
 log = structlog.get_logger(__name__)
 
 #: ``run(function, *args)`` returns a Deferred that fires with ``function(*args)`` computed in another thread.
 Run = Callable[..., "Deferred[Any]"]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own getgrouplist (glibc's, or one preloaded)
+_libc.getgrouplist.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint),
+                               ctypes.POINTER(ctypes.c_int)]
+_libc.getgrouplist.restype = ctypes.c_int
+
+
+def getgrouplist(user: str, gid: int) -> list[int]:
+    """Return the gids of ``user`` (``gid`` included), like ``os.getgrouplist``, without holding the GIL.
+
+    ``os.getgrouplist`` keeps the GIL while glibc asks NSS (LDAP, sssd), so a slow directory would stop the
+    reactor thread even with the lookup in another thread; a ctypes call releases the GIL. Raises OSError.
+    """
+    count = 64
+    while True:
+        groups = (ctypes.c_uint * count)()
+        wanted = ctypes.c_int(count)
+        if _libc.getgrouplist(user.encode(), gid, groups, ctypes.byref(wanted)) >= 0:
+            return list(groups[:wanted.value])
+        if wanted.value <= count:  # failed without asking for more room
+            raise OSError(ctypes.get_errno(), f"getgrouplist({user}) failed")
+        count = wanted.value
+
+
+def system_groups_of(user: str) -> frozenset[str]:
+    """Return the groups of ``user`` from the head node's user database (empty for an unknown user).
+
+    Blocking (NSS): call it through a UserDirectory, in a thread. pwd and grp release the GIL while they wait.
+    """
+    try:
+        entry = pwd.getpwnam(user)
+        gids = getgrouplist(user, entry.pw_gid)
+    except (KeyError, OSError):
+        return frozenset()
+    names = set()
+    for gid in gids:
+        try:
+            names.add(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue
+    return frozenset(names)
 
 
 class UserDatabaseUnavailable(CidError):

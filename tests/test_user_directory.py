@@ -4,6 +4,11 @@ with the real reactor, and the session layer going on while a lookup is slow (St
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -179,6 +184,68 @@ async def test_lookups_run_in_another_thread_and_the_reactor_goes_on_meanwhile()
     release.set()
     assert await waiting == frozenset({"physics"})
     assert seen == [False]
+
+
+# --- a real slow user database: glibc's NSS calls slowed by an LD_PRELOAD shim ------------------------------
+
+SLOW_NSS_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <grp.h>
+#include <pwd.h>
+#include <unistd.h>
+/* Each user database call of glibc takes 0.3 s more, as with an LDAP server that answers slowly. */
+#define SLOW(ret, name, params, args) ret name params { \
+    ret (*real) params = dlsym(RTLD_NEXT, #name); usleep(300000); return real args; }
+SLOW(int, getgrouplist, (const char *u, gid_t g, gid_t *gs, int *n), (u, g, gs, n))
+SLOW(int, getpwnam_r, (const char *n, struct passwd *p, char *b, size_t l, struct passwd **r), (n, p, b, l, r))
+SLOW(int, getgrgid_r, (gid_t g, struct group *p, char *b, size_t l, struct group **r), (g, p, b, l, r))
+"""
+
+#: Runs in a child process under the shim: how often does the reactor tick while one lookup runs?
+REACTOR_TICKS = """
+import json, os, sys, time
+from twisted.internet import reactor, task
+from cidd import user_directory
+from cidd.user_directory import UserDirectory, thread_runner
+if sys.argv[1] == "stdlib":  # what cidd did before: os.getgrouplist keeps the GIL while NSS answers
+    user_directory.getgrouplist = os.getgrouplist
+ticks = []
+loop = task.LoopingCall(lambda: ticks.append(time.monotonic()))
+users = UserDirectory(reactor, thread_runner(reactor), timeout=30)
+started = time.monotonic()
+def done(groups):
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    print(json.dumps({"groups": sorted(groups), "seconds": time.monotonic() - started, "ticks": len(ticks),
+                      "longest_gap": max(gaps)}))
+    loop.stop()
+    reactor.stop()
+reactor.callWhenRunning(lambda: (loop.start(0.01), users.groups("root").addCallback(done)))
+reactor.run()
+"""
+
+
+def reactor_ticks(tmp_path: Path, mode: str) -> dict[str, Any]:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.fail("gcc is missing: install Debian's gcc and libc6-dev (make test does it)")
+    shim = tmp_path / "slow_nss.so"
+    if not shim.exists():
+        (tmp_path / "slow_nss.c").write_text(SLOW_NSS_C)
+        subprocess.run([gcc, "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "slow_nss.c"), "-ldl"], check=True)
+    env = {**os.environ, "LD_PRELOAD": str(shim), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", REACTOR_TICKS, mode], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_slow_user_database_does_not_stop_the_reactor(tmp_path: Path) -> None:
+    ours = reactor_ticks(tmp_path, "cidd")
+    assert ours["groups"] == ["root"] and ours["seconds"] >= 0.85  # getpwnam, getgrouplist, getgrgid: 0.3 s each
+    assert ours["longest_gap"] < 0.15, ours  # the reactor ran its 10 ms timer all along
+    stdlib = reactor_ticks(tmp_path, "stdlib")  # the check itself can fail: os.getgrouplist holds the GIL
+    assert stdlib["groups"] == ["root"] and stdlib["longest_gap"] >= 0.29, stdlib
 
 
 # --- the session layer while the database is slow ---------------------------------------------------------
