@@ -2,7 +2,7 @@
 job's constraint expression, and the drain of the nodes a failed switch leaves behind.
 
 Pure functions except ``run_drains`` (runs scontrol) and ``release`` (one request through a callable).
-cidcapt.main wires them to the command line; exit codes stay in cidcapt.main.exit_code.
+cidcapt.main wires them to the command line; exit codes stay in cidcapt.exit_codes.exit_code.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Slurm (slurmd, on the node) calls the program named by ``Helper=`` in helpers.co
   cid then reboots the node itself, into the installer and into the image.
 
 With ``--reboot`` it is a RebootProgram that reboots the node only when cid is not already doing so.
-Exit codes are cidcapt's (cidcapt.main.exit_code); Slurm only looks at zero or not.
+Exit codes are cidcapt's (cidcapt.exit_codes.exit_code); Slurm only looks at zero or not.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cidcapt.connection import Timing, parse_server, simple_request
-from cidcapt.main import EXIT_BAD_REQUEST, EXIT_OK, exit_code
+from cidcapt.exit_codes import EXIT_BAD_REQUEST, EXIT_OK, exit_code
 from cidcommon.errors import BadRequest, CidError, UnknownNode
 from cidcommon.paths import default_state_dir, read_token, token_path
 from cidcommon.tlsfiles import client_tls

@@ -15,7 +15,8 @@ import pytest
 from cidcapt.capture import Outcome
 from cidcapt.connection import Connection, Timing, parse_server
 from cidcapt.errors import BadServerReply, ConnectionLost, Unreachable, error_from_wire
-from cidcapt.main import exit_code, main
+from cidcapt.exit_codes import exit_code
+from cidcapt.main import main
 from cidcapt.render import format_age, summary_rows
 from cidcapt.testing import FakeCidd, FakeSession, test_ca_file
 from cidcommon.errors import CidError, Conflict, UnknownImage

@@ -1,0 +1,50 @@
+"""cidcapt's exit codes: the contract scripts and schedulers rely on, and the one mapping from an outcome or
+an error to a code (``exit_code``)."""
+
+from __future__ import annotations
+
+from cidcapt.capture import Outcome
+from cidcommon.errors import BAD_REQUEST_CODES, REFUSED_CODES, CidError
+from cidcommon.wire import DEFAULT_PORT
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_REQUEST = 2
+EXIT_DEADLINE = 3
+EXIT_UNREACHABLE = 4
+EXIT_REFUSED = 5
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  0  all nodes are ready in the image
+  1  some nodes failed (each is listed with its reason)
+  2  bad request: usage, unknown image, bad hostlist, unknown node (nothing was started)
+  3  deadline passed (the nodes still pending are listed with their step)
+  4  cidd unreachable, authentication failed, or the head node's user database did not answer (retry)
+  5  refused: no right to do this (role, rights rules, a private image), or a conflict with another job
+With --slurm the same codes; on 1 and 3 the failed and pending nodes are first drained (scontrol, reason
+"cid: ..."), so that Slurm requeues the job onto other nodes. --release exits 0 except for bad usage (2).
+
+A capture that cidd's rights rules refuse (the user may not put this image on one of the nodes, or the image
+is private to another user) exits 5 with the rule set that failed; nothing was started.
+
+environment: CID_SERVER (default 127.0.0.1:{DEFAULT_PORT}), CID_SOCKET (the local socket, no token), CID_ROLE
+(default admin; on the socket the role comes from your uid, a lower one may be asked), CID_TOKEN_FILE,
+CID_STATE_DIR (tokens in <state_dir>/secrets/<role>.token, the socket <state_dir>/cidd.sock),
+SLURM_JOB_USER or USER (the --user default), CID_CA_FILE (default <state_dir>/tls/ca.pem), CID_CERT_FILE and
+CID_KEY_FILE, CID_PLAIN_TCP=1 (no TLS).
+The TCP session with cidd runs over TLS: cidd's certificate must be signed by the CA file and name --server's
+host; a server the CA does not vouch for is refused with exit code 4.
+"""
+
+
+def exit_code(result: Outcome | BaseException) -> int:
+    """Return the exit code of the contract for how a run ended (an Outcome, or the error that ended it)."""
+    if isinstance(result, Outcome):
+        return {"ok": EXIT_OK, "failed": EXIT_FAILED}.get(result.state, EXIT_DEADLINE)
+    if isinstance(result, CidError):
+        if result.code in BAD_REQUEST_CODES:
+            return EXIT_BAD_REQUEST
+        if result.code in REFUSED_CODES:
+            return EXIT_REFUSED
+    return EXIT_UNREACHABLE  # auth, internal, superseded, unreachable, connection lost, a bad peer
