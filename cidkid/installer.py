@@ -25,7 +25,7 @@ Safety rules:
 - Nothing is fsync'ed here: the caller makes the install durable before reporting it (``Target.finish``
   runs ``sync``), so an install is never reported before its data is on disk.
 
-The parts: ``install_http`` (the GET and network errors as words), ``decompress`` (zstd/gzip into tar's
+The parts: ``install_http`` (the GETs, resumes and network errors as words), ``decompress`` (zstd/gzip into tar's
 pipe), ``install_marker`` (marker, incomplete flag, agent token), ``install_errors``; this module runs them.
 """
 
@@ -54,7 +54,7 @@ import zstandard
 
 from cidkid.decompress import WRITE_SIZE, PipeWriter, QueueSource, ungzip, unzstd
 from cidkid.install_errors import ArchiveError, DownloadError, InstallError, TargetError, VerifyError
-from cidkid.install_http import Opener, Response, describe_network_error, http_open
+from cidkid.install_http import CANCELLED_REASON, DownloadAborted, Opener, RangedDownload, Response, http_open
 from cidkid.install_marker import (
     INCOMPLETE,
     MARKER,
@@ -83,10 +83,6 @@ TAR_OPTIONS = ("--numeric-owner", "--same-owner", "--preserve-permissions", "--x
                "--acls", "--blocking-factor=256")
 #: Chunks read ahead of the decompressing thread (memory: (QUEUE_DEPTH + 4) * chunk).
 QUEUE_DEPTH = 8
-#: Delays before the successive resumes of one download (the last one repeats).
-RESUME_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
-#: The reason of an install stopped through ``stream_install(..., cancel=event)``.
-CANCELLED_REASON = "install cancelled: cidkid is stopping"
 #: Lines of tar's stderr kept for the reason of a failure, and logged at most.
 STDERR_LINES = 6
 MAX_LOGGED_LINES = 50
@@ -95,11 +91,6 @@ _FULL_RE = re.compile(r"No space left on device|Disk quota exceeded|Wrote only \
 _READONLY_RE = re.compile(r"Read-only file system")
 _UNSAFE_RE = re.compile(r"Member name contains '\.\.'|Removing leading `[^']*\.\./'")
 _LOST_ATTRS_RE = re.compile(r"Cannot (?:l?setxattr|fsetxattr|acl_\w+|l?setfilecon)")
-_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
-
-
-class _Aborted(Exception):
-    """The extraction failed while the download waited to resume: stop downloading."""
 
 
 @dataclass
@@ -107,7 +98,6 @@ class _State:
     """What the threads of one install learnt (each field written by one thread)."""
 
     received: int = 0
-    total: int | None = None
     download_error: InstallError | None = None
     decode_error: str | None = None
     decoder_crash: BaseException | None = None
@@ -130,114 +120,19 @@ class _Install:
         self.target = target
         self.progress = progress
         self.chunk = chunk
-        self.max_resumes = max_resumes
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.opener = opener
-        self.state = _State(total=request.size)
+        self.state = _State()
         self.sha = hashlib.sha256()
         self.abort = threading.Event()
         self.cancel = cancel
+        self.http = RangedDownload(request.url, request.size, request.image, opener, connect_timeout=connect_timeout,
+                                   read_timeout=read_timeout, max_resumes=max_resumes, abort=self.abort,
+                                   cancel=cancel)
         self.feeding = True
-        self.validators: dict[str, str] = {}
-        self.resumes = 0
         self._last_progress = 0.0
         self._full: queue.Queue[tuple[memoryview, int] | None] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         for _ in range(QUEUE_DEPTH + 4):
             self._free.put(memoryview(bytearray(chunk)))
-
-    # --- HTTP ---------------------------------------------------------------------------------------
-
-    def _request(self, offset: int) -> Response:
-        """Send the GET for the bytes from ``offset`` on; raise what the opener raises (OSError, HTTPException)."""
-        headers = {}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-            if "If-Range" in self.validators:
-                headers["If-Range"] = self.validators["If-Range"]
-        return self.opener(self.request.url, headers, self.connect_timeout, self.read_timeout)
-
-    def open(self) -> Response:
-        """Return the response of the first request; raise DownloadError/VerifyError when it is refused."""
-        try:
-            resp = self._request(0)
-        except (OSError, http.client.HTTPException) as exc:
-            raise DownloadError(f"cannot download {self.request.url}: {describe_network_error(exc)}", retry=True)
-        return self._checked(resp, 0)
-
-    def _checked(self, resp: Response, offset: int) -> Response:
-        """Return ``resp`` when it carries the bytes from ``offset`` on; else close it and raise InstallError."""
-        try:
-            self._check_response(resp, offset)
-        except BaseException:
-            resp.close()
-            raise
-        return resp
-
-    def _check_response(self, resp: Response, offset: int) -> None:
-        """Raise unless ``resp`` carries the bytes from ``offset`` on; learn the total size from it."""
-        url, status = self.request.url, resp.status
-        if status in (404, 410):
-            raise DownloadError(f"cannot download {url}: HTTP {status} {resp.reason} (the head node has no such "
-                                "image file)", retry=False)
-        if offset and status == 200:
-            raise DownloadError(f"cannot resume the download of {url} at byte {offset}: the server answered with "
-                                "the whole file (HTTP 200), so it ignores Range or the file changed", retry=True)
-        if offset and status == 416:
-            raise DownloadError(f"cannot resume the download of {url} at byte {offset}: HTTP 416 (the file on the "
-                                "server is shorter than what was already received)", retry=True)
-        if status != (206 if offset else 200):
-            raise DownloadError(f"cannot download {url}: HTTP {status} {resp.reason}", retry=status >= 500)
-        if offset:
-            text = resp.getheader("Content-Range") or ""
-            match = _CONTENT_RANGE_RE.match(text.strip())
-            start = int(match.group(1)) if match else None
-            whole = None if not match or match.group(3) == "*" else int(match.group(3))
-            if start != offset or (whole is not None and self.state.total is not None and whole != self.state.total):
-                raise DownloadError(f"cannot resume the download of {url} at byte {offset}: the server answered "
-                                    f"Content-Range {text!r}", retry=True)
-            if self.state.total is None:
-                self.state.total = whole
-            return
-        length = resp.getheader("Content-Length")
-        size = int(length) if length and length.strip().isdigit() else None
-        if size is not None and self.request.size is not None and size != self.request.size:
-            raise VerifyError(f"size mismatch: the install request says {self.request.size} bytes but {url} "
-                              f"has {size}")
-        if self.state.total is None:
-            self.state.total = size
-        etag = resp.getheader("ETag")
-        modified = resp.getheader("Last-Modified")
-        if etag and not etag.startswith("W/"):
-            self.validators["If-Range"] = etag
-        elif modified:
-            self.validators["If-Range"] = modified
-
-    def _resume(self, exc: BaseException) -> Response:
-        """Re-open the download after ``exc`` at the bytes received so far; raise DownloadError past max_resumes.
-
-        Every attempt counts, also one whose connection fails; an answer that is not the right range fails
-        at once (InstallError from ``_check_response``).
-        """
-        while True:
-            self.resumes += 1
-            reason = describe_network_error(exc)
-            if self.resumes > self.max_resumes:
-                raise DownloadError(f"download of {self.request.url} failed at byte {self.state.received} after "
-                                    f"{self.max_resumes} resumes: {reason}", retry=True)
-            log.warning("installer.resuming", image=self.request.image, offset=self.state.received,
-                        attempt=self.resumes, error=reason)
-            if self.abort.wait(RESUME_DELAYS[min(self.resumes, len(RESUME_DELAYS)) - 1]):
-                raise _Aborted()
-            if self.cancel is not None and self.cancel.is_set():
-                raise DownloadError(CANCELLED_REASON, retry=True)
-            try:
-                resp = self._request(self.state.received)
-            except (OSError, http.client.HTTPException) as again:
-                exc = again
-                continue
-            return self._checked(resp, self.state.received)
 
     def download(self, resp: Response) -> None:
         """Read the whole image from ``resp`` on, hash it and queue it for the decompressing thread.
@@ -256,15 +151,16 @@ class _Install:
                 except (OSError, http.client.HTTPException) as exc:
                     self._free.put(view)
                     resp.close()
-                    resp = self._resume(exc)
+                    resp = self.http.resume(exc, self.state.received)
                     continue
                 if not n:
                     self._free.put(view)
-                    total = self.state.total
+                    total = self.http.total
                     if total is not None and self.state.received < total:  # http.client does not raise for this
                         resp.close()
-                        resp = self._resume(ConnectionResetError(
-                            errno.ECONNRESET, f"connection closed after {self.state.received} of {total} bytes"))
+                        resp = self.http.resume(ConnectionResetError(
+                            errno.ECONNRESET, f"connection closed after {self.state.received} of {total} bytes"),
+                            self.state.received)
                         continue
                     break
                 self.sha.update(view[:n])
@@ -274,7 +170,7 @@ class _Install:
                 else:
                     self._free.put(view)
                 self._report("writing")
-        except _Aborted:
+        except DownloadAborted:
             pass
         finally:
             resp.close()
@@ -286,7 +182,7 @@ class _Install:
             return
         self._last_progress = now
         try:
-            self.progress(step, self.state.received, self.state.total)
+            self.progress(step, self.state.received, self.http.total)
         except Exception:
             log.exception("installer.progress_failed", image=self.request.image)
 
@@ -369,7 +265,7 @@ class _Install:
         tar_path = shutil.which("tar")
         if tar_path is None:
             raise InstallError("GNU tar is not installed in the installer (the install needs it)")
-        resp = self.open()
+        resp = self.http.open()
         argv = ["tar", "-x", "-f", "-", "-C", str(self.target), *TAR_OPTIONS]
         try:
             tar = subprocess.Popen(argv, executable=tar_path, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -496,7 +392,7 @@ def stream_install(request: InstallRequest, target: Path, progress: Progress, *,
         elapsed = time.monotonic() - started
         received = install.state.received
         log.info("installer.finished", image=request.image, bytes=received, seconds=round(elapsed, 2),
-                 rate=round(received / elapsed) if elapsed > 0 else None, resumes=install.resumes, sha256=digest,
+                 rate=round(received / elapsed) if elapsed > 0 else None, resumes=install.http.resumes, sha256=digest,
                  tar_messages=install.state.messages)
         return InstallResult(ok=True)
     if target.is_dir():
