@@ -1,0 +1,273 @@
+"""The sections of cidd.yaml below the top level (boot, bmc, tls, windows, scheduler, a group's policy): their
+frozen objects and their parsers, and ``ConfigReader``, which collects every problem so that all are reported
+together. cidd.config assembles them into a Config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cidcommon.tlsfiles import PkiPaths, default_pki_paths
+from cidd.machine_types import LADDER_METHODS, NEXT_BOOT_METHODS, Policy, Rung
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """Netboot settings: MAC map, installer files, TFTP directory, the address installers use for cidd."""
+
+    ethers: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    tftp_dir: Path | None = None
+    server: str | None = None  # HOST:PORT of the agent port as nodes reach it; default listen host:port
+    token_ttl: float = 7200.0  # seconds a single-use installer boot token stays valid
+
+
+@dataclass(frozen=True)
+class BmcConfig:
+    """How cidd reaches node BMCs (cidd/power.py): address pattern, credentials file, bounds."""
+
+    address: str = "{name}-bmc"  # {name}, {index}, {index+N}; optional :port (default 623)
+    credentials: Path | None = None  # user:password or YAML; mode 0600
+    max_concurrent: int = 8
+    timeout: float = 20.0
+
+
+TLS_MODES = ("tls", "plain")
+CLIENT_CERT_MODES = ("optional", "required", "none")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS of the agent/client port: files (None: the defaults under state_dir), client certificates, SANs."""
+
+    mode: str = "tls"  # tls | plain (plain TCP: explicit only, logged as security.plain_tcp at start)
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    client_certs: str = "optional"  # optional | required (agents need a CA-signed cert) | none (not asked)
+    san: tuple[str, ...] = ()  # extra names/addresses for the server certificate cidd creates
+
+    @property
+    def explicit_files(self) -> bool:
+        """Return whether any TLS file is configured (then cidd never creates a CA on its own)."""
+        return any(f is not None for f in (self.cert, self.key, self.ca))
+
+    def paths(self, state_dir: Path) -> PkiPaths:
+        """Return the TLS file paths: the configured ones, else the defaults under ``state_dir``."""
+        default = default_pki_paths(state_dir)
+        return PkiPaths(ca=self.ca or default.ca, ca_key=default.ca_key, cert=self.cert or default.cert,
+                        key=self.key or default.key, agents=default.agents)
+
+
+@dataclass(frozen=True)
+class WindowsConfig:
+    """Reboot windows: at most ``reboots`` nodes rebooting and ``power`` BMC actions at once (None: no bound).
+
+    A rung's timeout grows by ``timeout_per_node`` seconds per node rebooting at the moment it is issued.
+    """
+
+    reboots: int | None = None
+    power: int | None = None
+    timeout_per_node: float = 0.0
+
+
+class ConfigReader:
+    """Collects problems while reading a mapping, so that all of them are reported at once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problems: list[str] = []
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(f"{self.path}: {where}: {message}")
+
+    def number(self, data: Mapping[str, Any], key: str, default: float, where: str, minimum: float = 0.0) -> float:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            self.problem(where, f"'{key}' must be a number >= {minimum:g} (got {value!r})")
+            return default
+        return float(value)
+
+    def text(self, data: Mapping[str, Any], key: str, default: str, where: str,
+             choices: tuple[str, ...] | None = None) -> str:
+        value = data.get(key, default)
+        if not isinstance(value, str) or (choices and value not in choices):
+            wanted = f"one of {', '.join(choices)}" if choices else "a string"
+            self.problem(where, f"'{key}' must be {wanted} (got {value!r})")
+            return default
+        return value
+
+    def flag(self, data: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            self.problem(where, f"'{key}' must be true or false (got {value!r})")
+            return default
+        return value
+
+    def port(self, data: Mapping[str, Any], key: str, default: int, where: str) -> int:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+            self.problem(where, f"'{key}' must be a TCP port number from 0 to 65535 (got {value!r})")
+            return default
+        return value
+
+    def optional_text(self, data: Mapping[str, Any], key: str, where: str) -> str | None:
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            self.problem(where, f"'{key}' must be a non-empty string (got {value!r})")
+            return None
+        return value
+
+    def mapping(self, data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+        value = data.get(key) or {}
+        if not isinstance(value, Mapping):
+            self.problem(where, f"'{key}' must be a mapping")
+            return {}
+        return value
+
+    def unknown(self, data: Mapping[str, Any], known: set[str], where: str) -> None:
+        for key in data:
+            if key not in known:
+                self.problem(where, f"unknown key '{key}' (known: {', '.join(sorted(known))})")
+
+
+def bmc_section(reader: ConfigReader, data: Mapping[str, Any], groups: Mapping[str, Policy]) -> BmcConfig | None:
+    """Return the ``bmc`` section (None when absent); a ladder with power_cycle needs it."""
+    users = sorted(name for name, policy in groups.items() if any(r.method == "power_cycle" for r in policy.ladder))
+    if "bmc" not in data:
+        if users:
+            reader.problem("bmc", f"group(s) {', '.join(users)} use power_cycle, which needs a 'bmc' section "
+                           "(address pattern and credentials file)")
+        return None
+    section = reader.mapping(data, "bmc", "top level")
+    reader.unknown(section, {"address", "credentials", "max_concurrent", "timeout"}, "bmc")
+    credentials = reader.optional_text(section, "credentials", "bmc")
+    if not credentials:
+        reader.problem("bmc", "'credentials' (a file holding user:password, mode 0600) is required")
+    return BmcConfig(address=reader.text(section, "address", "{name}-bmc", "bmc"),
+                     credentials=Path(credentials) if credentials else None,
+                     max_concurrent=int(reader.number(section, "max_concurrent", 8, "bmc", minimum=1)),
+                     timeout=reader.number(section, "timeout", 20.0, "bmc", minimum=1))
+
+
+def windows_section(reader: ConfigReader, data: Mapping[str, Any]) -> WindowsConfig:
+    """Return the ``windows`` section (no bound by default)."""
+    section = reader.mapping(data, "windows", "top level")
+    reader.unknown(section, {"reboots", "power", "timeout_per_node"}, "windows")
+    bounds: dict[str, int | None] = {}
+    for key in ("reboots", "power"):
+        value = section.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            reader.problem("windows", f"'{key}' must be a whole number >= 1, or absent for no bound (got {value!r})")
+            value = None
+        bounds[key] = value
+    return WindowsConfig(**bounds, timeout_per_node=reader.number(section, "timeout_per_node", 0.0, "windows"))
+
+
+def boot_section(reader: ConfigReader, data: Mapping[str, Any]) -> BootConfig:
+    """Return the ``boot`` section."""
+    section = reader.mapping(data, "boot", "top level")
+    reader.unknown(section, {"ethers", "kernel", "initrd", "cmdline", "tftp_dir", "server", "token_ttl"}, "boot")
+    paths = {key: reader.optional_text(section, key, "boot") for key in ("ethers", "kernel", "initrd", "tftp_dir")}
+    if bool(paths["kernel"]) != bool(paths["initrd"]):
+        reader.problem("boot", "'kernel' and 'initrd' (the installer's files) go together")
+    return BootConfig(**{k: Path(v) if v else None for k, v in paths.items()},
+                      cmdline=reader.text(section, "cmdline", "", "boot"),
+                      server=reader.optional_text(section, "server", "boot"),
+                      token_ttl=reader.number(section, "token_ttl", 7200.0, "boot", minimum=10.0))
+def tls_section(reader: ConfigReader, data: Mapping[str, Any]) -> TlsConfig:
+    """Return the ``tls`` section (docs/configuration.md); ``mode: plain`` turns TLS off explicitly."""
+    section = reader.mapping(data, "tls", "top level")
+    reader.unknown(section, {"mode", "cert", "key", "ca", "client_certs", "san"}, "tls")
+    files = {key: reader.optional_text(section, key, "tls") for key in ("cert", "key", "ca")}
+    if bool(files["cert"]) != bool(files["key"]):
+        reader.problem("tls", "'cert' and 'key' (the server certificate and its private key) go together")
+    san = section.get("san") or []
+    if not isinstance(san, list) or not all(isinstance(n, str) and n for n in san):
+        reader.problem("tls", f"'san' must be a list of host names and IP addresses (got {san!r})")
+        san = []
+    return TlsConfig(mode=reader.text(section, "mode", "tls", "tls", TLS_MODES),
+                     client_certs=reader.text(section, "client_certs", "optional", "tls", CLIENT_CERT_MODES),
+                     san=tuple(san), **{k: Path(v) if v else None for k, v in files.items()})
+
+
+#: Feature names that work in every Slurm mode: node_features/helpers accepts only [A-Za-z_][A-Za-z0-9_.=]*
+#: (measured with Debian's Slurm 22.05, docs/slurm.md); '=' is left out as it reads like an assignment.
+_FEATURE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def scheduler_section(reader: ConfigReader, data: Mapping[str, Any]) -> tuple[dict[str, str], str | None, bool]:
+    """Return (feature -> image, default image, release to default) from the ``scheduler`` section."""
+    section = reader.mapping(data, "scheduler", "top level")
+    reader.unknown(section, {"features", "default_image", "release_to_default"}, "scheduler")
+    features: dict[str, str] = {}
+    for feature, image in reader.mapping(section, "features", "scheduler").items():
+        if not isinstance(feature, str) or not _FEATURE.match(feature):
+            reader.problem("scheduler.features", f"feature {feature!r} must start with a letter or '_' and use "
+                           "only letters, digits, '_' and '.', so that it works in every Slurm mode")
+        elif not isinstance(image, str) or not image:
+            reader.problem(f"scheduler.features.{feature}", "must name an image id like debian-12-1")
+        else:
+            features[feature] = image
+    default_image = reader.optional_text(section, "default_image", "scheduler")
+    release = reader.flag(section, "release_to_default", False, "scheduler")
+    if release and not default_image:
+        reader.problem("scheduler", "'release_to_default' needs a 'default_image'")
+    return features, default_image, release
+
+
+_EFI_NUMBER = re.compile(r"^[0-9A-Fa-f]{1,4}$")
+
+
+def _boot_entries(reader: ConfigReader, where: str, data: Mapping[str, Any], methods: set[str]) -> dict[str, str]:
+    """Return a group's ``boot_entries`` ({installer: ..., disk: ...}); next-boot methods need both."""
+    entries: dict[str, str] = {}
+    for boot, entry in reader.mapping(data, "boot_entries", where).items():
+        if boot not in ("installer", "disk"):
+            reader.problem(f"{where}.boot_entries", f"unknown boot '{boot}' (known: disk, installer)")
+        elif isinstance(entry, bool) or not isinstance(entry, str | int) or str(entry) == "":
+            reader.problem(f"{where}.boot_entries", f"'{boot}' must name a boot entry (got {entry!r})")
+        else:
+            entries[boot] = str(entry)
+    used = sorted(methods & NEXT_BOOT_METHODS)
+    if used and set(entries) != {"installer", "disk"}:
+        reader.problem(where, f"method(s) {', '.join(used)} need 'boot_entries' with both 'installer' and 'disk' "
+                       "(the grub menu entry or EFI boot number of each)")
+    if "efi_bootnext" in methods:
+        for boot, entry in entries.items():
+            if not _EFI_NUMBER.match(entry):
+                reader.problem(f"{where}.boot_entries", f"'{boot}': efi_bootnext needs a hexadecimal EFI boot "
+                               f"number like \"0003\" (quote it in YAML), not {entry!r}")
+    return entries
+
+
+def policy_section(reader: ConfigReader, name: str, data: Any) -> Policy:
+    where = f"groups.{name}"
+    if not isinstance(data, Mapping):
+        reader.problem(where, "a group must be a mapping")
+        return Policy()
+    reader.unknown(data, {"ladder", "install_timeout", "install_attempts", "boot_entries"}, where)
+    rungs: list[Rung] = []
+    for index, item in enumerate(data.get("ladder") or []):
+        spot = f"{where}.ladder[{index}]"
+        if not isinstance(item, Mapping):
+            reader.problem(spot, "a rung is a mapping like {method: reboot, timeout: 300}")
+            continue
+        method = reader.text(item, "method", "reboot", spot)
+        if method not in LADDER_METHODS:
+            reader.problem(spot, f"unknown method '{method}' (known: {', '.join(sorted(LADDER_METHODS))})")
+        rungs.append(Rung(method, reader.number(item, "timeout", 300.0, spot, minimum=1.0)))
+    entries = _boot_entries(reader, where, data, {r.method for r in rungs})
+    default = Policy()
+    return Policy(
+        boot_entries=entries,
+        ladder=tuple(rungs) or default.ladder,
+        install_timeout=reader.number(data, "install_timeout", default.install_timeout, where, minimum=1.0),
+        install_attempts=int(reader.number(data, "install_attempts", default.install_attempts, where, 1.0)),
+    )
