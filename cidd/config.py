@@ -26,12 +26,14 @@ from cidd.config_sections import (
     BootConfig,
     ConfigReader,
     TlsConfig,
+    UsersConfig,
     WindowsConfig,
     bmc_section,
     boot_section,
     policy_section,
     scheduler_section,
     tls_section,
+    users_section,
     windows_section,
 )
 from cidd.machine_types import Policy
@@ -83,6 +85,7 @@ class Config:
     rights: tuple[Rule, ...] | None = None  # None: no 'rights' section (shared images for all, cidd/rights.py)
     socket: SocketConfig = field(default_factory=SocketConfig)  # the local Unix socket (cidd/unix_peers.py)
     windows: WindowsConfig = field(default_factory=lambda: WindowsConfig())
+    users: UsersConfig = field(default_factory=lambda: UsersConfig())
     tls: TlsConfig = field(default_factory=lambda: TlsConfig())
 
     @property
@@ -122,7 +125,7 @@ class Config:
 
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
              "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc",
-             "windows"}
+             "windows", "users"}
 _TOP_KEYS |= {"rights", "socket", "tls"}  # cidd/rights.py, cidd/unix_peers.py, cidd/tls.py
 
 
@@ -192,6 +195,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         rights=parse_rules(data.get("rights"), reader.problem),
         socket=parse_socket(data.get("socket"), reader.problem),
         windows=windows_section(reader, data),
+        users=users_section(reader, data),
         tls=tls_section(reader, data),
     )
     if reader.problems:

@@ -1,4 +1,4 @@
-"""The sections of cidd.yaml below the top level (boot, bmc, tls, windows, scheduler, a group's policy): their
+"""The sections of cidd.yaml below the top level (boot, bmc, tls, windows, users, scheduler, a group's policy): their
 frozen objects and their parsers, and ``ConfigReader``, which collects every problem so that all are reported
 together. cidd.config assembles them into a Config.
 """
@@ -75,6 +75,16 @@ class WindowsConfig:
     reboots: int | None = None
     power: int | None = None
     timeout_per_node: float = 0.0
+
+
+@dataclass(frozen=True)
+class UsersConfig:
+    """User database lookups (cidd/user_directory.py): how long to wait, keep and serve stale, how many at once."""
+
+    timeout: float = 5.0
+    ttl: float = 300.0
+    stale_for: float = 3600.0
+    max_lookups: int = 16
 
 
 class ConfigReader:
@@ -168,6 +178,28 @@ def windows_section(reader: ConfigReader, data: Mapping[str, Any]) -> WindowsCon
             value = None
         bounds[key] = value
     return WindowsConfig(**bounds, timeout_per_node=reader.number(section, "timeout_per_node", 0.0, "windows"))
+
+
+def users_section(reader: ConfigReader, data: Mapping[str, Any]) -> UsersConfig:
+    """Return the ``users`` section (user database lookups; defaults when absent)."""
+    section = reader.mapping(data, "users", "top level")
+    reader.unknown(section, {"timeout", "ttl", "stale_for", "max_lookups"}, "users")
+    default = UsersConfig()
+    timeout = reader.number(section, "timeout", default.timeout, "users", minimum=0.1)
+    if timeout >= 10:  # a local peer's hello must not wait longer than the session's hello timeout
+        reader.problem("users", f"'timeout' must be under 10 seconds, the time a session has for its hello "
+                       f"(got {timeout:g})")
+        timeout = default.timeout
+    ttl = reader.number(section, "ttl", default.ttl, "users", minimum=0.0)
+    stale_for = reader.number(section, "stale_for", default.stale_for, "users", minimum=0.0)
+    if stale_for < ttl:
+        reader.problem("users", f"'stale_for' ({stale_for:g}) must be at least 'ttl' ({ttl:g})")
+        stale_for = max(ttl, default.stale_for)
+    lookups = section.get("max_lookups", default.max_lookups)
+    if isinstance(lookups, bool) or not isinstance(lookups, int) or lookups < 1:
+        reader.problem("users", f"'max_lookups' must be a whole number >= 1 (got {lookups!r})")
+        lookups = default.max_lookups
+    return UsersConfig(timeout=timeout, ttl=ttl, stale_for=stale_for, max_lookups=lookups)
 
 
 def boot_section(reader: ConfigReader, data: Mapping[str, Any]) -> BootConfig:

@@ -332,3 +332,19 @@ def test_bad_boot_entries_and_windows_are_reported(tmp_path):
     assert "groups.efi.boot_entries: unknown boot 'floppy'" in text
     assert "groups.efi.boot_entries: 'installer': efi_bootnext needs a hexadecimal EFI boot number" in text
     assert "windows: 'reboots' must be a whole number >= 1" in text and "'power' must be a whole number" in text
+
+
+def test_user_database_lookups_are_tunable_and_checked(tmp_path):
+    config = parse_config({"state_dir": str(tmp_path), "users": {"timeout": 2, "ttl": 60, "stale_for": 600,
+                                                                 "max_lookups": 4}})
+    assert (config.users.timeout, config.users.ttl, config.users.stale_for, config.users.max_lookups) == \
+        (2.0, 60.0, 600.0, 4)
+    defaults = parse_config({"state_dir": str(tmp_path)}).users
+    assert (defaults.timeout, defaults.ttl, defaults.stale_for, defaults.max_lookups) == (5.0, 300.0, 3600.0, 16)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"state_dir": str(tmp_path),
+                      "users": {"timeout": 30, "ttl": 100, "stale_for": 10, "max_lookups": 0, "cache": 1}})
+    text = str(caught.value)
+    for words in ("users: unknown key 'cache'", "'timeout' must be under 10 seconds",
+                  "'stale_for' (10) must be at least 'ttl' (100)", "'max_lookups' must be a whole number >= 1"):
+        assert words in text
