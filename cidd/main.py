@@ -125,9 +125,7 @@ def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
         reactor.addSystemEventTrigger("during", "shutdown", power.stop)
     engine = Engine(config, catalog, store, reactor, sessions, power)
     engine.start()
-    users = config.users  # shared by the TCP port and the local socket
-    directory = UserDirectory(reactor, thread_runner(reactor), timeout=users.timeout, ttl=users.ttl,
-                              stale_for=users.stale_for, max_running=users.max_lookups)
+    directory = UserDirectory(reactor, thread_runner(reactor), limits=config.users)  # TCP port and socket
     factory = CiddFactory(engine, sessions, tokens, reactor, tls=tls_options is not None,
                           client_certs=config.tls.client_certs, directory=directory)
     if tls_options is None:

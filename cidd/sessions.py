@@ -185,8 +185,8 @@ class PeerProtocol(HelloChecks, Protocol):
         if self._identity_pending:
             self._held += data
             if len(self._held) > MAX_HELD:
-                self.send(wire.error("line_too_long", f"more than {MAX_HELD} bytes sent before cidd knew the peer"))
-                self.close()
+                self._reject(wire.LineTooLong(f"more than {MAX_HELD} bytes sent before cidd knew who this local "
+                                              "peer is; send the hello and wait for its reply"), close=True)
             return
         try:
             lines = self.buffer.feed(data)

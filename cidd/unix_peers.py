@@ -8,8 +8,6 @@ highest role that matches wins; anybody else is refused. Pure: no reactor, no so
 
 from __future__ import annotations
 
-import grp
-import pwd
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,20 +96,6 @@ def socket_role(peer: PeerIdentity, roles: Mapping[str, tuple[str, ...]], own_ui
             if name == "*" or name == peer.user or (name.startswith("@") and name[1:] in peer.groups):
                 return role
     return None
-
-
-def lookup_peer(uid: int, gid: int, groups_of: Callable[[str], frozenset[str]]) -> PeerIdentity:
-    """Return the identity of ``uid``/``gid`` from the user database (a uid without a name keeps its number)."""
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return PeerIdentity(uid, gid, str(uid), frozenset())
-    groups = set(groups_of(user))
-    try:
-        groups.add(grp.getgrgid(gid).gr_name)
-    except KeyError:
-        pass
-    return PeerIdentity(uid, gid, user, frozenset(groups))
 
 
 def granted_role(mapped: str, requested: Any) -> str:

@@ -21,13 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.python.failure import Failure
 
 from cidcommon.errors import CidError
+from cidd.config_sections import UsersConfig
 from cidd.rights import GroupsOf
-from cidd.unix_peers import PeerIdentity, lookup_peer
+from cidd.unix_peers import PeerIdentity
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +78,27 @@ def system_groups_of(user: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def lookup_peer(uid: int, gid: int, groups_of: Callable[[str], frozenset[str]]) -> PeerIdentity:
+    """Return the identity of ``uid``/``gid`` from the user database (a uid without a name keeps its number).
+
+    Blocking (NSS): call it through a UserDirectory, in a thread.
+    """
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return PeerIdentity(uid, gid, str(uid), frozenset())
+    groups = set(groups_of(user))
+    try:
+        groups.add(grp.getgrgid(gid).gr_name)
+    except KeyError:
+        pass
+    return PeerIdentity(uid, gid, user, frozenset(groups))
+
+
+#: The ``users:`` defaults of cidd.yaml (5 s timeout, 5 min ttl, 1 h stale, 16 lookups at once).
+DEFAULT_LIMITS = UsersConfig()
+
+
 class UserDatabaseUnavailable(CidError):
     """The user database did not answer in time, failed, or has too many lookups pending (try again)."""
 
@@ -110,15 +132,14 @@ class UserDirectory:
     """Cached, non-blocking lookups of a user's groups and of a local peer's identity."""
 
     def __init__(self, clock: IReactorTime, run: Run, *, groups_of: GroupsOf = system_groups_of,
-                 ttl: float = 300.0, stale_for: float = 3600.0, timeout: float = 5.0, max_running: int = 16,
-                 max_entries: int = 20000) -> None:
+                 limits: UsersConfig = DEFAULT_LIMITS, max_entries: int = 20000) -> None:
         self.clock = clock
         self.run = run
         self.groups_of = groups_of
-        self.ttl = ttl
-        self.stale_for = stale_for
-        self.timeout = timeout
-        self.max_running = max_running
+        self.ttl = limits.ttl
+        self.stale_for = limits.stale_for
+        self.timeout = limits.timeout
+        self.max_running = limits.max_lookups
         self.max_entries = max_entries
         self._entries: dict[tuple[Any, ...], tuple[Any, float]] = {}
         self._running: dict[tuple[Any, ...], list[tuple[Deferred[Any], IDelayedCall]]] = {}
@@ -151,7 +172,7 @@ class UserDirectory:
         if key not in self._running:
             if len(self._running) >= self.max_running:
                 log.warning("user_directory.busy", looking_up=what, running=len(self._running))
-                return _failed(UserDatabaseUnavailable(
+                return fail(UserDatabaseUnavailable(
                     f"cidd could not look up {what}: {len(self._running)} lookups are already waiting on the "
                     "head node's user database; try again, and check sssd/LDAP/nscd"))
             self._start(key, what, function, args)
@@ -192,9 +213,3 @@ class UserDirectory:
         waiter.errback(UserDatabaseUnavailable(
             f"the head node's user database did not answer within {self.timeout:g} s looking up {what}; cidd "
             "keeps the answer when it comes: try again, and check sssd/LDAP/nscd"))
-
-
-def _failed(error: Exception) -> Deferred[Any]:
-    deferred: Deferred[Any] = Deferred()
-    deferred.errback(error)
-    return deferred

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from cidd.catalog import load_catalog
 from cidd.config import parse_config
+from cidd.config_sections import UsersConfig
 from cidd.engine import Engine
 from cidd.sessions import CiddFactory, PeerProtocol, Sessions
 from cidd.store import Store
@@ -68,9 +69,10 @@ def results(deferred: Deferred[Any]) -> list[Any]:
     return out
 
 
-def directory(**options: Any) -> tuple[Clock, ManualRun, UserDirectory]:
+def directory(max_entries: int = 20000, **limits: Any) -> tuple[Clock, ManualRun, UserDirectory]:
     clock, run = Clock(), ManualRun()
-    return clock, run, UserDirectory(clock, run, groups_of=groups_of, **options)
+    return clock, run, UserDirectory(clock, run, groups_of=groups_of, limits=UsersConfig(**limits),
+                                     max_entries=max_entries)
 
 
 def test_one_lookup_serves_every_waiter_and_is_cached_for_its_ttl() -> None:
@@ -139,7 +141,7 @@ def test_a_failed_lookup_is_an_unavailable_error_and_is_not_cached() -> None:
 
 
 def test_too_many_pending_lookups_fail_at_once() -> None:
-    _clock, run, users = directory(max_running=2)
+    _clock, run, users = directory(max_lookups=2)
     users.groups("u1")
     users.groups("u2")
     [failure] = results(users.groups("u3"))
@@ -174,7 +176,7 @@ async def test_lookups_run_in_another_thread_and_the_reactor_goes_on_meanwhile()
         release.wait(10)
         return frozenset({"physics"})
 
-    users = UserDirectory(reactor, thread_runner(reactor), groups_of=slow_groups, timeout=10)
+    users = UserDirectory(reactor, thread_runner(reactor), groups_of=slow_groups, limits=UsersConfig(timeout=10))
     waiting = users.groups("carol")
     ticks = 0
     for _ in range(5):  # the reactor keeps running timed calls while the lookup blocks its thread
@@ -207,12 +209,13 @@ REACTOR_TICKS = """
 import json, os, sys, time
 from twisted.internet import reactor, task
 from cidd import user_directory
+from cidd.config_sections import UsersConfig
 from cidd.user_directory import UserDirectory, thread_runner
 if sys.argv[1] == "stdlib":  # what cidd did before: os.getgrouplist keeps the GIL while NSS answers
     user_directory.getgrouplist = os.getgrouplist
 ticks = []
 loop = task.LoopingCall(lambda: ticks.append(time.monotonic()))
-users = UserDirectory(reactor, thread_runner(reactor), timeout=30)
+users = UserDirectory(reactor, thread_runner(reactor), limits=UsersConfig(timeout=30))
 started = time.monotonic()
 def done(groups):
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]
@@ -341,3 +344,15 @@ def test_a_local_peer_the_database_cannot_name_is_told_so_and_closed(rights_worl
     clock.advance(5)
     [error] = peer.received()
     assert error["code"] == "unavailable" and "uid 4242" in error["message"] and peer.closed
+
+
+def test_a_local_peer_sending_too_much_before_its_identity_is_known_is_closed(rights_world: Any,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, engine, run, _factory = rights_world
+    factory = CiddFactory(engine, engine.link, TOKENS, clock, unix=True, directory=_factory.directory)
+    monkeypatch.setattr(PeerProtocol, "_peer_ids", lambda self: (0, 0))
+    peer = Peer(factory)
+    peer.send(b"x" * (64 * 1024 + 1))
+    [error] = peer.received()
+    assert error["code"] == "too_long" and "send the hello and wait for its reply" in error["message"]
+    assert peer.closed
