@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from cidcommon.errors import BadRequest, Conflict
@@ -25,6 +24,7 @@ from cidd.captures import (
 from cidd.catalog import Catalog, Image
 from cidd.config import parse_config
 from cidd.machine import Node, State
+from tests.fakes import SilentLink
 
 A, B, C = "alma-9-1", "debian-12-1", "rocky-9-2"
 NOW = 10_000.0
@@ -259,17 +259,6 @@ def test_node_outcome():
 # --- through the engine: a node recorded ready by one running capture, taken by another ----------------------
 
 
-class _Link:
-    """An AgentLink whose commands never answer."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict]] = []
-
-    def command(self, node: str, message: dict) -> Deferred:
-        self.sent.append((node, message))
-        return Deferred()
-
-
 @pytest.fixture
 def engine(tmp_path):
     """Return an engine with nodes n1 (running A) and n2 (running B) online, and job jX capturing A on both."""
@@ -282,7 +271,7 @@ def engine(tmp_path):
     store = Store(":memory:")
     clock = Clock()
     clock.advance(1000)
-    engine = Engine(config, catalog, store, clock, _Link())
+    engine = Engine(config, catalog, store, clock, SilentLink())
     engine.start()
     engine.agent_connected("n1", "b1", "system", A)
     engine.agent_connected("n2", "b2", "system", B)

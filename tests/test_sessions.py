@@ -2,45 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
 from cidcommon.paths import node_token
 from cidd.catalog import load_catalog
 from cidd.config import parse_config
 from cidd.engine import Engine
-from cidd.sessions import HELLO_TIMEOUT, CiddFactory, PeerProtocol, Sessions
+from cidd.sessions import HELLO_TIMEOUT, CiddFactory, Sessions
 from cidd.store import Store
+from tests.fakes import TOKENS, Peer, agent_hello, client
 
 REPO = Path(__file__).resolve().parent.parent
-TOKENS = {"agent": "agent-secret", "admin": "admin-secret", "scheduler": "sched-secret", "reader": "read-secret"}
-
-
-class Peer:
-    """One PeerProtocol on a StringTransport, with helpers to send lines and read what cidd wrote."""
-
-    def __init__(self, factory: CiddFactory) -> None:
-        self.proto: PeerProtocol = factory.buildProtocol(None)
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
-        self.proto.makeConnection(self.transport)
-
-    def send(self, message: dict | bytes) -> None:
-        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
-        self.proto.dataReceived(data)
-
-    def received(self) -> list[dict]:
-        lines = self.transport.value().decode().splitlines()
-        self.transport.clear()
-        return [json.loads(line) for line in lines]
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting or self.transport.disconnected
 
 
 @pytest.fixture
@@ -55,19 +30,6 @@ def world(tmp_path):
     engine.start()
     factory = CiddFactory(engine, sessions, TOKENS, clock)
     return clock, engine, factory
-
-
-def agent_hello(node="n1", mode="system", image="debian-12-1", boot="b1", token=None) -> dict:
-    token = node_token("agent-secret", node) if token is None else token  # each node has its own token
-    return {"type": "hello", "id": 1, "proto": 1, "role": "agent", "token": token, "node": node, "mode": mode,
-            "image": image, "boot_id": boot, "extra_key_is_ignored": True}
-
-
-def client(factory, role="admin") -> Peer:
-    peer = Peer(factory)
-    peer.send({"type": "hello", "id": 1, "proto": 1, "role": role, "token": TOKENS[role]})
-    assert peer.received()[0]["type"] == "reply"
-    return peer
 
 
 def test_agent_hello_is_accepted_and_the_node_becomes_ready(world):

@@ -27,7 +27,7 @@ from cidd.engine import Engine
 from cidd.sessions import CiddFactory, PeerProtocol, Sessions
 from cidd.store import Store
 from cidd.user_directory import UserDatabaseUnavailable, UserDirectory, thread_runner
-from tests.test_sessions import TOKENS, Peer, agent_hello, client
+from tests.fakes import TOKENS, Peer, agent_hello, client
 
 REPO = Path(__file__).resolve().parent.parent
 

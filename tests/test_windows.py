@@ -19,6 +19,7 @@ from cidd.machine import State
 from cidd.status_http import EngineCollector
 from cidd.store import Store
 from cidd.windows import Window
+from tests.fakes import SilentLink
 
 IMAGE = "alma-9-1"
 
@@ -41,28 +42,14 @@ def test_window_bounds_holders_and_starts_the_oldest_waiting_request() -> None:
         Window("bad", 0)
 
 
-class Link:
-    """Records the commands sent to agents; they never answer (the reboot happens when the test says)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict]] = []
-
-    def command(self, node: str, message: dict) -> Deferred:
-        self.sent.append((node, message))
-        return Deferred()
-
-    def reboots(self) -> list[str]:
-        return [node for node, message in self.sent if message["type"] == "reboot"]
-
-
-def make_engine(tmp_path, count: int, windows: dict, timeout: float = 100.0) -> tuple[Engine, Clock, Link]:
+def make_engine(tmp_path, count: int, windows: dict, timeout: float = 100.0) -> tuple[Engine, Clock, SilentLink]:
     config = parse_config({"state_dir": str(tmp_path), "nodes": [{"hosts": f"n[001-{count:03d}]"}],
                            "windows": windows, "capture_timeout": 100000,
                            "groups": {"default": {"ladder": [{"method": "reboot", "timeout": timeout},
                                                              {"method": "reboot", "timeout": timeout}]}}},
                           "test.yaml")
     catalog = Catalog({IMAGE: Image("alma", "9", "1", "alma-9-1.tar.zst")})
-    clock, link = Clock(), Link()
+    clock, link = Clock(), SilentLink()
     clock.advance(1000)
     engine = Engine(config, catalog, Store(":memory:"), clock, link)
     engine.start()
@@ -152,7 +139,7 @@ def test_queued_reboots_survive_a_restart(tmp_path) -> None:
     engine.capture("j1", names(4), IMAGE, "alice", "slurm", None)
     assert link.reboots() == ["n001", "n002"]
     assert engine.nodes["n004"].deadline is None
-    restarted = Engine(engine.config, engine.catalog, engine.store, clock, Link())
+    restarted = Engine(engine.config, engine.catalog, engine.store, clock, SilentLink())
     restarted.start()
     assert restarted.reboot_window.in_flight == 2  # n001 and n002 hold their slots again
     assert restarted.nodes["n004"].deadline == clock.seconds() + 100  # agent rung: resent when it connects
@@ -201,7 +188,7 @@ def test_power_window_bounds_bmc_actions_and_starts_the_deadline_with_the_call(t
     clock, bmcs = Clock(), Bmcs()
     clock.advance(1000)
     engine = Engine(config, Catalog({IMAGE: Image("alma", "9", "1", "alma-9-1.tar.zst")}), Store(":memory:"),
-                    clock, Link(), bmcs)  # type: ignore[arg-type]
+                    clock, SilentLink(), bmcs)  # type: ignore[arg-type]
     engine.start()
     engine.capture("j1", names(6), IMAGE, "alice", "slurm", None)
     assert [node for _, node, _ in bmcs.pending()] == ["n001", "n002"]  # two power actions at once
