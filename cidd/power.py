@@ -9,6 +9,9 @@ pyghmi trap (see notes/real-components.md): a second ``Command`` to the same BMC
 when user and password are ``str``. Here credentials are always ``bytes`` and there is one ``Command`` per BMC
 address, created on first use and reused; it is dropped (and made again next time) after an error.
 
+pyghmi's shared I/O loop loses wake-ups when several threads wait at once (up to about a second per login step)
+and can stall on a socket left blocking; ``cidcommon.pyghmi_io.apply()`` fixes both before the first call.
+
 The password never appears in a log event, an error message or a ``repr``.
 """
 
@@ -28,6 +31,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from cidcommon import pyghmi_io
 from cidcommon.errors import CidError, TokenFileError
 from cidcommon.paths import check_private
 
@@ -360,6 +364,8 @@ class _DaemonThreadPool(ThreadPool):
 def _pyghmi_command(host: str, port: int, user: bytes, password: bytes) -> Any:
     """Return a logged-in pyghmi Command (user and password as bytes: see the module docstring)."""
     from pyghmi.ipmi.command import Command
+
+    pyghmi_io.apply()
 
     return Command(bmc=host, userid=user, password=password, port=port)
 

@@ -28,6 +28,7 @@ from pyghmi.ipmi import bmc as pyghmi_bmc
 from pyghmi.ipmi.private import serversession
 from pyghmi.ipmi.private import session as ipmisession
 
+from cidcommon import pyghmi_io
 from cidcommon.errors import CidError
 
 if TYPE_CHECKING:
@@ -235,6 +236,7 @@ class SimBmcs:
         """Open one UDP port per node and start the IPMI thread; raise SimBmcError when a port is taken."""
         if self._thread is not None:
             return
+        pyghmi_io.apply()
         try:
             for node in self._nodes:
                 self.bmcs[node.name] = SimBmc(node, self.ports[node.name], self._user, self._password,

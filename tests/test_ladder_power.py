@@ -7,6 +7,7 @@ is "agent reboot (3 s) → power cycle with network boot through the BMC".
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import time
@@ -61,6 +62,25 @@ def cluster(tmp_path_factory):
         cluster.stop()
 
 
+def bmc_trail(cluster: Cluster, last: int = 60) -> str:
+    """Return the last BMC events of cidd (power.*) and of the fleet's BMCs (simbmc.*), in time order.
+
+    Shown when a test here fails, so that a failure in CI says which BMC call was slow or unanswered.
+    """
+    events = [e for e in cluster.log_events() if str(e.get("event", "")).startswith("power.")]
+    for log in sorted(cluster.root.glob("fleet-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"simbmc.' in line:
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    pass
+    events.sort(key=lambda e: str(e.get("timestamp", "")))
+    keys = ("event", "node", "action", "seconds", "error", "port", "device")
+    return "\n".join(" ".join(f"{k}={e[k]}" for k in ("timestamp", *keys) if e.get(k) is not None)
+                     for e in events[-last:])
+
+
 def history(cluster: Cluster, job: str) -> list[tuple]:
     with sqlite3.connect(cluster.db) as db:
         return db.execute("SELECT ts, node, from_state, to_state, rung, detail FROM events WHERE job = ? "
@@ -70,7 +90,7 @@ def history(cluster: Cluster, job: str) -> list[tuple]:
 def test_hung_reboots_end_ready_through_a_power_cycle(cluster: Cluster) -> None:
     result = cluster.cidcapt("-j", "hard1", "-n", "node[01-20]", "-i", "rocky-9-3", "--timeout", "180",
                              timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:] + "\n" + bmc_trail(cluster)
     # A BMC call that timed out under load may still be carried out by the BMC a little later (IPMI has no
     # cancel): that node then reboots from its disk once more and comes back ready. Allow it to settle.
     end = time.monotonic() + 30
@@ -102,7 +122,7 @@ def test_a_bmc_that_does_not_answer_fails_its_node_without_holding_up_the_others
     failed = [line for line in result.stderr.splitlines() if "node21" in line and "failed" in line]
     assert failed and any("BMC" in line and "127.0.0.1:" in line for line in failed), result.stderr[-3000:]
     status = cluster.status("node[17-21]")
-    assert all(status[f"node{n}"]["state"] == "ready" for n in range(17, 21))
+    assert all(status[f"node{n}"]["state"] == "ready" for n in range(17, 21)), (status, bmc_trail(cluster))
     rows = history(cluster, "dead1")
     ready_at = max(ts for ts, node, _s, dst, _r, _d in rows if dst == "ready")
     failed_at = next(ts for ts, node, _s, dst, _r, _d in rows if node == "node21" and dst == "failed")
@@ -116,7 +136,8 @@ def test_a_node_that_is_off_is_powered_on_through_its_bmc(cluster: Cluster) -> N
     port = cluster.bmc_base + 15  # node16: ports go in name order
     ipmitool = ["ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(port), "-U", "cidadmin",
                 "-P", "s3cret-bmc-pass", "chassis", "power"]
-    assert subprocess.run([*ipmitool, "off"], capture_output=True, timeout=30).returncode == 0
+    powered_off = subprocess.run([*ipmitool, "off"], capture_output=True, text=True, timeout=30)
+    assert powered_off.returncode == 0, powered_off.stderr + "\n" + bmc_trail(cluster)
     deadline = time.monotonic() + 20
     while cluster.status("node16")["node16"]["online"] and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -132,9 +153,9 @@ def test_a_node_that_is_off_is_powered_on_through_its_bmc(cluster: Cluster) -> N
 
 def test_admin_power_command_and_a_dead_bmc(cluster: Cluster) -> None:
     status = cluster.cidcapt("--power", "status", "node[14-15,21]", timeout=120)
-    assert status.returncode == 1, status.stderr  # node21's BMC never answers
+    assert status.returncode == 1, status.stderr + bmc_trail(cluster)  # node21's BMC never answers
     rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:]}
-    assert "ok" in rows["node14"] and "on" in rows["node14"]
+    assert "ok" in rows["node14"] and "on" in rows["node14"], (status.stdout, bmc_trail(cluster))
     assert "FAILED" in rows["node21"] and "BMC" in rows["node21"]
     cycled = cluster.cidcapt("--power", "cycle", "node14", timeout=120)
     assert cycled.returncode == 0, cycled.stderr

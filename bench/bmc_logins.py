@@ -1,0 +1,125 @@
+"""BMC call latency with several calls at once: pyghmi as shipped against cidd's patched I/O loop, same run.
+
+    python bench/bmc_logins.py [--bmcs 4] [--dead 1] [--rounds 15]
+
+Starts --bmcs real BMC simulators (OpenIPMI's ``ipmi_sim``, one process and UDP port each, on 127.0.0.1) and
+reserves --dead UDP ports where nothing answers (a BMC that is down). Each round runs two fresh processes, in
+alternating order: one with pyghmi as shipped and one through cidd's ``cidd.power`` factory, which applies
+``cidcommon.pyghmi_io`` first. Each process logs in to every BMC at once (one thread per BMC, as cidd's power pool
+does) and reads the chassis power state. A round's figure is the time until the slowest live BMC answered; the
+dead ports only have to fail (they keep pyghmi's retransmit timers running, as a dead BMC does in production).
+
+Prints the median and maximum of each variant, then ``bmc_batch_ratio=`` (patched median / shipped median) as
+its last line. Needs ``ipmi_sim`` and ``ipmitool`` (``make test`` installs them). Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.ipmisim import PASSWORD, USER, IpmiSim  # noqa: E402
+
+
+def child(ports: list[int], dead: list[int], patched: bool) -> None:
+    """In a fresh process: log in to every port at once and print one JSON line of per-port seconds."""
+    if patched:
+        from cidd.power import _pyghmi_command as make_command
+    else:
+        from pyghmi.ipmi.command import Command
+
+        def make_command(host: str, port: int, user: bytes, password: bytes):  # type: ignore[no-untyped-def]
+            return Command(bmc=host, userid=user, password=password, port=port)
+
+    results: dict[int, float | str] = {}
+    start = time.monotonic()
+
+    def call(port: int) -> None:
+        try:
+            state = make_command("127.0.0.1", port, USER.encode(), PASSWORD.encode()).get_power()["powerstate"]
+            results[port] = time.monotonic() - start if state in ("on", "off") else f"odd state {state}"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            results[port] = f"{type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=call, args=(port,), daemon=True) for port in ports + dead]
+    for thread in threads:
+        thread.start()
+    for thread in threads[: len(ports)]:
+        thread.join(30)
+    live = [results.get(port, "no answer within 30 s") for port in ports]
+    print(json.dumps({"live": live}), flush=True)
+
+
+def free_dead_ports(count: int) -> list[int]:
+    """Return ``count`` UDP ports on 127.0.0.1 with nothing bound (a moment ago)."""
+    ports = []
+    for _ in range(count):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    return ports
+
+
+def one_round(ports: list[int], dead: list[int], patched: bool) -> float:
+    """Run one child; return the seconds until its slowest live BMC answered (raise on any failure)."""
+    args = [sys.executable, __file__, "--child", "--ports", ",".join(map(str, ports)),
+            "--dead-ports", ",".join(map(str, dead))] + (["--patched"] if patched else [])
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+    live = json.loads(out.stdout.strip().splitlines()[-1])["live"]
+    failures = [value for value in live if isinstance(value, str)]
+    if failures:
+        raise RuntimeError(f"{'patched' if patched else 'shipped'} pyghmi: {failures}")
+    return max(live)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bmcs", type=int, default=4, help="live ipmi_sim BMCs (default 4)")
+    parser.add_argument("--dead", type=int, default=1, help="dead BMC ports (default 1)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds per variant (default 15)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--patched", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ports", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--dead-ports", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child([int(p) for p in args.ports.split(",") if p], [int(p) for p in args.dead_ports.split(",") if p],
+              args.patched)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="cid-bench-bmc-") as tmp:
+        sims = [IpmiSim(Path(tmp) / f"bmc{i}") for i in range(args.bmcs)]
+        try:
+            for sim in sims:
+                sim.start()
+            ports = [sim.port for sim in sims]
+            dead = free_dead_ports(args.dead)
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for n in range(args.rounds):
+                order = (False, True) if n % 2 == 0 else (True, False)
+                for patched in order:
+                    times[patched].append(one_round(ports, dead, patched))
+        finally:
+            for sim in sims:
+                sim.stop()
+    for patched, label in ((False, "shipped"), (True, "patched")):
+        values = times[patched]
+        print(f"{label}: slowest of {args.bmcs} concurrent logins+status, {args.dead} dead BMC(s): "
+              f"median {statistics.median(values):.3f} s, max {max(values):.3f} s over {len(values)} rounds")
+    ratio = statistics.median(times[True]) / statistics.median(times[False])
+    print(f"bmc_batch_ratio={ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
