@@ -3,7 +3,10 @@
 Every BMC call runs on a small dedicated thread pool (never the reactor thread, never Twisted's shared pool), at
 most ``max_concurrent`` at once (a DeferredSemaphore), and the caller's Deferred fails after ``call_timeout``
 seconds whatever the BMC does. A BMC that hangs keeps its pool thread (and its slot) until pyghmi itself gives
-up, so one dead BMC costs one slot, never the other BMCs' calls. Calls to the same BMC run one at a time.
+up, so one dead BMC costs one slot, never the other BMCs' calls. Calls to the same BMC run one at a time. A call
+still waiting for a slot when its Deferred fails (timed out or cancelled) is never sent: a power cycle the
+ladder has given up on must not reach the node later. (A call already sent cannot be taken back: IPMI has no
+cancel.)
 
 pyghmi trap (see notes/real-components.md): a second ``Command`` to the same BMC in one process blocks forever
 when user and password are ``str``. Here credentials are always ``bytes`` and there is one ``Command`` per BMC
@@ -283,7 +286,12 @@ class PowerController:
         result: Deferred[T] = Deferred()
         started = self._reactor.seconds()
 
-        def run(_: object) -> Deferred[T]:
+        def run(_: object) -> Deferred[T] | None:
+            if result.called:  # the caller gave up (timeout, cancel) while this call waited for a slot
+                log.info("power.skipped", node=node, bmc=address, action=action,
+                         reason="the caller gave up before a BMC slot was free")
+                self._semaphore.release()
+                return None
             self.in_flight += 1
             d = deferToThreadPool(self._reactor, self._pool, self._in_thread, key, body)
 
