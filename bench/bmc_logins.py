@@ -9,14 +9,19 @@ alternating order: one with pyghmi as shipped and one through cidd's ``cidd.powe
 does) and reads the chassis power state. A round's figure is the time until the slowest live BMC answered; the
 dead ports only have to fail (they keep pyghmi's retransmit timers running, as a dead BMC does in production).
 
-Prints the median and maximum of each variant, then ``bmc_batch_ratio=`` (patched median / shipped median) as
-its last line. Needs ``ipmi_sim`` and ``ipmitool`` (``make test`` installs them). Not part of the test suite.
+Then the cost of the fix: a process whose 8 threads (cidd's default ``bmc.max_concurrent``) all log in to dead
+BMCs at once, until pyghmi gives up (about 5 s); its CPU time as a share of one core, shipped and patched.
+
+Prints the median and maximum of each variant, the CPU shares, then ``bmc_batch_ratio=`` (patched median /
+shipped median) as its last line. Needs ``ipmi_sim`` and ``ipmitool`` (``make test`` installs them). Not part
+of the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import socket
 import statistics
 import subprocess
@@ -34,14 +39,7 @@ from tests.ipmisim import PASSWORD, USER, IpmiSim  # noqa: E402
 
 def child(ports: list[int], dead: list[int], patched: bool) -> None:
     """In a fresh process: log in to every port at once and print one JSON line of per-port seconds."""
-    if patched:
-        from cidd.power import _pyghmi_command as make_command
-    else:
-        from pyghmi.ipmi.command import Command
-
-        def make_command(host: str, port: int, user: bytes, password: bytes):  # type: ignore[no-untyped-def]
-            return Command(bmc=host, userid=user, password=password, port=port)
-
+    make_command = _factory(patched)
     results: dict[int, float | str] = {}
     start = time.monotonic()
 
@@ -59,6 +57,53 @@ def child(ports: list[int], dead: list[int], patched: bool) -> None:
         thread.join(30)
     live = [results.get(port, "no answer within 30 s") for port in ports]
     print(json.dumps({"live": live}), flush=True)
+
+
+def dead_cpu_child(patched: bool, threads: int = 8) -> None:
+    """In a fresh process: ``threads`` logins to dead ports at once; print the CPU share of one core (JSON)."""
+    make_command = _factory(patched)
+    dead = []
+    for _ in range(threads):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))  # bound, never answering: a BMC that is down
+        dead.append(sock)
+
+    def call(port: int) -> None:
+        try:
+            make_command("127.0.0.1", port, USER.encode(), PASSWORD.encode())
+        except Exception:  # noqa: BLE001 - failing is what a dead BMC does
+            pass
+
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    workers = [threading.Thread(target=call, args=(sock.getsockname()[1],)) for sock in dead]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    after, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - start
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    print(json.dumps({"cpu_share": cpu / wall, "wall": wall}), flush=True)
+
+
+def _factory(patched: bool):  # type: ignore[no-untyped-def]
+    """Return the Command factory: cidd's (fixes applied) or pyghmi's as shipped."""
+    if patched:
+        from cidd.power import _pyghmi_command
+
+        return _pyghmi_command
+    from pyghmi.ipmi.command import Command
+
+    def make_command(host: str, port: int, user: bytes, password: bytes):  # type: ignore[no-untyped-def]
+        return Command(bmc=host, userid=user, password=password, port=port)
+
+    return make_command
+
+
+def dead_cpu(patched: bool) -> float:
+    """Return the CPU share of one core used by 8 concurrent logins to dead BMCs (one fresh process)."""
+    args = [sys.executable, __file__, "--child-dead-cpu"] + (["--patched"] if patched else [])
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["cpu_share"])
 
 
 def free_dead_ports(count: int) -> list[int]:
@@ -89,10 +134,14 @@ def main() -> int:
     parser.add_argument("--dead", type=int, default=1, help="dead BMC ports (default 1)")
     parser.add_argument("--rounds", type=int, default=15, help="rounds per variant (default 15)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-dead-cpu", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--patched", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ports", default="", help=argparse.SUPPRESS)
     parser.add_argument("--dead-ports", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_dead_cpu:
+        dead_cpu_child(args.patched)
+        return 0
     if args.child:
         child([int(p) for p in args.ports.split(",") if p], [int(p) for p in args.dead_ports.split(",") if p],
               args.patched)
@@ -116,6 +165,12 @@ def main() -> int:
         values = times[patched]
         print(f"{label}: slowest of {args.bmcs} concurrent logins+status, {args.dead} dead BMC(s): "
               f"median {statistics.median(values):.3f} s, max {max(values):.3f} s over {len(values)} rounds")
+    shares: dict[bool, list[float]] = {False: [], True: []}
+    for n in range(3):
+        for patched in ((False, True) if n % 2 == 0 else (True, False)):
+            shares[patched].append(dead_cpu(patched))
+    print(f"8 logins to dead BMCs at once, CPU share of one core (median of 3): shipped "
+          f"{100 * statistics.median(shares[False]):.1f} %, patched {100 * statistics.median(shares[True]):.1f} %")
     ratio = statistics.median(times[True]) / statistics.median(times[False])
     print(f"bmc_batch_ratio={ratio:.3f}")
     return 0
