@@ -8,9 +8,15 @@ still waiting for a slot when its Deferred fails (timed out or cancelled) is nev
 ladder has given up on must not reach the node later. (A call already sent cannot be taken back: IPMI has no
 cancel.)
 
+Every call logs in, does its work and logs out (as ipmitool does). A session kept open between calls goes
+stale when the BMC restarts or expires idle sessions (pyghmi only keeps a session alive while some thread is
+inside its I/O loop, which cidd is not between calls): the next call then spent about 20 s in pyghmi's
+retransmits before it logged in again, longer than a typical ``bmc.timeout``. A login costs a few round trips
+(5-10 ms to ``ipmi_sim``), and no BMC session slot (BMCs have only a handful) stays taken by cidd.
+
 pyghmi trap (see notes/real-components.md): a second ``Command`` to the same BMC in one process blocks forever
-when user and password are ``str``. Here credentials are always ``bytes`` and there is one ``Command`` per BMC
-address, created on first use and reused; it is dropped (and made again next time) after an error.
+when user and password are ``str``. Here credentials are always ``bytes``, and the previous session to that BMC
+is logged out before the next one starts (calls to the same BMC run one at a time).
 
 pyghmi's shared I/O loop loses wake-ups when several threads wait at once (up to about a second per login step)
 and can stall on a socket left blocking; ``cidcommon.pyghmi_io.apply()`` fixes both before the first call.
@@ -198,7 +204,6 @@ class PowerController:
         self._factory = command_factory or _pyghmi_command
         self._semaphore = DeferredSemaphore(self.max_concurrent)
         self._pool = _DaemonThreadPool(minthreads=0, maxthreads=self.max_concurrent, name="cidd-power")
-        self._commands: dict[tuple[str, int], Any] = {}
         self._locks: dict[tuple[str, int], threading.Lock] = {}
         self._guard = threading.Lock()
         self._started = False
@@ -332,20 +337,16 @@ class PowerController:
         return result
 
     def _in_thread(self, key: tuple[str, int], body: Callable[[Any], T]) -> T:
-        """In a pool thread: run ``body`` with the BMC's Command (made on first use); drop it after an error."""
+        """In a pool thread: log in to the BMC at ``key``, return ``body(command)``, log out (always)."""
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            command = self._commands.get(key)
+            command = self._factory(key[0], key[1], self._credentials.user.encode(),
+                                    self._credentials.password.encode())
             try:
-                if command is None:
-                    command = self._factory(key[0], key[1], self._credentials.user.encode(),
-                                            self._credentials.password.encode())
-                    self._commands[key] = command
                 return body(command)
-            except Exception:
-                self._commands.pop(key, None)
-                raise
+            finally:
+                _logout(command)
 
     def _as_power_error(self, node: str, address: str, failure: Failure) -> PowerError:
         """Return the PowerError for a failed BMC call (the password never appears in it)."""
@@ -376,6 +377,17 @@ def _pyghmi_command(host: str, port: int, user: bytes, password: bytes) -> Any:
     pyghmi_io.apply()
 
     return Command(bmc=host, userid=user, password=password, port=port)
+
+
+def _logout(command: Any) -> None:
+    """Close ``command``'s IPMI session (one round trip, not retried) unless a console shares it; never raise."""
+    session = getattr(command, "ipmi_session", None)
+    if session is None or getattr(session, "sol_handler", None) is not None:
+        return  # pyghmi shares one session per BMC in a process: this one carries an open console, keep it
+    try:
+        session.logout()
+    except Exception as exc:  # noqa: BLE001 - a failed logout only leaves a session for the BMC to expire
+        log.debug("power.logout_failed", error=type(exc).__name__)
 
 
 def _cycle(command: Any) -> None:

@@ -18,6 +18,7 @@ authentication algorithms other than HMAC-SHA1 at session open, so the client fa
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -55,6 +56,30 @@ class _Sha1OnlySession(serversession.ServerSession):  # type: ignore[misc]
         if len(request) > 12 and request[12] != SHA1_AUTH:
             return bytearray([request[0], RMCP_INVALID_AUTH_ALGORITHM, 0, 0]) + bytearray(request[4:8])
         return super().create_open_session_response(request)
+
+    def _handle_ipmi_packet(self, data: bytearray, sockaddr: Any = None, qent: Any = None) -> Any:
+        """Handle a packet of this session; a new login from the same client address goes to this BMC afresh.
+
+        pyghmi keys server sessions by client address, then BMC port, for every BMC of the process. When a new
+        login (an IPMI 1.5 packet with sequence and session 0) reaches an old session, pyghmi drops the entry
+        of that client address for *every* BMC, which loses the other BMCs' sessions and logins in flight from
+        the same client (cidd talks to all BMCs from one socket). Only this BMC's entry is dropped here.
+        """
+        if (qent is not None and len(data) >= 13 and data[4] in (0, 2)
+                and struct.unpack("<II", bytes(data[5:13])) == (0, 0)
+                and qent[2] in ipmisession.Session.bmc_handlers):
+            handlers = ipmisession.Session.bmc_handlers.get(sockaddr, {})
+            if handlers.get(self.bmc.port) is self:
+                del handlers[self.bmc.port]
+            if not handlers:
+                ipmisession.Session.bmc_handlers.pop(sockaddr, None)
+            self.bmc.sessionless_data(data, sockaddr)
+            return None
+        return super()._handle_ipmi_packet(data, sockaddr=sockaddr, qent=qent)
+
+    def sessionless_data(self, data: bytes, sockaddr: Any) -> Any:
+        """A packet queued for this session after its entry was dropped: this session's BMC handles it."""
+        return self.bmc.sessionless_data(data, sockaddr)
 
 
 class SimBmcError(CidError):

@@ -139,6 +139,25 @@ async def test_controller_drives_ipmi_sim_status_on_off_cycle_reset_and_next_boo
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
+async def test_a_bmc_that_restarted_between_two_calls_answers_the_next_one(ipmisim: IpmiSim) -> None:
+    """Each call logs in and out: a BMC reset (firmware update, watchdog) or an expired idle session between two
+    calls costs nothing. With a session kept open between calls, the next call spent ~20 s in pyghmi's
+    retransmits before logging in again, so it failed any shorter call limit."""
+    power = PowerController(CREDS, reactor, call_timeout=5)
+    try:
+        assert await power.status("node01", ipmisim.address) == "off"
+        await threads.deferToThread(ipmisim.stop)
+        ipmisim.start()  # same port, no sessions: a BMC that rebooted
+        ipmisim.power = "on"
+        assert await power.status("node01", ipmisim.address) == "on"
+        await power.off("node01", ipmisim.address)
+        assert ipmisim.power == "off"
+    finally:
+        power.stop()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
 async def test_wrong_password_fails_with_a_power_error_naming_the_bmc(ipmisim: IpmiSim) -> None:
     power = PowerController(BmcCredentials(USER, "wrong-password"), reactor, call_timeout=15)
     try:
@@ -366,6 +385,59 @@ async def test_power_controller_drives_the_simulated_fleet(tmp_path: Path) -> No
         assert (await again)["mode"] == "system"
     finally:
         await threads.deferToThread(power.stop)
+        fleet.terminate()
+        try:
+            await threads.deferToThread(fleet.wait, 10)
+        except subprocess.TimeoutExpired:
+            fleet.kill()
+        log.close()
+        await listening.stopListening()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_a_new_login_to_one_simulated_bmc_keeps_the_sessions_of_the_others(tmp_path: Path) -> None:
+    """cidd talks to every BMC from one socket; pyghmi's BMC server keys sessions by client address for all the
+    BMCs of its process, and a new login to one BMC used to drop the open sessions of all the others."""
+    from pyghmi.ipmi.command import Command
+
+    require_ipmitool()
+    factory = TinyCiddFactory()
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    token_file = tmp_path / "agent.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    creds = tmp_path / "bmc.cred"
+    creds.write_text("admin:simpw\n")
+    creds.chmod(0o600)
+    base = free_udp_port()
+    announced = factory.wait_for(lambda m: m["type"] == "hello" and m["node"] == "sim02", timeout=30)
+    log = (tmp_path / "fleet.log").open("ab")
+    fleet = subprocess.Popen(
+        [sys.executable, "-m", "cidkid.main", "--sim", "sim[01-02]", "--server",
+         f"127.0.0.1:{listening.getHost().port}", "--token-file", str(token_file), "--sim-dir", str(tmp_path / "sim"),
+         "--bmc-base-port", str(base), "--bmc-credentials", str(creds), "--plain-tcp"],
+        stdout=log, stderr=subprocess.STDOUT)
+
+    def login(port: int) -> Any:
+        return Command(bmc="127.0.0.1", userid=b"admin", password=b"simpw", port=port)
+
+    def scenario() -> tuple[str, int, int]:
+        first, second = login(base), login(base + 1)
+        assert second.get_power()["powerstate"] == "on"
+        session_before = second.ipmi_session.sessionid
+        first.ipmi_session.logout()
+        assert login(base).get_power()["powerstate"] == "on"  # a new login from the same client address
+        state = second.get_power()["powerstate"]  # over the session opened before that login
+        return state, session_before, second.ipmi_session.sessionid
+
+    try:
+        await announced
+        state, before, after = await threads.deferToThread(scenario)
+        assert state == "on"
+        assert after == before, "sim02's session was lost and pyghmi had to log in again"
+        assert b"simbmc.loop_error" not in (tmp_path / "fleet.log").read_bytes()
+    finally:
         fleet.terminate()
         try:
             await threads.deferToThread(fleet.wait, 10)
