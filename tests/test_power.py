@@ -336,6 +336,45 @@ def require_ipmitool() -> None:
     require("ipmitool")
 
 
+class FleetWithBmcs:
+    """A ``cidkid --sim sim[01-02]`` process whose nodes have BMCs on ``base`` and ``base + 1`` (user ``admin``,
+    password ``simpw``), connected to a TinyCidd (``factory``) over plain TCP: these tests are about the BMCs."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.factory = TinyCiddFactory()
+        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.token_file = tmp_path / "agent.token"
+        self.token_file.write_text(TOKEN + "\n")
+        self.token_file.chmod(0o600)
+        self.creds = tmp_path / "bmc.cred"
+        self.creds.write_text("admin:simpw\n")
+        self.creds.chmod(0o600)
+        self.base = free_udp_port()
+        self.log_path = tmp_path / "fleet.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> None:
+        """Start the fleet process (register ``factory.wait_for`` waiters first)."""
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "cidkid.main", "--sim", "sim[01-02]", "--server",
+                 f"127.0.0.1:{self.listening.getHost().port}", "--token-file", str(self.token_file),
+                 "--sim-dir", str(self.tmp_path / "sim"), "--bmc-base-port", str(self.base),
+                 "--bmc-credentials", str(self.creds), "--plain-tcp", *extra],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    async def stop(self) -> None:
+        """Stop the fleet process by PID (TERM, then KILL after 10 s) and the TinyCidd."""
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                await threads.deferToThread(self.process.wait, 10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        await self.listening.stopListening()
+
+
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_power_controller_drives_the_simulated_fleet(tmp_path: Path) -> None:
@@ -345,24 +384,11 @@ async def test_power_controller_drives_the_simulated_fleet(tmp_path: Path) -> No
     state, and a client and a server sharing one process can wait on each other.
     """
     require_ipmitool()
-    factory = TinyCiddFactory()
-    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    token_file = tmp_path / "agent.token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
-    creds = tmp_path / "bmc.cred"
-    creds.write_text("admin:simpw\n")
-    creds.chmod(0o600)
-    base = free_udp_port()
+    fleet = FleetWithBmcs(tmp_path)
+    factory, base = fleet.factory, fleet.base
     announced = [factory.wait_for(lambda m, n=n: m["type"] == "hello" and m["node"] == n, timeout=30)
                  for n in ("sim01", "sim02")]
-    log = (tmp_path / "fleet.log").open("ab")
-    fleet = subprocess.Popen(
-        [sys.executable, "-m", "cidkid.main", "--sim", "sim[01-02]", "--server",
-         f"127.0.0.1:{listening.getHost().port}", "--token-file", str(token_file), "--sim-dir", str(tmp_path / "sim"),
-         "--reboot-delay", "0.1", "--bmc-base-port", str(base), "--bmc-credentials", str(creds),
-         "--plain-tcp"],  # the tiny fake cidd speaks plain TCP; this test is about the BMCs
-        stdout=log, stderr=subprocess.STDOUT)
+    fleet.start("--reboot-delay", "0.1")
     power = PowerController(BmcCredentials("admin", "simpw"), reactor, call_timeout=10)
     address = f"127.0.0.1:{base + 1}"  # sim02
     try:
@@ -385,13 +411,7 @@ async def test_power_controller_drives_the_simulated_fleet(tmp_path: Path) -> No
         assert (await again)["mode"] == "system"
     finally:
         await threads.deferToThread(power.stop)
-        fleet.terminate()
-        try:
-            await threads.deferToThread(fleet.wait, 10)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
-        log.close()
-        await listening.stopListening()
+        await fleet.stop()
 
 
 @pytest.mark.slow
@@ -402,22 +422,10 @@ async def test_a_new_login_to_one_simulated_bmc_keeps_the_sessions_of_the_others
     from pyghmi.ipmi.command import Command
 
     require_ipmitool()
-    factory = TinyCiddFactory()
-    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    token_file = tmp_path / "agent.token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
-    creds = tmp_path / "bmc.cred"
-    creds.write_text("admin:simpw\n")
-    creds.chmod(0o600)
-    base = free_udp_port()
-    announced = factory.wait_for(lambda m: m["type"] == "hello" and m["node"] == "sim02", timeout=30)
-    log = (tmp_path / "fleet.log").open("ab")
-    fleet = subprocess.Popen(
-        [sys.executable, "-m", "cidkid.main", "--sim", "sim[01-02]", "--server",
-         f"127.0.0.1:{listening.getHost().port}", "--token-file", str(token_file), "--sim-dir", str(tmp_path / "sim"),
-         "--bmc-base-port", str(base), "--bmc-credentials", str(creds), "--plain-tcp"],
-        stdout=log, stderr=subprocess.STDOUT)
+    fleet = FleetWithBmcs(tmp_path)
+    base = fleet.base
+    announced = fleet.factory.wait_for(lambda m: m["type"] == "hello" and m["node"] == "sim02", timeout=30)
+    fleet.start()
 
     def login(port: int) -> Any:
         return Command(bmc="127.0.0.1", userid=b"admin", password=b"simpw", port=port)
@@ -436,15 +444,9 @@ async def test_a_new_login_to_one_simulated_bmc_keeps_the_sessions_of_the_others
         state, before, after = await threads.deferToThread(scenario)
         assert state == "on"
         assert after == before, "sim02's session was lost and pyghmi had to log in again"
-        assert b"simbmc.loop_error" not in (tmp_path / "fleet.log").read_bytes()
+        assert b"simbmc.loop_error" not in fleet.log_path.read_bytes()
     finally:
-        fleet.terminate()
-        try:
-            await threads.deferToThread(fleet.wait, 10)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
-        log.close()
-        await listening.stopListening()
+        await fleet.stop()
 
 
 @pytest_twisted.ensureDeferred
