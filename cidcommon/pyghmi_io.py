@@ -1,6 +1,6 @@
 """Two fixes to pyghmi's shared IPMI I/O loop, applied once per process before its first BMC call (``apply()``).
 
-pyghmi (1.5 and 1.6) runs one I/O thread per process: it ``select()``s on every IPMI socket, reads what arrived
+pyghmi (as of 1.6.19) runs one I/O thread per process: it ``select()``s on every IPMI socket, reads what arrived
 and wakes the threads waiting for it. Two flaws in that loop hurt cidd, which calls several BMCs at once from its
 power thread pool:
 
