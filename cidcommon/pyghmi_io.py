@@ -13,7 +13,8 @@ power thread pool:
    all re-check their state, so a lost wake-up now costs at most ``MAX_WAIT`` (see ``bench/bmc_logins.py``).
 2. **A blocking toggle.** ``_io_sendto`` makes the shared socket blocking before each send, while the I/O thread
    makes it non-blocking before each read. A send between those two steps leaves the I/O thread blocked in
-   ``recvfrom`` until a packet happens to arrive on that socket, which stalls every BMC session of the process.
+   ``recvfrom`` until a packet happens to arrive on that socket, stalling every BMC session of the process (read
+   in pyghmi's code; not reproduced here, even with the window between the two steps widened).
    ``apply()`` replaces the send with one that leaves the socket non-blocking and, when the send buffer is full,
    waits up to ``SEND_WAIT`` seconds for room (a packet that still does not fit is dropped, as pyghmi drops a
    failed send; IPMI retransmits).

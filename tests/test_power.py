@@ -468,43 +468,36 @@ async def test_stop_abandons_a_call_stuck_in_pyghmi_and_its_thread_is_a_daemon()
     release.set()
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_a_call_whose_caller_gave_up_while_queued_is_never_sent() -> None:
-    """A power cycle still waiting for a BMC slot when the ladder gives up on it must not reach the node later."""
-    release = threading.Event()
-    sent: list[str] = []
+async def test_a_call_whose_caller_gave_up_while_queued_is_never_sent(tmp_path: Path) -> None:
+    """A power cycle still waiting for a BMC slot when the ladder gives up on it must not reach the node later.
 
-    class Command:
-        def __init__(self, port: int) -> None:
-            self.port = port
-
-        def get_power(self) -> dict[str, str]:
-            sent.append(f"status {self.port}")
-            if self.port == 1:
-                release.wait(30)  # the first BMC is slow: it holds the only slot
-            return {"powerstate": "on"}
-
-        def set_power(self, state: str, wait: bool = False) -> None:
-            sent.append(f"{state} {self.port}")
-
-    power = PowerController(CREDS, reactor, max_concurrent=1, call_timeout=0.3,
-                            command_factory=lambda host, port, user, password: Command(port))
+    Two real ipmi_sim BMCs: the first answers slowly (its chassis takes 1 s) and holds the only slot; calls to
+    the second queue behind it, and their callers give up (a timeout, a cancel) before the slot frees.
+    """
+    slow_bmc, other = IpmiSim(tmp_path / "slow").start(), IpmiSim(tmp_path / "other").start()
+    (slow_bmc.root / "delay").write_text("1\n")
+    seen_slow, seen_other = len(slow_bmc.calls()), len(other.calls())  # start() checked each with ipmitool
+    power = PowerController(CREDS, reactor, max_concurrent=1, call_timeout=0.3)
     try:
-        slow = power.status("node01", "127.0.0.1:1")
+        slow = power.status("node01", slow_bmc.address)
         with capture_logs() as logs:
             with pytest.raises(PowerError, match="did not answer within 0.3 s"):
-                await power.on("node02", "127.0.0.1:2")  # queued behind node01, then timed out
-            cancelled = power.on("node03", "127.0.0.1:3")
+                await power.on("node02", other.address)  # queued behind node01, then timed out
+            cancelled = power.on("node03", other.address)
             cancelled.cancel()
             with pytest.raises(defer.CancelledError):
                 await cancelled
-            release.set()
             with pytest.raises(PowerError):
                 await slow  # its caller timed out too, but it had been sent: it ran to its end
-            assert await power.status("node04", "127.0.0.1:4") == "on"  # the slot is free again
+            power.call_timeout = 20
+            assert await power.status("node04", other.address) == "off"  # the slot is free again
     finally:
-        release.set()
         power.stop()
-    assert sent == ["status 1", "status 4"]
+        slow_bmc.stop()
+        other.stop()
+    assert set(slow_bmc.calls()[seen_slow:]) == {"get power"}  # pyghmi may resend to a slow BMC
+    assert other.calls()[seen_other:] == ["get power"] and other.power == "off"  # neither "on" reached it
     skipped = [(e["node"], e["action"]) for e in logs if e["event"] == "power.skipped"]
     assert skipped == [("node02", "on"), ("node03", "on")]
