@@ -13,8 +13,8 @@ from typing import Any, NoReturn, TextIO
 from cidcapt import __version__
 from cidcapt.connection import parse_server
 from cidcapt.exit_codes import EXIT_BAD_REQUEST, EXIT_CODES_HELP
-from cidcommon.paths import default_state_dir, read_token, token_path
-from cidcommon.tlsfiles import ClientTls, client_tls
+from cidcommon.paths import read_token, token_path
+from cidcommon.tlsfiles import ClientTls, client_tls, state_dir_from
 from cidcommon.wire import CLIENT_ROLES, DEFAULT_PORT
 
 
@@ -45,20 +45,20 @@ def _server(text: str) -> tuple[str, int]:
 
 
 def _seconds(minimum: float) -> Any:
-    """Return an argparse type accepting a number of seconds >= ``minimum`` (> 0 when minimum is 0+)."""
+    """Return an argparse type accepting a finite number of seconds >= ``minimum`` (NaN and inf are rejected)."""
     def convert(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if not value >= minimum or value != value or value == float("inf"):
+        if not value >= minimum or value == float("inf"):
             raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= {minimum:g}")
         return value
     return convert
 
 
 def default_user(env: Mapping[str, str]) -> str:
-    """Return the requester: $SLURM_JOB_USER, else $USER, else the name of the process's user id."""
+    """Return the requester: $SLURM_JOB_USER, else $USER, else $LOGNAME, else the name of the process's user id."""
     for key in ("SLURM_JOB_USER", "USER", "LOGNAME"):
         if env.get(key):
             return env[key]
@@ -69,7 +69,7 @@ def default_user(env: Mapping[str, str]) -> str:
 
 
 def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.ArgumentParser:
-    """Return the argument parser; defaults come from ``env`` (CID_SERVER, CID_ROLE)."""
+    """Return the argument parser; the --role default comes from ``env`` (CID_ROLE)."""
     parser = Parser(
         prog="cidcapt", out=out, err=err, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Put the nodes of a job into an image and wait until they run it (cid client).\n"
@@ -120,7 +120,8 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
     parser.add_argument("--json", action="store_true",
                         help="write events and a final result as JSON lines on stdout")
     parser.add_argument("--quiet", action="store_true", help="show only the summary and errors")
-    parser.add_argument("--user", default=None, help="the job's user (default $SLURM_JOB_USER or $USER)")
+    parser.add_argument("--user", default=None,
+                        help="the job's user (default $SLURM_JOB_USER, $USER or $LOGNAME, else the name of your uid)")
     parser.add_argument("--role", default=env.get("CID_ROLE") or "admin",
                         help="role to authenticate as: admin, scheduler, reader (default $CID_ROLE or admin)")
     parser.add_argument("--token-file", type=Path, default=None, metavar="PATH",
@@ -205,7 +206,7 @@ def choose_transport(parser: argparse.ArgumentParser, args: argparse.Namespace, 
             except ValueError as exc:
                 parser.error(f"$CID_SERVER: {exc}")
         elif args.token_file is None and not env.get("CID_TOKEN_FILE"):
-            state_dir = Path(env["CID_STATE_DIR"]) if env.get("CID_STATE_DIR") else default_state_dir()
+            state_dir = state_dir_from(env)
             if (state_dir / "cidd.sock").is_socket():
                 args.socket = state_dir / "cidd.sock"
     if args.socket is not None:
@@ -223,7 +224,7 @@ def role_token(args: argparse.Namespace, env: Mapping[str, str]) -> str:
     elif env.get("CID_TOKEN_FILE"):
         path = Path(env["CID_TOKEN_FILE"])
     else:
-        state_dir = Path(env["CID_STATE_DIR"]) if env.get("CID_STATE_DIR") else default_state_dir()
+        state_dir = state_dir_from(env)
         path = token_path(state_dir, args.role)
     return read_token(path)
 

@@ -13,6 +13,7 @@ EXIT_BAD_REQUEST = 2
 EXIT_DEADLINE = 3
 EXIT_UNREACHABLE = 4
 EXIT_REFUSED = 5
+EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = f"""\
 exit codes:
@@ -22,6 +23,7 @@ exit codes:
   3  deadline passed (the nodes still pending are listed with their step)
   4  cidd unreachable, authentication failed, or the head node's user database did not answer (retry)
   5  refused: no right to do this (role, rights rules, a private image), or a conflict with another job
+  130  interrupted (Ctrl-C)
 With --slurm the same codes; on 1 and 3 the failed and pending nodes are first drained (scontrol, reason
 "cid: ..."), so that Slurm requeues the job onto other nodes. --release exits 0 except for bad usage (2).
 

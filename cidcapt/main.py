@@ -8,7 +8,6 @@ code (cidcapt/exit_codes.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ from cidcapt import slurm
 from cidcapt.capture import CaptureRequest, CaptureRunner, Endpoint
 from cidcapt.cli import build_parser, check_args, choose_transport, default_user, role_token, tls_settings
 from cidcapt.connection import Clock, Sleep, Timing, open_session, simple_request
-from cidcapt.exit_codes import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, exit_code
+from cidcapt.exit_codes import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, exit_code
 from cidcapt.render import CAPTURES_HEADERS, STATUS_HEADERS, Renderer, captures_rows, counts, status_rows
 from cidcommon.errors import CidError
 from cidcommon.hostlists import collect, expand
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
     env = os.environ if env is None else env
     parser = build_parser(env, out, err)
     try:
-        args = parser.parse_args(argv)  # a string default (from $CID_SERVER) goes through type= too
+        args = parser.parse_args(argv)  # $CID_SERVER/$CID_SOCKET are read by choose_transport, not as defaults
         check_args(parser, args)
         choose_transport(parser, args, env)
     except SystemExit as exc:
@@ -175,7 +174,7 @@ def _power(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer,
     """Run a BMC power action; print one row per node; return 0, or 1 when some node failed."""
     action, hostlist = args.power
     host, port = args.server
-    slow = dataclasses.replace(timing, request_timeout=max(timing.request_timeout, 120.0))  # BMCs are slow
+    slow = replace(timing, request_timeout=max(timing.request_timeout, 120.0))  # BMCs are slow
     reply = simple_request(host, port, args.role, role_token(args, env),
                            {"type": "power", "action": action, "nodes": _compact(hostlist)[0]},
                            connect_timeout=args.connect_timeout, timing=slow, clock=clock, sleep=sleep,
@@ -229,7 +228,7 @@ def _capture(args: argparse.Namespace, env: Mapping[str, str], renderer: Rendere
     except KeyboardInterrupt:
         renderer.error(f"interrupted; if cidd accepted the capture it goes on: run the same command again to "
                        f"re-attach to job {job}")
-        return 130
+        return EXIT_INTERRUPTED
     code = exit_code(outcome)
     note = "cidd sent no result before the deadline" if outcome.local_deadline else ""
     renderer.summary(outcome.job, image, outcome.state, outcome.nodes, note=note)

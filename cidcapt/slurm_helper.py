@@ -28,8 +28,8 @@ from typing import Any, TextIO
 from cidcapt.connection import Timing, parse_server, simple_request
 from cidcapt.exit_codes import EXIT_BAD_REQUEST, EXIT_OK, exit_code
 from cidcommon.errors import BadRequest, CidError, UnknownNode
-from cidcommon.paths import default_state_dir, read_token, token_path
-from cidcommon.tlsfiles import client_tls
+from cidcommon.paths import read_token, token_path
+from cidcommon.tlsfiles import client_tls, state_dir_from
 from cidcommon.wire import DEFAULT_PORT
 
 #: A helper runs under slurmd's ExecTime limit (10 s by default): keep every wait short.
@@ -50,8 +50,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                     "  cid-slurm-helper            print the node's active cid features (get_state)\n"
                     "  cid-slurm-helper FEATURE    switch the node to FEATURE's image at its reboot (set_state)\n"
                     "  cid-slurm-helper --reboot   RebootProgram: reboot unless cid is switching the node",
-        epilog="exit codes (cidcapt's): 0 done, 2 bad request (unknown feature or node), 4 cidd unreachable or "
-               "authentication failed, 5 refused (another job holds the node); --reboot: the reboot command's code")
+        epilog="exit codes (cidcapt's): 0 done, 2 bad request (unknown feature or node), 4 cidd unreachable, "
+               "authentication failed, or the head node's user database did not answer, 5 refused (another job "
+               "holds the node); --reboot: the reboot command's code")
     parser.add_argument("feature", nargs="*", help="the feature to activate (set_state); ignored with --reboot")
     parser.add_argument("--reboot", action="store_true",
                         help="reboot the node with --reboot-command unless cid is switching it (cid reboots it then)")
@@ -91,7 +92,7 @@ class Helper:
         if self.args.token_file is not None:
             path = Path(self.args.token_file)
         else:
-            state = Path(self.env["CID_STATE_DIR"]) if self.env.get("CID_STATE_DIR") else default_state_dir()
+            state = state_dir_from(self.env)
             path = token_path(state, self.args.role)
         try:
             host, port = parse_server(self.args.server)

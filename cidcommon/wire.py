@@ -17,6 +17,8 @@ DEFAULT_HTTP_PORT = 38080
 MAX_LINE = 65536
 #: Clients accept longer lines from cidd: a status or capture of 10,000 nodes is a few MiB.
 MAX_REPLY_LINE = 64 * 1024 * 1024
+#: Seconds a new session has to send its hello before cidd closes it.
+HELLO_TIMEOUT = 10.0
 AGENT_ROLE = "agent"
 CLIENT_ROLES = ("admin", "scheduler", "reader")
 ROLES = (AGENT_ROLE, *CLIENT_ROLES)

@@ -111,8 +111,8 @@ class ClientAPI:
     def needs_groups(self, session: PeerProtocol, user: str | None, image: str, names: list[str]) -> bool:
         """Return whether the rights check of this capture needs the groups of ``user`` (a rule names groups)."""
         rules = self.engine.config.rights
-        return bool(user) and session.role != "admin" and rules is not None and image in self.engine.catalog \
-            and any(rule.groups for rule in rules) and all(self.engine.known(n) for n in names)
+        return bool(user) and rules is not None and any(rule.groups for rule in rules) \
+            and self._rights_facts(session, image, names) is not None
 
     def check_rights(self, session: PeerProtocol, user: str | None, image: str, names: list[str],
                      groups: frozenset[str]) -> None:
@@ -121,11 +121,19 @@ class ClientAPI:
 
         Unknown images and nodes are left to the engine (a bad request, exit 2). Raises RightsRefused.
         """
+        facts = self._rights_facts(session, image, names)
+        if facts is not None:
+            check_rights(self.engine.config.rights, user, facts, names, lambda _user: groups)
+
+    def _rights_facts(self, session: PeerProtocol, image: str, names: list[str]) -> ImageFacts | None:
+        """Return what the rights check needs of ``image``, or None when rights do not apply to this request.
+
+        They do not for the admin role, nor for an unknown image or node (left to the engine: a bad request).
+        """
         entry = self.engine.catalog.get(image)
         if session.role == "admin" or entry is None or not all(self.engine.known(n) for n in names):
-            return
-        facts = ImageFacts(entry.id, entry.name, entry.owner, entry.visibility)
-        check_rights(self.engine.config.rights, user, facts, names, lambda _user: groups)
+            return None
+        return ImageFacts(entry.id, entry.name, entry.owner, entry.visibility)
 
     def status(self, session: PeerProtocol, message: wire.Message) -> None:
         """Reply with the state of the requested nodes (every node when none is named)."""

@@ -1,6 +1,6 @@
 """cidd configuration: parsed once from YAML into frozen objects, every problem reported together.
 
-The sections below the top level (boot, bmc, tls, windows, scheduler, groups' policies) are in
+The sections below the top level (boot, bmc, tls, windows, users, scheduler, groups' policies) are in
 cidd.config_sections; this module holds Config and reads the top level.
 
 Every key has a working default, so ``cidd`` with no file starts on a laptop: state under the default state

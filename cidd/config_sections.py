@@ -9,9 +9,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from cidcommon.tlsfiles import PkiPaths, default_pki_paths
+from cidcommon.wire import HELLO_TIMEOUT
 from cidd.machine_types import LADDER_METHODS, NEXT_BOOT_METHODS, Policy, Rung
 
 
@@ -104,6 +105,23 @@ class ConfigReader:
             return default
         return float(value)
 
+    @overload
+    def whole(self, data: Mapping[str, Any], key: str, default: int, where: str) -> int: ...
+
+    @overload
+    def whole(self, data: Mapping[str, Any], key: str, default: None, where: str) -> int | None: ...
+
+    def whole(self, data: Mapping[str, Any], key: str, default: int | None, where: str) -> int | None:
+        """Return ``data[key]`` as a whole number >= 1 (``default`` when absent; None is allowed if that is it)."""
+        value = data.get(key, default)
+        if value is None and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            absent = ", or absent for no bound" if default is None else ""
+            self.problem(where, f"'{key}' must be a whole number >= 1{absent} (got {value!r})")
+            return default
+        return value
+
     def text(self, data: Mapping[str, Any], key: str, default: str, where: str,
              choices: tuple[str, ...] | None = None) -> str:
         value = data.get(key, default)
@@ -170,14 +188,9 @@ def windows_section(reader: ConfigReader, data: Mapping[str, Any]) -> WindowsCon
     """Return the ``windows`` section (no bound by default)."""
     section = reader.mapping(data, "windows", "top level")
     reader.unknown(section, {"reboots", "power", "timeout_per_node"}, "windows")
-    bounds: dict[str, int | None] = {}
-    for key in ("reboots", "power"):
-        value = section.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            reader.problem("windows", f"'{key}' must be a whole number >= 1, or absent for no bound (got {value!r})")
-            value = None
-        bounds[key] = value
-    return WindowsConfig(**bounds, timeout_per_node=reader.number(section, "timeout_per_node", 0.0, "windows"))
+    return WindowsConfig(reboots=reader.whole(section, "reboots", None, "windows"),
+                         power=reader.whole(section, "power", None, "windows"),
+                         timeout_per_node=reader.number(section, "timeout_per_node", 0.0, "windows"))
 
 
 def users_section(reader: ConfigReader, data: Mapping[str, Any]) -> UsersConfig:
@@ -186,20 +199,17 @@ def users_section(reader: ConfigReader, data: Mapping[str, Any]) -> UsersConfig:
     reader.unknown(section, {"timeout", "ttl", "stale_for", "max_lookups"}, "users")
     default = UsersConfig()
     timeout = reader.number(section, "timeout", default.timeout, "users", minimum=0.1)
-    if timeout >= 10:  # a local peer's hello must not wait longer than the session's hello timeout
-        reader.problem("users", f"'timeout' must be under 10 seconds, the time a session has for its hello "
-                       f"(got {timeout:g})")
+    if timeout >= HELLO_TIMEOUT:  # a local peer's hello must not wait longer than the session's hello timeout
+        reader.problem("users", f"'timeout' must be under {HELLO_TIMEOUT:g} seconds, the time a session has for "
+                       f"its hello (got {timeout:g})")
         timeout = default.timeout
     ttl = reader.number(section, "ttl", default.ttl, "users", minimum=0.0)
     stale_for = reader.number(section, "stale_for", default.stale_for, "users", minimum=0.0)
     if stale_for < ttl:
         reader.problem("users", f"'stale_for' ({stale_for:g}) must be at least 'ttl' ({ttl:g})")
-        stale_for = max(ttl, default.stale_for)
-    lookups = section.get("max_lookups", default.max_lookups)
-    if isinstance(lookups, bool) or not isinstance(lookups, int) or lookups < 1:
-        reader.problem("users", f"'max_lookups' must be a whole number >= 1 (got {lookups!r})")
-        lookups = default.max_lookups
-    return UsersConfig(timeout=timeout, ttl=ttl, stale_for=stale_for, max_lookups=lookups)
+        stale_for = default.stale_for  # parse_config raises on any problem: the value is never used
+    return UsersConfig(timeout=timeout, ttl=ttl, stale_for=stale_for,
+                       max_lookups=reader.whole(section, "max_lookups", default.max_lookups, "users"))
 
 
 def boot_section(reader: ConfigReader, data: Mapping[str, Any]) -> BootConfig:
@@ -213,6 +223,8 @@ def boot_section(reader: ConfigReader, data: Mapping[str, Any]) -> BootConfig:
                       cmdline=reader.text(section, "cmdline", "", "boot"),
                       server=reader.optional_text(section, "server", "boot"),
                       token_ttl=reader.number(section, "token_ttl", 7200.0, "boot", minimum=10.0))
+
+
 def tls_section(reader: ConfigReader, data: Mapping[str, Any]) -> TlsConfig:
     """Return the ``tls`` section (docs/configuration.md); ``mode: plain`` turns TLS off explicitly."""
     section = reader.mapping(data, "tls", "top level")

@@ -50,7 +50,7 @@ def count_refusals(metrics: Metrics, security: SecurityEvents, reactor: Any) -> 
 
 
 def listen_unix(engine: Engine, sessions: Sessions, tokens: Mapping[str, str], reactor: Any,
-                security: SecurityEvents, directory: UserDirectory | None = None) -> Any:
+                security: SecurityEvents, directory: UserDirectory) -> Any:
     """Listen on the configured local socket; return the listening port, or None when disabled or impossible.
 
     A socket path that is too long when it is only the default is skipped with a warning; a configured one

@@ -18,6 +18,7 @@ from cidcommon import __version__, wire
 from cidcommon.errors import AuthError, BadRequest, CidError
 from cidcommon.paths import node_token, tokens_equal
 from cidd.unix_peers import PeerIdentity, granted_role, socket_role
+from cidd.user_directory import UserDatabaseUnavailable
 
 log = structlog.get_logger("cidd.sessions")
 
@@ -48,12 +49,12 @@ class HelloChecks:
         """The user database did not tell who the local peer is: say so and close (nothing was done)."""
         self._identity_pending = False
         self._held = b""
-        error = failure.value if isinstance(failure.value, CidError) else CidError(failure.getErrorMessage())
+        error = (failure.value if isinstance(failure.value, CidError)
+                 else UserDatabaseUnavailable(failure.getErrorMessage()))
         log.warning("session.peer_lookup_failed", peer=self.peer, session=self.session_id, error=error.message)
         if not self.closed:
-            self.send(wire.error("unavailable", error.message))
+            self.send(wire.error(error.code, error.message))
             self.close()
-
 
     def _hello(self, message: wire.Message) -> None:
         proto = message.get("proto")

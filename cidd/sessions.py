@@ -23,20 +23,18 @@ from zope.interface import implementer
 from cidcommon import wire
 from cidcommon.errors import AuthError, CidError, Forbidden, ProtocolError
 from cidcommon.paths import node_token
+from cidcommon.wire import HELLO_TIMEOUT
 from cidd.client_api import ClientAPI
 from cidd.engine import Engine, SessionClosed
 from cidd.rights import RightsRefused
 from cidd.security_events import SecurityEvents, peer_host
 from cidd.session_hello import CertificateRefused, HelloChecks
 from cidd.unix_peers import PeerIdentity
-from cidd.user_directory import UserDirectory, system_groups_of, thread_runner
+from cidd.user_directory import UserDirectory, thread_runner
 
 log = structlog.get_logger("cidd.sessions")
 
 
-HELLO_TIMEOUT = 10.0
-#: Most bytes a local peer may send before cidd knows who it is (its hello and first request fit easily).
-MAX_HELD = 64 * 1024
 MAX_BAD_LINES = 10
 _session_ids = itertools.count(1)
 
@@ -184,9 +182,10 @@ class PeerProtocol(HelloChecks, Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._identity_pending:
             self._held += data
-            if len(self._held) > MAX_HELD:
-                self._reject(wire.LineTooLong(f"more than {MAX_HELD} bytes sent before cidd knew who this local "
-                                              "peer is; send the hello and wait for its reply"), close=True)
+            if len(self._held) > self.buffer.max_line:  # its hello and first request fit easily
+                self._reject(wire.LineTooLong(f"more than {self.buffer.max_line} bytes sent before cidd knew who "
+                                              "this local peer is; send the hello and wait for its reply"),
+                             close=True)
             return
         try:
             lines = self.buffer.feed(data)
@@ -330,7 +329,7 @@ class CiddFactory(Factory):
     """Builds a PeerProtocol per connection; holds what every session shares."""
 
     def __init__(self, engine: Engine, sessions: Sessions, tokens: Mapping[str, str], clock: IReactorTime,
-                 security: SecurityEvents | None = None, *, unix: bool = False, groups_of: Any = None,
+                 security: SecurityEvents | None = None, *, unix: bool = False,
                  directory: UserDirectory | None = None, tls: bool = False, client_certs: str = "none") -> None:
         self.engine = engine
         self.sessions = sessions
@@ -340,8 +339,7 @@ class CiddFactory(Factory):
         self.security = security or SecurityEvents(clock.seconds)
         self.unix = unix  # the local Unix socket: roles from SO_PEERCRED, no tokens
         # users and groups are looked up in a thread and cached (cidd/user_directory.py): never on the reactor
-        self.directory = directory or UserDirectory(clock, thread_runner(clock),  # type: ignore[arg-type]
-                                                    groups_of=groups_of or system_groups_of)
+        self.directory = directory or UserDirectory(clock, thread_runner(clock))  # type: ignore[arg-type]
         self.socket_roles = engine.config.socket.roles
         self.own_uid = os.geteuid()
         self.api = ClientAPI(engine, clock, self.directory)

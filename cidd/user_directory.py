@@ -200,11 +200,13 @@ class UserDirectory:
             waiter.callback(value)
 
     def _failed(self, failure: Failure, key: tuple[Any, ...], what: str) -> None:
-        log.error("user_directory.lookup_failed", looking_up=what, error=failure.getErrorMessage())
+        log.error("user_directory.lookup_failed", looking_up=what, error=failure.getErrorMessage(),
+                  traceback=failure.getTraceback())
         for waiter, timer in self._running.pop(key, []):
             timer.cancel()
             waiter.errback(UserDatabaseUnavailable(
-                f"cidd could not look up {what} in the head node's user database: {failure.getErrorMessage()}"))
+                f"cidd could not look up {what} in the head node's user database: {failure.getErrorMessage()}; "
+                "try again, and check sssd/LDAP/nscd"))
 
     def _expire(self, key: tuple[Any, ...], what: str, waiter: Deferred[Any]) -> None:
         if key in self._running:  # the lookup goes on: its answer, when it comes, is cached

@@ -17,6 +17,8 @@ from cidkid.install_errors import ArchiveError
 
 #: Size of the pieces the decompressor hands to tar (also the most it holds at once).
 WRITE_SIZE = 1 << 20
+#: What the decompressors raise for a corrupt stream (the installer catches these).
+DECODE_ERRORS = (zstandard.ZstdError, zlib.error)
 
 
 class PipeWriter:

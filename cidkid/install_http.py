@@ -15,6 +15,7 @@ import structlog
 
 from cidkid.install_errors import DownloadError, InstallError, VerifyError
 
+# Named after the installer on purpose: its log events kept their logger name when this module was split out.
 log = structlog.get_logger("cidkid.installer")
 
 

@@ -14,6 +14,7 @@ import structlog
 from cidkid.install_errors import TargetError, unwritable_target
 from cidkid.platform import InstallRequest
 
+# Named after the installer on purpose: its log events kept their logger name when this module was split out.
 log = structlog.get_logger("cidkid.installer")
 
 #: The marker of an installed image, relative to the target; and the flag of an unfinished install.

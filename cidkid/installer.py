@@ -43,16 +43,13 @@ import shutil
 import subprocess
 import threading
 import time
-import zlib
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-import zstandard
 
-from cidkid.decompress import WRITE_SIZE, PipeWriter, QueueSource, ungzip, unzstd
+from cidkid.decompress import DECODE_ERRORS, WRITE_SIZE, PipeWriter, QueueSource, ungzip, unzstd
 from cidkid.install_errors import ArchiveError, DownloadError, InstallError, TargetError, VerifyError
 from cidkid.install_http import CANCELLED_REASON, DownloadAborted, Opener, RangedDownload, Response, http_open
 from cidkid.install_marker import (
@@ -63,14 +60,11 @@ from cidkid.install_marker import (
     mark_incomplete,
     write_agent_token,
 )
-from cidkid.platform import InstallRequest, InstallResult
+from cidkid.platform import InstallRequest, InstallResult, ProgressCallback
 
 __all__ = ["INCOMPLETE", "MARKER", "InstallError", "stream_install"]
 
 log = structlog.get_logger(__name__)
-
-#: ``progress(step, bytes_done, bytes_total)``, called from the installing thread.
-Progress = Callable[[str, int, int | None], None]
 
 MiB = 1 << 20
 #: Least time between two ``progress`` calls of one install.
@@ -113,7 +107,7 @@ class _State:
 class _Install:
     """One run of ``stream_install`` (see there); ``run()`` returns the hex sha256 or raises InstallError."""
 
-    def __init__(self, request: InstallRequest, target: Path, progress: Progress, *, chunk: int,
+    def __init__(self, request: InstallRequest, target: Path, progress: ProgressCallback, *, chunk: int,
                  max_resumes: int, connect_timeout: float, read_timeout: float, opener: Opener,
                  cancel: threading.Event | None = None) -> None:
         self.request = request
@@ -204,11 +198,12 @@ class _Install:
                 ungzip(source, writer)
         except BrokenPipeError:
             self._tar_stopped(tar)
-        except (zstandard.ZstdError, zlib.error) as exc:
+        except DECODE_ERRORS as exc:
             self.state.decode_error = f"{exc} (within the first {source.fed} compressed bytes)"
         except ArchiveError as exc:
             self.state.decode_error = exc.message
         except BaseException as exc:  # a bug: report it, but keep draining so the download never blocks
+            log.exception("installer.decoder_crashed", image=self.request.image)
             self.state.decoder_crash = exc
         finally:
             self._stop_feeding(tar)
@@ -356,7 +351,7 @@ def _check_request(request: InstallRequest) -> None:
                           "be verified is never installed (add its sha256 to the catalog)")
 
 
-def stream_install(request: InstallRequest, target: Path, progress: Progress, *, chunk: int = MiB,
+def stream_install(request: InstallRequest, target: Path, progress: ProgressCallback, *, chunk: int = MiB,
                    max_resumes: int = 5, connect_timeout: float = 30, read_timeout: float = 60,
                    opener: Opener | None = None, cancel: threading.Event | None = None) -> InstallResult:
     """Download ``request.url`` and extract it into the directory ``target``; return the InstallResult.

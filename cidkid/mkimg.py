@@ -19,10 +19,8 @@ from pathlib import Path
 
 from cidd.catalog import BootHints, CatalogError, Image, render_entry
 from cidkid.catalog_edit import read_catalog_text, update_catalog, updated_catalog
-from cidkid.image_capture import capture, default_excludes, tar_pattern
-from cidkid.mkimg_errors import CaptureError, CatalogUpdateError, MkimgError, ReloadError, UsageError
-
-__all__ = ["CaptureError", "capture", "main", "tar_pattern"]
+from cidkid.image_capture import capture, default_excludes
+from cidkid.mkimg_errors import CatalogUpdateError, MkimgError, ReloadError, UsageError
 
 PLACEHOLDER_SHA = "0" * 64
 

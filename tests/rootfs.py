@@ -135,9 +135,10 @@ def copy_system_files(root: Path, megabytes: int, sources: tuple[str, ...] = SYS
     """Copy this machine's files from ``sources`` into the same paths under ``root`` until ``megabytes`` MiB of
     regular files are copied; return the bytes copied.
 
-    The walk is sorted (the same files on the same machine), keeps modes, owners and symlinks, and skips what
-    it cannot read and anything under ``root`` itself. This is what an OS image is made of, unlike random
-    data: the benchmarks use it so that compression ratios are those of real images.
+    The walk is sorted (the same files on the same machine); files keep their modes and owners, symlinks are
+    copied as links (directories get the default mode and owner); it skips what it cannot read and anything
+    under ``root`` itself. This is what an OS image is made of, unlike random data: the benchmarks use it so
+    that compression ratios are those of real images.
     """
     budget, copied = megabytes * 1024 * 1024, 0
     skip = os.path.realpath(root)

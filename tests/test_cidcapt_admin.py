@@ -145,7 +145,7 @@ def test_parse_server_rejects(text: str) -> None:
 @pytest.mark.parametrize(("code", "expected"), [
     ("bad_message", 2), ("bad_request", 2), ("unknown_type", 2), ("unknown_image", 2), ("bad_hostlist", 2),
     ("unknown_node", 2), ("too_long", 2), ("out_of_order", 2), ("conflict", 5), ("forbidden", 5), ("auth", 4),
-    ("internal", 4), ("superseded", 4), ("something_new", 4),
+    ("internal", 4), ("superseded", 4), ("unavailable", 4), ("something_new", 4),
 ])
 def test_every_wire_code_maps_to_the_documented_exit_code(code: str, expected: int) -> None:
     err = error_from_wire({"type": "error", "id": 2, "code": code, "message": "text"})

@@ -258,8 +258,8 @@ def test_rootfs_onto_a_fresh_ext4_on_a_loop_device(tmp_path: Path, server: Image
         assert result.ok, result.reason
         assert not os.path.ismount(mnt)
         label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", loop], capture_output=True, text=True)
-        if label.returncode == 0:
-            assert label.stdout.strip() == "cid-root"
+        assert label.returncode == 0, f"blkid failed on {loop}: {label.stderr.strip()}"
+        assert label.stdout.strip() == "cid-root"
         subprocess.run(["mount", "-o", "ro", loop, str(mnt)], check=True)
         try:
             assert compare_trees(rootfs.src, mnt, ignore=IGNORE) == []
@@ -508,6 +508,7 @@ def test_marker_is_not_written_through_a_symlinked_etc(tmp_path: Path, server: I
                             lambda *a: None)
     assert not result.ok and "symlink" in result.reason
     assert list(outside.iterdir()) == []
+    assert_not_installed(target, "symlink")
 
 
 # -- targets that cannot take the image -----------------------------------------------------------------------

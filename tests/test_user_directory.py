@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
+from cidcommon.wire import MAX_LINE
 from cidd.catalog import load_catalog
 from cidd.config import parse_config
 from cidd.config_sections import UsersConfig
@@ -85,20 +86,17 @@ def test_one_lookup_serves_every_waiter_and_is_cached_for_its_ttl() -> None:
     assert results(users.groups("carol")) == [frozenset({"physics"})] and len(run.calls) == 1
 
 
-def test_after_the_ttl_the_old_answer_is_served_while_one_refresh_runs() -> None:
+def test_after_the_ttl_the_old_answer_is_served_while_one_refresh_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     clock, run, users = directory(ttl=300, stale_for=3600)
     users.groups("carol")
     run.answer()
-    GROUPS["carol"] = frozenset({"physics", "chemistry"})
-    try:
-        clock.advance(301)
-        assert results(users.groups("carol")) == [frozenset({"physics"})]  # at once, from the cache
-        assert results(users.groups("carol")) == [frozenset({"physics"})]
-        assert len(run.calls) == 2  # one refresh behind both answers
-        run.answer()
-        assert results(users.groups("carol")) == [frozenset({"physics", "chemistry"})]
-    finally:
-        GROUPS["carol"] = frozenset({"physics"})
+    monkeypatch.setitem(GROUPS, "carol", frozenset({"physics", "chemistry"}))
+    clock.advance(301)
+    assert results(users.groups("carol")) == [frozenset({"physics"})]  # at once, from the cache
+    assert results(users.groups("carol")) == [frozenset({"physics"})]
+    assert len(run.calls) == 2  # one refresh behind both answers
+    run.answer()
+    assert results(users.groups("carol")) == [frozenset({"physics", "chemistry"})]
 
 
 def test_past_stale_for_a_request_waits_for_a_fresh_answer() -> None:
@@ -321,25 +319,27 @@ def test_admin_and_group_free_rules_need_no_lookup(rights_world: Any) -> None:
     assert admin.received()[0]["type"] == "reply" and run.calls == []
 
 
+def local_peer(world: Any, monkeypatch: pytest.MonkeyPatch, ids: tuple[int, int]) -> tuple[Clock, ManualRun, Peer]:
+    """Return (clock, run, peer): a session on the local socket whose peer has uid/gid ``ids``."""
+    clock, engine, run, tcp_factory = world
+    factory = CiddFactory(engine, engine.link, TOKENS, clock, unix=True, directory=tcp_factory.directory)
+    monkeypatch.setattr(PeerProtocol, "_peer_ids", lambda self: ids)
+    return clock, run, Peer(factory)
+
+
 def test_a_local_peers_input_waits_for_its_identity(rights_world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    clock, engine, run, _factory = rights_world
-    factory = CiddFactory(engine, engine.link, TOKENS, clock, unix=True, directory=_factory.directory)
-    monkeypatch.setattr(PeerProtocol, "_peer_ids", lambda self: (0, 0))
-    peer = Peer(factory)
+    _clock, run, peer = local_peer(rights_world, monkeypatch, (0, 0))
     peer.send({"type": "hello", "id": 1, "proto": 1, "role": "admin"})
     peer.send({"type": "status", "id": 2})
     assert peer.received() == [] and run.calls == [("lookup_peer", (0, 0, groups_of))]
     run.answer()
     hello, status = peer.received()
-    assert hello["type"] == "reply" and status["id"] == 2 and isinstance(factory.directory, UserDirectory)
+    assert hello["type"] == "reply" and status["id"] == 2
 
 
-def test_a_local_peer_the_database_cannot_name_is_told_so_and_closed(rights_world: Any,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    clock, engine, run, _factory = rights_world
-    factory = CiddFactory(engine, engine.link, TOKENS, clock, unix=True, directory=_factory.directory)
-    monkeypatch.setattr(PeerProtocol, "_peer_ids", lambda self: (4242, 4242))
-    peer = Peer(factory)
+def test_a_local_peer_whose_lookup_does_not_answer_is_told_so_and_closed(rights_world: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, _run, peer = local_peer(rights_world, monkeypatch, (4242, 4242))
     peer.send({"type": "hello", "id": 1, "proto": 1, "role": "admin"})
     clock.advance(5)
     [error] = peer.received()
@@ -348,11 +348,8 @@ def test_a_local_peer_the_database_cannot_name_is_told_so_and_closed(rights_worl
 
 def test_a_local_peer_sending_too_much_before_its_identity_is_known_is_closed(rights_world: Any,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    clock, engine, run, _factory = rights_world
-    factory = CiddFactory(engine, engine.link, TOKENS, clock, unix=True, directory=_factory.directory)
-    monkeypatch.setattr(PeerProtocol, "_peer_ids", lambda self: (0, 0))
-    peer = Peer(factory)
-    peer.send(b"x" * (64 * 1024 + 1))
+    _clock, _run, peer = local_peer(rights_world, monkeypatch, (0, 0))
+    peer.send(b"x" * (MAX_LINE + 1))
     [error] = peer.received()
     assert error["code"] == "too_long" and "send the hello and wait for its reply" in error["message"]
     assert peer.closed
