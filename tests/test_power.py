@@ -476,11 +476,13 @@ async def test_a_call_whose_caller_gave_up_while_queued_is_never_sent(tmp_path: 
     Two real ipmi_sim BMCs: the first answers slowly (its chassis takes 1 s) and holds the only slot; calls to
     the second queue behind it, and their callers give up (a timeout, a cancel) before the slot frees.
     """
-    slow_bmc, other = IpmiSim(tmp_path / "slow").start(), IpmiSim(tmp_path / "other").start()
-    (slow_bmc.root / "delay").write_text("1\n")
-    seen_slow, seen_other = len(slow_bmc.calls()), len(other.calls())  # start() checked each with ipmitool
+    slow_bmc, other = IpmiSim(tmp_path / "slow"), IpmiSim(tmp_path / "other")
     power = PowerController(CREDS, reactor, max_concurrent=1, call_timeout=0.3)
     try:
+        slow_bmc.start()
+        other.start()
+        (slow_bmc.root / "delay").write_text("1\n")
+        seen_slow, seen_other = len(slow_bmc.calls()), len(other.calls())  # start() checked each with ipmitool
         slow = power.status("node01", slow_bmc.address)
         with capture_logs() as logs:
             with pytest.raises(PowerError, match="did not answer within 0.3 s"):
