@@ -40,8 +40,16 @@ _debs:
 sysdeps:
 	@if [ -n "$(strip $(TEST_DEBS))" ]; then $(MAKE) --no-print-directory _debs DEBS="$(TEST_DEBS)"; fi
 
+# Style, the import contracts of docs/architecture.md (.importlinter), no import cycles, and types of the
+# pure core and the wire modules.
+MYPY_STRICT ?= cidd/core cidcommon/wire.py cidcommon/errors.py cidcommon/hostlists.py \
+	cidd/client_session.py cidinstall/types.py
+
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) tools/import_cycles.py
+	$(VENV)/bin/mypy --strict --ignore-missing-imports --no-incremental $(MYPY_STRICT)
 
 test: venv sysdeps lint
 	timeout --kill-after=30 $(TEST_TIME_LIMIT) $(PY) -m pytest $(PYTEST_ARGS)

@@ -5,7 +5,7 @@
 Starts --bmcs real BMC simulators (OpenIPMI's ``ipmi_sim``, one process and UDP port each, on 127.0.0.1) and
 reserves --dead UDP ports where nothing answers (a BMC that is down). Each round runs two fresh processes, in
 alternating order: one with pyghmi as shipped and one through cidd's ``cidd.power`` factory, which applies
-``cidcommon.pyghmi_io`` first. Each process logs in to every BMC at once (one thread per BMC, as cidd's power pool
+``cidd.pyghmi_io`` first. Each process logs in to every BMC at once (one thread per BMC, as cidd's power pool
 does) and reads the chassis power state. A round's figure is the time until the slowest live BMC answered; the
 dead ports only have to fail (they keep pyghmi's retransmit timers running, as a dead BMC does in production).
 

@@ -2,7 +2,7 @@
 
     python bench/control_plane.py [--nodes 2000] [--hb-window 20] [--repeat 5] [--compare-plain]
 
-Real processes: cidd, one `cidkid --sim` fleet holding N sessions, and cidcapt as a prolog runs it.
+Real processes: cidd, one `cid-simfleet` fleet holding N sessions, and cidcapt as a prolog runs it.
 Figures (medians where repeated), with a baseline measured in the same run (the machines are noisy):
 
 - sessions, rss_mib, heartbeat_cpu_pct: cidd's resident memory and CPU while N agents heartbeat every 10 s;
@@ -82,7 +82,7 @@ def measure(args: argparse.Namespace, root: Path, plain: bool) -> dict[str, floa
         time.sleep(1.5)
         start = time.perf_counter()
         fleet = subprocess.Popen(
-            [sys.executable, "-m", "cidkid.main", "--sim", hosts, "--server", server, "--sim-dir", str(root / "sim"),
+            [sys.executable, "-m", "cidsim.main", hosts, "--server", server, "--sim-dir", str(root / "sim"),
              "--reboot-delay", "0", "--install-time", "0", "--initial-image", "debian-12-1", "--log-level",
              "warning"], env=env, stdout=subprocess.DEVNULL, stderr=open(root / "fleet.log", "wb"))  # noqa: SIM115
         procs.append(fleet)

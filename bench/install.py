@@ -8,10 +8,10 @@
 2. mkimg: `cid-mkimg` against `tar -c ... | zstd -T0 -3 > file` on the same tree, alternating which goes
    first; `mkimg_ratio` = medians. Every timed run (here and in 3) starts after an untimed `sync`, so that no
    run pays for the writeback of the file the run before it left dirty in the page cache.
-3. install: the cid installer (cidkid.installer.stream_install) pulling the image from a real cidd's HTTP
+3. install: the cid installer (cidinstall.stream.stream_install) pulling the image from a real cidd's HTTP
    port into an empty directory, against `curl URL | zstd -dc | tar -x` into an equal empty directory,
    alternating; `install_ratio` = medians.
-4. catalog: a catalog of --catalog-size images; adding one entry as cid-mkimg does (cidkid.catalog_edit:
+4. catalog: a catalog of --catalog-size images; adding one entry as cid-mkimg does (cidcatalog.edit:
    lock, rewrite, fsync, rename), `cidcapt --reload`, and a
    capture with it on one simulated node (zero reboot and install time): `catalog_add_s`.
 
@@ -37,10 +37,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cidcatalog.catalog import Image, load_catalog, render_entry  # noqa: E402
+from cidcatalog.edit import update_catalog  # noqa: E402
 from cidcommon.logs import configure as configure_logs  # noqa: E402
-from cidd.catalog import Image, load_catalog, render_entry  # noqa: E402
-from cidkid.catalog_edit import update_catalog  # noqa: E402
-from cidkid.installer import stream_install  # noqa: E402
+from cidinstall.stream import stream_install  # noqa: E402
 from cidkid.platform import InstallRequest  # noqa: E402
 from tests.procs import free_port, wait_port  # noqa: E402
 from tests.rootfs import build_rootfs  # noqa: E402
@@ -106,7 +106,7 @@ def main() -> int:
                 settle()
                 start = time.perf_counter()
                 if which == "mkimg":
-                    subprocess.run([sys.executable, "-m", "cidkid.mkimg", "--root", str(src), "--name", "bench",
+                    subprocess.run([sys.executable, "-m", "cidmkimg.main", "--root", str(src), "--name", "bench",
                                     "--version", "1", "--subversion", str(i), "--image-dir", str(images),
                                     "--catalog", str(catalog)], check=True, env=env, stdout=subprocess.DEVNULL)
                     mk.append(time.perf_counter() - start)
@@ -160,7 +160,7 @@ def main() -> int:
         catalog.write_text("images:\n" + entries)
         capt = [sys.executable, "-m", "cidcapt.main", "--server", f"127.0.0.1:{port}"]
         subprocess.run([*capt, "--reload"], env=env, check=True, capture_output=True)
-        procs.append(subprocess.Popen([sys.executable, "-m", "cidkid.main", "--sim", "cat01", "--server",
+        procs.append(subprocess.Popen([sys.executable, "-m", "cidsim.main", "cat01", "--server",
                                        f"127.0.0.1:{port}", "--sim-dir", str(work / "sim"), "--reboot-delay", "0",
                                        "--install-time", "0", "--initial-image", "img0-1-0"],
                                       env=env, stderr=open(work / "fleet.log", "wb")))  # noqa: SIM115

@@ -25,8 +25,9 @@ log = structlog.get_logger(__name__)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-#: cid's own packages copied into the initramfs and images.
-CID_PACKAGES = ("cidkid", "cidcommon")
+#: cid's own packages copied into the initramfs and images: the agent, the installer and what both share.
+#: Never cidd, cidcapt, cidcatalog, cidmkimg or cidsim (``make lint`` keeps these three free of them).
+CID_PACKAGES = ("cidkid", "cidinstall", "cidcommon")
 PY_SITE = "usr/lib/python3/dist-packages"
 
 
@@ -172,7 +173,7 @@ def strip_tree(root: Path, patterns: tuple[str, ...]) -> None:
 
 
 def add_cid(root: Path, python_modules: tuple[str, ...]) -> None:
-    """Copy cidkid and cidcommon (and the listed pure-Python modules) into the tree's Python path."""
+    """Copy CID_PACKAGES (and the listed pure-Python modules) into the tree's Python path."""
     site = root / PY_SITE
     site.mkdir(parents=True, exist_ok=True)
     for name in CID_PACKAGES:
@@ -191,10 +192,10 @@ def add_cid(root: Path, python_modules: tuple[str, ...]) -> None:
     wrapper = root / "usr" / "bin" / "cidkid"
     wrapper.write_text("#!/bin/sh\nexec python3 -m cidkid.main \"$@\"\n")
     wrapper.chmod(0o755)
+    paths = [f"/{PY_SITE}/{name}" for name in CID_PACKAGES]
+    paths += [f"/{PY_SITE}/{n}.py" for n in python_modules if (site / f"{n}.py").exists()]
     run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash",
-         f"/{PY_SITE}/cidkid",
-         f"/{PY_SITE}/cidcommon"] + [f"/{PY_SITE}/{n}.py" for n in python_modules
-                                     if (site / f"{n}.py").exists()], "compiling cidkid")
+         *paths], "compiling cidkid")
 
 
 def busybox_links(root: Path, bindir: str = "usr/lib/blancmange/bin") -> None:

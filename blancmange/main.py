@@ -229,7 +229,7 @@ def build_image(args: argparse.Namespace, config: BuildConfig, cache: Path) -> N
                 pad.write(os.urandom(1 << 20))
     args.image_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(build.REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "cidkid.mkimg", "--root", str(work), "--name", args.name,
+    done = subprocess.run([sys.executable, "-m", "cidmkimg.main", "--root", str(work), "--name", args.name,
                            "--version", args.version, "--subversion", args.subversion, "--image-dir",
                            str(args.image_dir), "--catalog", str(args.catalog), "--kernel", f"/boot/vmlinuz-{kver}",
                            "--initrd", f"/boot/initrd.img-{kver}", "--cmdline", "console=ttyS0",

@@ -28,7 +28,7 @@ def expand(text: str) -> list[str]:
     cleaned = _PPN.sub("", text.strip().replace("+", ",").replace(" ", ","))
     cleaned = re.sub(r",+", ",", cleaned).strip(",")
     try:
-        names = hostlist.expand_hostlist(cleaned, allow_duplicates=False, sort=False)
+        names: list[str] = hostlist.expand_hostlist(cleaned, allow_duplicates=False, sort=False)
     except hostlist.BadHostlist as exc:
         raise BadHostlist(f"bad hostlist {text!r}: {exc}; expected e.g. 'node[01-16,20]' or 'n1,n2'") from None
     if len(names) > MAX_NODES:
@@ -43,4 +43,4 @@ def collect(names: list[str] | tuple[str, ...] | set[str]) -> str:
     """Return the compact hostlist (``node[01-03,07]``) naming ``names``; empty string for none."""
     if not names:
         return ""
-    return hostlist.collect_hostlist(list(names))
+    return str(hostlist.collect_hostlist(list(names)))

@@ -101,3 +101,12 @@ def write_private(path: Path, text: str) -> None:
         handle.write(text)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush the directory ``path`` itself (its entries: a rename or a new file) to disk. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -13,14 +13,14 @@ from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Request
 from twisted.web.static import File
 
-from cidd.boot import ImageBoot, InstallerBoot, ipxe_script, normalize_mac
+from cidd.core.boot import ImageBoot, InstallerBoot, ipxe_script, normalize_mac
 from cidd.engine import Engine
 from cidd.images_http import image_dir_of
 from cidd.netboot import IMAGE_BOOT_FILES, image_boot
 
 #: The files of an image's boot, as served and as stored next to the image by cid-mkimg.
 
-log = structlog.get_logger("cidd.boot")
+log = structlog.get_logger("cidd.core.boot")
 
 
 class BootResource(Resource):

@@ -7,24 +7,22 @@ session turns into error replies.
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from cidcatalog.catalog import CatalogError
 from cidcommon import hostlists, wire
 from cidcommon.errors import BadRequest, CidError, Forbidden, UnknownNode
-from cidd.catalog import CatalogError
+from cidd.client_session import ClientSession
+from cidd.core.rights import ImageFacts
+from cidd.core.rights import check as check_rights
 from cidd.engine import Engine
 from cidd.power import bmc_address
-from cidd.rights import ImageFacts
-from cidd.rights import check as check_rights
 from cidd.user_directory import UserDirectory
-
-if TYPE_CHECKING:
-    from cidd.sessions import PeerProtocol
 
 log = structlog.get_logger("cidd.client")
 
@@ -43,7 +41,7 @@ class ClientAPI:
         self.directory = directory  # users' groups, looked up off the reactor thread
         self.consoles: dict[int, Any] = {}  # id(session) -> its open ConsoleRelay (docs/power.md)
 
-    def handle(self, session: PeerProtocol, message: wire.Message) -> None:
+    def handle(self, session: ClientSession, message: wire.Message) -> None:
         """Answer one client request on ``session``. Raises CidError for a bad or refused request."""
         handlers = {"capture": self.capture, "status": self.status, "captures": self.captures,
                     "reload": self.reload, "features": self.features, "power": self.power,
@@ -55,7 +53,7 @@ class ClientAPI:
                            code="unknown_type")
         handler(session, message)
 
-    def capture(self, session: PeerProtocol, message: wire.Message) -> None:
+    def capture(self, session: ClientSession, message: wire.Message) -> None:
         """Start or re-attach to a capture; with ``watch``, stream its events until it ends."""
         if session.role not in CAPTURE_ROLES:
             raise Forbidden(f"role {session.role!r} may not start captures; use an admin or scheduler token")
@@ -72,7 +70,7 @@ class ClientAPI:
             lambda groups: self.start_capture(session, message, job, image, names, timeout, user, groups)
         ).addErrback(session.request_failed, message)
 
-    def start_capture(self, session: PeerProtocol, message: wire.Message, job: str, image: str, names: list[str],
+    def start_capture(self, session: ClientSession, message: wire.Message, job: str, image: str, names: list[str],
                       timeout: float | None, user: str | None, groups: frozenset[str]) -> None:
         """Check the rights of ``user`` (in ``groups``), start or re-attach to the capture and answer.
 
@@ -108,15 +106,15 @@ class ClientAPI:
         keepalive.start(KEEPALIVE_S, now=False)
         session.cleanups.append(stop)
 
-    def needs_groups(self, session: PeerProtocol, user: str | None, image: str, names: list[str]) -> bool:
+    def needs_groups(self, session: ClientSession, user: str | None, image: str, names: list[str]) -> bool:
         """Return whether the rights check of this capture needs the groups of ``user`` (a rule names groups)."""
         rules = self.engine.config.rights
         return bool(user) and rules is not None and any(rule.groups for rule in rules) \
             and self._rights_facts(session, image, names) is not None
 
-    def check_rights(self, session: PeerProtocol, user: str | None, image: str, names: list[str],
+    def check_rights(self, session: ClientSession, user: str | None, image: str, names: list[str],
                      groups: frozenset[str]) -> None:
-        """Return when ``user`` (member of ``groups``) may put ``image`` on ``names`` (cidd/rights.py); the admin
+        """Return when ``user`` (member of ``groups``) may put ``image`` on ``names`` (cidd/core/rights.py); the admin
         role bypasses rights.
 
         Unknown images and nodes are left to the engine (a bad request, exit 2). Raises RightsRefused.
@@ -125,7 +123,7 @@ class ClientAPI:
         if facts is not None:
             check_rights(self.engine.config.rights, user, facts, names, lambda _user: groups)
 
-    def _rights_facts(self, session: PeerProtocol, image: str, names: list[str]) -> ImageFacts | None:
+    def _rights_facts(self, session: ClientSession, image: str, names: list[str]) -> ImageFacts | None:
         """Return what the rights check needs of ``image``, or None when rights do not apply to this request.
 
         They do not for the admin role, nor for an unknown image or node (left to the engine: a bad request).
@@ -135,7 +133,7 @@ class ClientAPI:
             return None
         return ImageFacts(entry.id, entry.name, entry.owner, entry.visibility)
 
-    def status(self, session: PeerProtocol, message: wire.Message) -> None:
+    def status(self, session: ClientSession, message: wire.Message) -> None:
         """Reply with the state of the requested nodes (every node when none is named)."""
         spec = message.get("nodes")
         if spec is None:
@@ -146,7 +144,7 @@ class ClientAPI:
         rows = [self.engine.node_status(n) for n in names if self.engine.known(n)]
         session.send(wire.reply(message.get("id"), nodes=rows, unknown=hostlists.collect(unknown)))
 
-    def captures(self, session: PeerProtocol, message: wire.Message) -> None:
+    def captures(self, session: ClientSession, message: wire.Message) -> None:
         """Reply with the running captures and the most recent ended ones."""
         rows: list[dict[str, Any]] = []
         for capture in self.engine.store.recent_captures(50):
@@ -158,7 +156,7 @@ class ClientAPI:
                          **current.counts()})
         session.send(wire.reply(message.get("id"), captures=rows))
 
-    def reload(self, session: PeerProtocol, message: wire.Message) -> None:
+    def reload(self, session: ClientSession, message: wire.Message) -> None:
         """Reload the image catalog (admin only); reply with the number of images, or every problem."""
         if session.role != "admin":
             raise Forbidden(f"role {session.role!r} may not reload the catalog; use the admin token")
@@ -168,13 +166,13 @@ class ClientAPI:
             raise BadRequest(f"{exc}") from None
         session.send(wire.reply(message.get("id"), images=len(catalog), catalog=str(self.engine.config.catalog)))
 
-    def features(self, session: PeerProtocol, message: wire.Message) -> None:
+    def features(self, session: ClientSession, message: wire.Message) -> None:
         """Reply with the scheduler feature -> image map and the default image (every client role)."""
         config = self.engine.config
         session.send(wire.reply(message.get("id"), features=dict(config.features),
                                 default_image=config.default_image, release_to_default=config.release_to_default))
 
-    def power(self, session: PeerProtocol, message: wire.Message) -> None:
+    def power(self, session: ClientSession, message: wire.Message) -> None:
         """Run a BMC power action on nodes (admin only); reply with one result per node once all ended.
 
         ``action`` is status, on, off, cycle or reset. Each node's result is ``{"ok": true, "state": ...}`` or
@@ -214,7 +212,7 @@ class ClientAPI:
 
     # --- serial-over-LAN console (docs/power.md) ---
 
-    def console(self, session: PeerProtocol, message: wire.Message) -> None:
+    def console(self, session: ClientSession, message: wire.Message) -> None:
         """Open the SOL console of one node (admin only) and relay it on this session.
 
         The reply comes at once; then ``console_data`` messages (base64 ``data``) flow both ways until either
@@ -251,7 +249,7 @@ class ClientAPI:
         log.info("client.console", node=node, bmc=address, session=session.session_id)
         session.send(wire.reply(message.get("id"), node=node, bmc=address))
 
-    def console_data(self, session: PeerProtocol, message: wire.Message) -> None:
+    def console_data(self, session: ClientSession, message: wire.Message) -> None:
         """Pass what the admin typed (base64 ``data``) to the session's open console."""
         relay = self.consoles.get(id(session))
         if relay is None:
@@ -262,7 +260,7 @@ class ClientAPI:
             raise BadRequest("'data' must be base64") from None
         relay.write(data)
 
-    def console_close(self, session: PeerProtocol, message: wire.Message) -> None:
+    def console_close(self, session: ClientSession, message: wire.Message) -> None:
         """Close the session's console; reply with ``closed`` saying whether one was open."""
         relay = self.consoles.pop(id(session), None)
         if relay is not None:

@@ -36,8 +36,8 @@ from cidd.config_sections import (
     users_section,
     windows_section,
 )
-from cidd.machine_types import Policy
-from cidd.rights import Rule, parse_rules
+from cidd.core.machine_types import Policy
+from cidd.core.rights import Rule, parse_rules
 from cidd.unix_peers import SocketConfig, parse_socket
 
 
@@ -82,7 +82,7 @@ class Config:
     release_to_default: bool = False  # epilog: put nodes back into default_image after each job
     boot: BootConfig = field(default_factory=lambda: BootConfig())
     bmc: BmcConfig | None = None  # None: no BMC power (ladders may not use power_cycle)
-    rights: tuple[Rule, ...] | None = None  # None: no 'rights' section (shared images for all, cidd/rights.py)
+    rights: tuple[Rule, ...] | None = None  # None: no 'rights' section (shared images for all, cidd/core/rights.py)
     socket: SocketConfig = field(default_factory=SocketConfig)  # the local Unix socket (cidd/unix_peers.py)
     windows: WindowsConfig = field(default_factory=lambda: WindowsConfig())
     users: UsersConfig = field(default_factory=lambda: UsersConfig())
@@ -126,7 +126,7 @@ class Config:
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
              "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc",
              "windows", "users"}
-_TOP_KEYS |= {"rights", "socket", "tls"}  # cidd/rights.py, cidd/unix_peers.py, cidd/tls.py
+_TOP_KEYS |= {"rights", "socket", "tls"}  # cidd/core/rights.py, cidd/unix_peers.py, cidd/tls.py
 
 
 def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None = None) -> Config:

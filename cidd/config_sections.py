@@ -13,7 +13,7 @@ from typing import Any, overload
 
 from cidcommon.tlsfiles import PkiPaths, default_pki_paths
 from cidcommon.wire import HELLO_TIMEOUT
-from cidd.machine_types import LADDER_METHODS, NEXT_BOOT_METHODS, Policy, Rung
+from cidd.core.machine_types import LADDER_METHODS, NEXT_BOOT_METHODS, Policy, Rung
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def _pyghmi_console(host: str, port: int, user: bytes, password: bytes, iohandle
     """Return a pyghmi SOL Console to ``host:port`` (force: take over a SOL session someone left open)."""
     from pyghmi.ipmi.console import Console
 
-    from cidcommon import pyghmi_io
+    from cidd import pyghmi_io
 
     pyghmi_io.apply()
     return Console(bmc=host, userid=user, password=password, iohandler=iohandler, port=port, force=True)

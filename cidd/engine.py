@@ -7,6 +7,7 @@ an injected ``IReactorTime`` so tests drive it with ``twisted.internet.task.Cloc
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
@@ -15,15 +16,14 @@ import structlog
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from cidcatalog.catalog import Catalog, load_catalog
 from cidcommon.errors import UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
-from cidd import captures as caps
-from cidd.captures import Capture, Plan
-from cidd.catalog import Catalog, load_catalog
 from cidd.config import Config
-from cidd.images_http import image_path
-from cidd.machine import Node, State, Step, apply, restore
-from cidd.machine_types import (
+from cidd.core import captures as caps
+from cidd.core.captures import Capture, Plan
+from cidd.core.machine import Node, State, Step, apply, restore
+from cidd.core.machine_types import (
     Connected,
     Disconnected,
     Event,
@@ -36,6 +36,7 @@ from cidd.machine_types import (
     Switch,
     Tick,
 )
+from cidd.images_http import image_path
 from cidd.netboot import Netboot
 from cidd.power import PowerController
 from cidd.rebooter import Rebooter
@@ -80,6 +81,8 @@ class Engine:
         self._timers: dict[str, IDelayedCall] = {}
         self._capture_timers: dict[str, IDelayedCall] = {}
         self.netboot = Netboot(config, store, clock)
+        self._inbox: deque[tuple[str, Event]] = deque()  # events raised while a step acts (see handle)
+        self._draining = False
         self.reboots = Rebooter(self)  # reboot windows, agent reboots, BMC power (docs/power.md)
         self.reboot_window, self.power_window = self.reboots.window, self.reboots.power_window
 
@@ -151,11 +154,27 @@ class Engine:
     # --- the machine loop --------------------------------------------------------------------------
 
     def handle(self, name: str, event: Event) -> None:
-        """Apply ``event`` to node ``name``: persist the step, then run its actions."""
-        node = self.nodes[name]
-        now = self.clock.seconds()
-        step = apply(node, event, self.config.policy(self.groups.get(name, "default")), now)
-        self._commit({name: step}, now)
+        """Apply ``event`` to node ``name``: persist the step, then run its actions.
+
+        Never re-entrant: an event raised while a step's actions run (a reboot window setting a deadline, a
+        refused command) is queued and applied once the current step has finished acting, in arrival order.
+        """
+        self._inbox.append((name, event))
+        self._drain()
+
+    def _drain(self) -> None:
+        """Apply the queued events one by one (each persisted, then acted on), unless a step is acting now."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._inbox:
+                name, event = self._inbox.popleft()
+                now = self.clock.seconds()
+                step = apply(self.nodes[name], event, self.config.policy(self.groups.get(name, "default")), now)
+                self._commit({name: step}, now)
+        finally:
+            self._draining = False
 
     def _commit(self, steps: Mapping[str, Step], now: float, capture: Capture | None = None) -> None:
         """Persist ``steps`` (and ``capture``) in one transaction, then arm timers, notify and act."""
@@ -180,10 +199,18 @@ class Engine:
                 self._log_transition(step, jobs_of[name])
         for name in steps:  # after the log: a freed slot may issue another node's reboot at once
             self.reboots.leave(name, self.nodes[name])
-        for name, step in steps.items():
-            self._arm(name, self.nodes[name])  # a window may have changed the node's deadline meanwhile
-            for action in step.actions:
-                self._act(name, action)
+        outer = not self._draining  # a commit of its own (a capture's plan): drain what its actions raise
+        self._draining = True
+        try:
+            for name, step in steps.items():
+                self._arm(name, self.nodes[name])  # a window may have changed the node's deadline meanwhile
+                for action in step.actions:
+                    self._act(name, action)
+        finally:
+            if outer:
+                self._draining = False
+        if outer:
+            self._drain()
 
     def _log_transition(self, step: Step, jobs: tuple[str, ...]) -> None:
         """Log a history row and send it to the watchers of ``jobs``."""

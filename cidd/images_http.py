@@ -33,7 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from cidd.catalog import Catalog, Image
+from cidcatalog.catalog import Catalog, Image
 from cidd.config import Config
 from cidd.metrics import Metrics, MetricsResource
 

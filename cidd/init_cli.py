@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cidcommon.hostlists import expand
-from cidcommon.pki import PkiError, fingerprint, init_pki, issue_agent, load_cert, san_entries
 from cidd.config import Config, ConfigError, load_config
+from cidd.pki import PkiError, fingerprint, init_pki, issue_agent, load_cert, san_entries
 
 COMMANDS = ("init", "issue-cert")
 

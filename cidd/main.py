@@ -18,18 +18,18 @@ from typing import Any
 import structlog
 from twisted.internet.task import LoopingCall
 
-from cidcommon import __version__, logs, wire
+from cidcatalog.catalog import CatalogError
+from cidcommon import __version__, logs, twisted_logs, wire
 from cidcommon.errors import BadHostlist, CidError, TokenFileError
 from cidcommon.paths import ensure_token, token_path
-from cidcommon.pki import PkiError
-from cidd.boot import EthersError
 from cidd.boot_http import BootResource
-from cidd.catalog import CatalogError
 from cidd.config import Config, ConfigError, load_config
+from cidd.core.boot import EthersError
 from cidd.engine import Engine, read_catalog
 from cidd.images_http import listen_http
 from cidd.local_socket import count_refusals, listen_unix
 from cidd.metrics import Metrics
+from cidd.pki import PkiError
 from cidd.power import BmcCredentials, PowerController
 from cidd.sdnotify import Notifier
 from cidd.sessions import CiddFactory, Sessions
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(exc)
     logs.configure(json=config.log_format == "json", level=config.log_level)
-    logs.route_twisted_logs()
+    twisted_logs.route_twisted_logs()
     from twisted.internet import reactor
 
     raise_file_limit()

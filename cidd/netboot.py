@@ -14,11 +14,11 @@ from pathlib import Path
 import structlog
 from twisted.internet.interfaces import IReactorTime
 
+from cidcatalog.catalog import Catalog
 from cidcommon.errors import AuthError
 from cidcommon.paths import tokens_equal
-from cidd.boot import ImageBoot, macs_of, parse_ethers, pxelinux_config, pxelinux_name
-from cidd.catalog import Catalog
 from cidd.config import Config, ConfigError
+from cidd.core.boot import ImageBoot, macs_of, parse_ethers, pxelinux_config, pxelinux_name
 from cidd.store import Store
 
 log = structlog.get_logger("cidd.netboot")

@@ -19,7 +19,7 @@ when user and password are ``str``. Here credentials are always ``bytes``, and t
 is logged out before the next one starts (calls to the same BMC run one at a time).
 
 pyghmi's shared I/O loop loses wake-ups when several threads wait at once (up to about a second per login step)
-and can stall on a socket left blocking; ``cidcommon.pyghmi_io.apply()`` fixes both before the first call.
+and can stall on a socket left blocking; ``cidd.pyghmi_io.apply()`` fixes both before the first call.
 
 The password never appears in a log event, an error message or a ``repr``.
 """
@@ -40,9 +40,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from cidcommon import pyghmi_io
 from cidcommon.errors import CidError, TokenFileError
 from cidcommon.paths import check_private
+from cidd import pyghmi_io
 
 log = structlog.get_logger("cidd.power")
 

@@ -1,6 +1,6 @@
 """Carrying out the machine's Reboot and PowerOn actions: reboot windows, agent reboot requests, BMC power.
 
-The engine owns one ``Rebooter``. A node holds a reboot slot (cidd.windows) from the issue of its rung's
+The engine owns one ``Rebooter``. A node holds a reboot slot (cidd.core.windows) from the issue of its rung's
 reboot until it leaves that step; a queued reboot has no deadline (``SetDeadline(None)``) and its rung's
 timeout, grown by ``windows.timeout_per_node`` per node in flight, counts from the real issue. BMC actions
 hold a power slot while their calls run. See docs/power.md.
@@ -8,30 +8,54 @@ hold a power slot while their calls run. See docs/power.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import structlog
+from twisted.internet.interfaces import IReactorTime
 
+from cidcatalog.catalog import Catalog
 from cidcommon.errors import CidError
+from cidd.config import Config
+from cidd.core.machine import Node, State
+from cidd.core.machine_types import POWER_METHODS, Event, Policy, Reboot, RungFailed, SetDeadline
+from cidd.core.windows import Window
 from cidd.images_http import image_dir_of
-from cidd.machine import Node, State
-from cidd.machine_types import POWER_METHODS, Policy, Reboot, RungFailed, SetDeadline
-from cidd.netboot import image_boot
+from cidd.netboot import Netboot, image_boot
 from cidd.power import PowerController, bmc_address
 from cidd.reboots import reboot_message
-from cidd.windows import Window
 
-if TYPE_CHECKING:
-    from cidd.engine import Engine
+log = structlog.get_logger(__name__)
 
-log = structlog.get_logger("cidd.engine")
+
+class RebootHost(Protocol):
+    """The small view of the engine that the Rebooter works through (the engine passes itself).
+
+    ``handle`` queues an event for a node's machine: the engine applies it after the step it is acting on,
+    never in the middle of it. ``send_command`` sends an agent command and reports a refusal as the step's
+    failure; ``step_failed`` returns such a reporter for later use.
+    """
+
+    config: Config
+    clock: IReactorTime
+    nodes: Mapping[str, Node]
+    groups: Mapping[str, str]
+    netboot: Netboot
+    catalog: Catalog
+    power: PowerController | None
+
+    def handle(self, name: str, event: Event) -> None: ...
+
+    def send_command(self, name: str, message: dict[str, Any], what: str) -> None: ...
+
+    def step_failed(self, name: str, reason: str) -> Callable[[str], None]: ...
+
 
 
 class Rebooter:
     """The reboot and power windows of one engine, and the actions that go through them."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: RebootHost) -> None:
         self.engine = engine
         self.window = Window("reboots", engine.config.windows.reboots)
         self.power_window = Window("power", engine.config.windows.power)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cidd.boot import ImageBoot, image_args, kernel_args
 from cidd.config import Config
-from cidd.machine_types import NEXT_BOOT_METHODS, Policy
+from cidd.core.boot import ImageBoot, image_args, kernel_args
+from cidd.core.machine_types import NEXT_BOOT_METHODS, Policy
 
 
 def reboot_message(config: Config, policy: Policy, node: str, boot: str, method: str,

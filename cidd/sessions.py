@@ -25,8 +25,8 @@ from cidcommon.errors import AuthError, CidError, Forbidden, ProtocolError
 from cidcommon.paths import node_token
 from cidcommon.wire import HELLO_TIMEOUT
 from cidd.client_api import ClientAPI
+from cidd.core.rights import RightsRefused
 from cidd.engine import Engine, SessionClosed
-from cidd.rights import RightsRefused
 from cidd.security_events import SecurityEvents, peer_host
 from cidd.session_hello import CertificateRefused, HelloChecks
 from cidd.unix_peers import PeerIdentity

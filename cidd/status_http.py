@@ -14,8 +14,8 @@ from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from cidd.core.machine import State
 from cidd.engine import Engine
-from cidd.machine import State
 
 
 class StatusResource(Resource):

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from cidd.captures import Capture, CaptureState, NodeResult, Result
-from cidd.machine import Node, State, Transition
+from cidd.core.captures import Capture, CaptureState, NodeResult, Result
+from cidd.core.machine import Node, State, Transition
 
 SCHEMA_VERSION = 2
 

@@ -12,9 +12,9 @@ import structlog
 from twisted.internet import ssl
 
 from cidcommon.paths import check_private
-from cidcommon.pki import PkiError, init_pki
 from cidcommon.tlsfiles import PkiPaths
 from cidd.config import Config
+from cidd.pki import PkiError, init_pki
 
 log = structlog.get_logger("cidd.security")
 

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from cidcommon.errors import CidError
 from cidd.config_sections import UsersConfig
-from cidd.rights import GroupsOf
+from cidd.core.rights import GroupsOf
 from cidd.unix_peers import PeerIdentity
 
 log = structlog.get_logger(__name__)

@@ -2,7 +2,7 @@
 
 It connects to cidd and stays connected, says who it is and which image it runs, sends heartbeats with health
 figures, and carries out cidd's commands (reboot, install). ``cidkid.platform`` is the seam to the hardware,
-``cidkid.sim`` a simulated fleet for scale tests, ``cidkid.main`` the command line.
+``cidsim.fleet`` a simulated fleet for scale tests, ``cidkid.main`` the command line.
 """
 
 from cidcommon import __version__

@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 
 from cidcommon.errors import BadRequest
 from cidcommon.wire import Message
-from cidkid.platform import InstallRequest, InstallResult, Platform
+from cidinstall.types import InstallRequest, InstallResult
+from cidkid.platform import Platform
 
 log = structlog.get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""The ``cidkid`` command: run the node agent, or a simulated fleet of agents (``--sim``).
+"""The ``cidkid`` command: run the node agent (a simulated fleet is ``cid-simfleet``, in cidsim).
 
 The only module of cidkid that touches the global reactor. Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad
 command line (address, hostlist, option value), 4 token file missing or unsafe, 1 anything unexpected.
@@ -9,23 +9,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 from twisted.application.service import IService
 
-from cidcommon.errors import BadHostlist, TokenFileError
-from cidcommon.hostlists import expand
-from cidcommon.logs import configure, route_twisted_logs
-from cidcommon.paths import check_private, default_state_dir, node_token, read_token, token_path
+from cidcommon.errors import TokenFileError
+from cidcommon.logs import configure
+from cidcommon.paths import default_state_dir, node_token, read_token, token_path
 from cidcommon.tlsfiles import CA_ENV, CERT_ENV, KEY_ENV, TlsError, default_pki_paths, plain_requested
+from cidcommon.twisted_logs import route_twisted_logs
 from cidcommon.wire import DEFAULT_PORT
 from cidkid import AGENT_VERSION
 from cidkid.platform import DEFAULT_INSTALL_TARGET, DEFAULT_KEXEC_DIR, DEFAULT_MARKER, REBOOT_COMMANDS, LinuxPlatform
 from cidkid.protocol import REQUEST_TIMEOUT, InstallerCredentials
 from cidkid.service import AgentService, client_endpoint, parse_server, tls_options
-from cidkid.sim import SimConfig, SimFleet
 
 log = structlog.get_logger(__name__)
 
@@ -35,9 +35,6 @@ DESCRIPTION = """\
 cid node agent. Connects to cidd, says which node this is and which image it runs, sends heartbeats with
 health figures, and carries out cidd's commands (reboot into the installer or the disk, install an image).
 It reconnects forever, with jittered exponential backoff (1 s growing to 60 s).
-
-With --sim HOSTLIST it runs a whole simulated fleet in this one process instead: every node has a fake disk
-under --sim-dir, fake reboots and fake installs, and a real session with cidd (for tests and benchmarks).
 """
 
 EPILOG = f"""\
@@ -59,15 +56,7 @@ exit status:
 """
 
 
-def _rate(text: str) -> float:
-    """Return ``text`` as a probability in [0, 1] (argparse type)."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a probability between 0 and 1")
-    return value
-
-
-def _seconds(text: str) -> float:
+def seconds_arg(text: str) -> float:
     """Return ``text`` as a number of seconds >= 0 (argparse type)."""
     value = float(text)
     if value < 0:
@@ -75,10 +64,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser of cidkid."""
-    p = argparse.ArgumentParser(prog="cidkid", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_session_options(p: argparse.ArgumentParser) -> None:
+    """Add the options of the session with cidd (address, token, TLS, logs), shared with ``cid-simfleet``."""
     p.add_argument("--version", action="version", version=AGENT_VERSION)
     p.add_argument("--server", metavar="HOST:PORT",
                    default=os.environ.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}",
@@ -87,13 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file holding this node's own agent token, mode 0600, made on the head node with "
                         "'cidd agent-token NODE' (default: $CID_TOKEN_FILE, else <state dir>/secrets/agent.token, "
                         "which is cidd's agent master secret: an agent on the head node derives its node's token "
-                        "from it); with --sim the file always holds the master secret and each simulated node "
-                        "derives its own token")
+                        "from it)")
     p.add_argument("--log-format", choices=("json", "console"), default="json",
                    help="one JSON object per line (default), or readable console lines")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="least important events to log (default: %(default)s)")
-    p.add_argument("--request-timeout", metavar="S", type=_seconds, default=REQUEST_TIMEOUT,
+    p.add_argument("--request-timeout", metavar="S", type=seconds_arg, default=REQUEST_TIMEOUT,
                    help="seconds cidd has to answer a request before the session is dropped and re-opened "
                         "(default: %(default)g)")
     p.add_argument("--ca", metavar="FILE", type=Path,
@@ -107,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "<state dir>/secrets/agent.key)")
     p.add_argument("--plain-tcp", action="store_true",
                    help="no TLS: only for a cidd configured with 'tls: {mode: plain}' (default: $CID_PLAIN_TCP)")
-    real = p.add_argument_group("real agent (default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser of cidkid."""
+    p = argparse.ArgumentParser(prog="cidkid", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    add_session_options(p)
+    real = p.add_argument_group("the agent")
     real.add_argument("--node", metavar="NAME", help="node name as cidd's inventory knows it "
                       "(default: the short host name)")
     real.add_argument("--mode", choices=("system", "installer"), default="system",
@@ -137,34 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--install-device", metavar="DEV", type=Path,
                       help="installer mode: format DEV (mkfs.ext4 -F -q -L cid-root) and mount it on --target "
                            "before each install, unmount it after (default: install into --target as it is)")
-    sim = p.add_argument_group("simulated fleet (--sim)")
-    sim.add_argument("--sim", metavar="HOSTLIST",
-                     help="run one simulated node per name of HOSTLIST (e.g. 'sim[0001-2000]') instead of a real agent")
-    sim.add_argument("--sim-dir", metavar="DIR", type=Path,
-                     help="directory holding the fake disks, one subdirectory per node (default: <state dir>/sim)")
-    sim.add_argument("--reboot-delay", metavar="S", type=_seconds, default=5.0,
-                     help="seconds a simulated reboot keeps a node away (default: %(default)g)")
-    sim.add_argument("--install-time", metavar="S", type=_seconds, default=10.0,
-                     help="seconds a simulated install takes (default: %(default)g)")
-    sim.add_argument("--hang-reboot-rate", metavar="P", type=_rate, default=0.0,
-                     help="probability that a reboot never comes back (default: %(default)g)")
-    sim.add_argument("--hang-reboot", metavar="HOSTLIST",
-                     help="nodes whose reboots never come back")
-    sim.add_argument("--fail-install-rate", metavar="P", type=_rate, default=0.0,
-                     help="probability that an install fails with 'simulated install failure' (default: %(default)g)")
-    sim.add_argument("--fail-install", metavar="HOSTLIST", help="nodes whose installs always fail")
-    sim.add_argument("--initial-image", metavar="IMAGE",
-                     help="image marker written on every fake disk that has none yet, so the fleet starts in it")
-    sim.add_argument("--bmc-base-port", metavar="PORT", type=int,
-                     help="give every simulated node a real IPMI BMC on 127.0.0.1, on ports PORT, PORT+1, ... "
-                     "in name order (pyghmi's BMC server; needs --bmc-credentials)")
-    sim.add_argument("--bmc-credentials", metavar="FILE", type=Path,
-                     help="file holding 'user:password' for the simulated BMCs (mode 0600)")
-    sim.add_argument("--bmc-dead", metavar="HOSTLIST", help="nodes whose simulated BMC never answers")
-    sim.add_argument("--seed", metavar="N", type=int, help="seed of the injected failures and backoff jitter")
-    sim.add_argument("--cert-dir", metavar="DIR", type=Path,
-                     help="mutual TLS for the fleet: every node uses DIR/NODE.pem and DIR/NODE.key "
-                     "('cidd issue-cert' writes them into <state dir>/secrets/agents)")
     return p
 
 
@@ -203,11 +168,6 @@ def _holds_master(args: argparse.Namespace) -> bool:
     return not args.token_file and not os.environ.get("CID_TOKEN_FILE")
 
 
-def _names(text: str | None) -> frozenset[str]:
-    """Return the node names of an optional hostlist (raises BadHostlist)."""
-    return frozenset(expand(text)) if text else frozenset()
-
-
 def target_of(args: argparse.Namespace) -> Path:
     """Return --target, else the default of the mode: /mnt/cid-target for the installer, / for a system."""
     if args.target is not None:
@@ -223,8 +183,10 @@ def check_install_options(args: argparse.Namespace) -> None:
         raise ValueError("--target must not be / with --install-device")
 
 
-def tls_files(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None] | None:
+def tls_files(args: argparse.Namespace, *, own_cert: bool = True) -> tuple[Path, Path | None, Path | None] | None:
     """Return (CA file, agent certificate, agent key) for TLS, or None for --plain-tcp.
+
+    With ``own_cert`` the node's own certificate in the state directory is used when none is named.
 
     Raises TlsError when the CA file does not exist (a missing CA is never a reason to fall back to clear text).
     """
@@ -238,36 +200,20 @@ def tls_files(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]
                        "(--plain-tcp only for a cidd configured with tls mode plain)")
     cert = args.cert or (Path(os.environ[CERT_ENV]) if os.environ.get(CERT_ENV) else None)
     key = args.key or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
-    own_cert, own_key = defaults.key.parent / "agent.pem", defaults.key.parent / "agent.key"
-    if cert is None and not args.sim and own_cert.is_file() and own_key.is_file():
-        cert, key = own_cert, own_key
+    own, own_key = defaults.key.parent / "agent.pem", defaults.key.parent / "agent.key"
+    if cert is None and own_cert and own.is_file() and own_key.is_file():
+        cert, key = own, own_key
     return ca, cert, key
 
 
 def build_service(args: argparse.Namespace, reactor: Any, token: str | InstallerCredentials) -> IService:
-    """Return the service the command line asks for: one AgentService or a SimFleet.
+    """Return the AgentService of this node, connecting to --server.
 
-    Raises ValueError (bad address), BadHostlist, TlsError and TokenFileError (TLS files).
+    Raises ValueError (bad address), TlsError and TokenFileError (TLS files).
     """
     host, port = parse_server(args.server)
     files = tls_files(args)
     tls = None if files is None else tls_options(host, *files)
-    if args.sim:
-        config = SimConfig(
-            reboot_delay=args.reboot_delay, install_time=args.install_time,
-            hang_reboot_nodes=_names(args.hang_reboot), hang_reboot_rate=args.hang_reboot_rate,
-            fail_install_nodes=_names(args.fail_install), fail_install_rate=args.fail_install_rate,
-            initial_image=args.initial_image, seed=args.seed, request_timeout=args.request_timeout)
-        sim_dir = args.sim_dir or default_state_dir() / "sim"
-        endpoint_for = None
-        if files is not None and args.cert_dir is not None:
-            cert_dir, ca = args.cert_dir, files[0]
-
-            def endpoint_for(name: str) -> Any:
-                return client_endpoint(reactor, host, port,
-                                       tls=tls_options(host, ca, cert_dir / f"{name}.pem", cert_dir / f"{name}.key"))
-        return SimFleet(args.sim, host, port, token, sim_dir, reactor, config=config, master=True,
-                        endpoint=client_endpoint(reactor, host, port, tls=tls), endpoint_for=endpoint_for)
     reboot = (("/bin/sh", "-c", args.reboot_command),) if args.reboot_command else REBOOT_COMMANDS
     platform = LinuxPlatform(reactor, node=args.node, mode=args.mode, marker=args.marker, target=target_of(args),
                              install_device=args.install_device, reboot_commands=reboot,
@@ -278,26 +224,29 @@ def build_service(args: argparse.Namespace, reactor: Any, token: str | Installer
                         server=f"{host}:{port}", request_timeout=args.request_timeout)
 
 
-def start_bmcs(args: argparse.Namespace, fleet: Any, reactor: Any) -> None:
-    """Start one simulated IPMI BMC per fleet node (ports from --bmc-base-port); stop them at shutdown.
-
-    Raises TokenFileError for a missing or unsafe credentials file, ValueError for one without 'user:password'.
+def serve(reactor: Any, service: IService, *, on_start: Callable[[], None] | None = None, **fields: Any) -> int:
+    """Run ``service`` under the global ``reactor`` until SIGTERM/SIGINT; return the exit status (0, or 1 when
+    starting failed). ``on_start`` runs right after the service started; ``fields`` go into the start event.
     """
-    from cidkid.simbmc import SimBmcs
+    route_twisted_logs()
+    failed: list[BaseException] = []
 
-    if args.bmc_credentials is None:
-        raise ValueError("--bmc-base-port needs --bmc-credentials FILE ('user:password', mode 0600)")
-    check_private(args.bmc_credentials)
-    user, sep, password = args.bmc_credentials.read_text(encoding="utf-8").strip().partition(":")
-    if not sep or not user or not password:
-        raise ValueError(f"{args.bmc_credentials}: expected one line 'user:password'")
-    bmcs = SimBmcs(fleet.nodes, args.bmc_base_port, user, password, reactor=reactor)
-    bmcs.start()
-    for name in _names(args.bmc_dead):
-        bmc = bmcs.bmcs.pop(name, None)
-        if bmc is not None:
-            bmc.close()  # the port closes: calls to this BMC go unanswered
-    reactor.addSystemEventTrigger("before", "shutdown", bmcs.stop)
+    def start() -> None:
+        try:
+            service.startService()
+            if on_start is not None:
+                on_start()
+        except Exception as exc:
+            log.exception("agent.start_failed")
+            failed.append(exc)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: service.stopService() if service.running else None)
+    log.info("agent.starting", version=AGENT_VERSION, **fields)
+    reactor.run()
+    log.info("agent.stopped")
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                              "the agent token file")
         parse_server(args.server)
         check_install_options(args)
-        for hostlist in (args.sim, args.hang_reboot, args.fail_install, args.bmc_dead):
-            _names(hostlist)
-    except (ValueError, BadHostlist) as exc:
+    except ValueError as exc:
         print(f"cidkid: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -330,25 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TlsError, TokenFileError) as exc:
         print(f"cidkid: {exc.message}", file=sys.stderr)
         return EXIT_AUTH
-    route_twisted_logs()
-    failed: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            service.startService()
-            if args.sim and args.bmc_base_port:
-                start_bmcs(args, service, reactor)
-        except Exception as exc:
-            log.exception("agent.start_failed")
-            failed.append(exc)
-            reactor.stop()
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: service.stopService() if service.running else None)
-    log.info("agent.starting", version=AGENT_VERSION, server=args.server, sim=args.sim)
-    reactor.run()
-    log.info("agent.stopped")
-    return EXIT_ERROR if failed else EXIT_OK
+    return serve(reactor, service, server=args.server)
 
 
 if __name__ == "__main__":

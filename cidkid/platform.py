@@ -2,9 +2,9 @@
 
 ``Platform`` is what ``AgentProtocol`` needs from a node: who it is (``identity``), how it is doing (``health``),
 and the two commands cidd can give it (``reboot``, ``install``). ``LinuxPlatform`` is the real node (its installs
-go through the streaming installer, ``cidkid.installer``, onto a ``cidkid.target`` target); ``cidkid.sim.SimNode``
-a simulated one. The reboot methods (ordinary reboot, kexec, grub-reboot, efibootmgr --bootnext) are built in
-``cidkid.reboots`` and run here.
+go through the streaming installer, ``cidinstall.stream``, onto a ``cidinstall.target`` target);
+``cidsim.fleet.SimNode`` a simulated one. The reboot methods (ordinary reboot, kexec, grub-reboot,
+efibootmgr --bootnext) are built in ``cidkid.reboots`` and run here.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import structlog
 from twisted.internet import defer, threads, utils
 from twisted.internet.defer import Deferred
 
+from cidinstall.marker import read_marker
+from cidinstall.types import InstallRequest, InstallResult, ProgressCallback
 from cidkid.reboots import REBOOT_METHODS, RebootSpec, Stage, plan, redact
 
 log = structlog.get_logger(__name__)
@@ -46,10 +48,6 @@ Runner = Callable[[list[str], dict[str, str]], Deferred[tuple[bytes, bytes, int]
 #: ``fetcher(url, path)``: download ``url`` into ``path``; a Deferred firing when done (failing on error).
 Fetcher = Callable[[str, Path], Deferred[None]]
 
-#: ``progress(step, done, total)``: bytes done so far of ``total`` (None when unknown) in step ``step``.
-ProgressCallback = Callable[[str, int, int | None], None]
-
-
 @dataclass(frozen=True)
 class Identity:
     """What the agent says about itself in ``hello``.
@@ -62,27 +60,6 @@ class Identity:
     mode: str
     image: str | None
     boot_id: str
-
-
-@dataclass(frozen=True)
-class InstallRequest:
-    """An ``install`` command: stream ``url`` (``size`` bytes, ``format``) onto the target, check ``sha256``."""
-
-    image: str
-    url: str
-    sha256: str | None = None
-    size: int | None = None
-    format: str = "tar.zst"
-    agent_token: str | None = None  # the node's own agent token, for the installed system (never logged)
-
-
-@dataclass(frozen=True)
-class InstallResult:
-    """The outcome of an install: ``reason`` is a sentence when not ``ok``; ``retry`` whether trying again may help."""
-
-    ok: bool
-    reason: str | None = None
-    retry: bool = False
 
 
 class Platform(Protocol):
@@ -115,27 +92,6 @@ class Platform(Protocol):
         Returns a Deferred firing with the InstallResult; failures are results (``ok=False``), not errbacks.
         """
         ...
-
-
-def read_marker(path: Path) -> str | None:
-    """Return the image id on the first line of the marker file ``path``, or None when absent, empty or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            first = handle.readline().strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        log.warning("agent.marker_unreadable", path=str(path), error=str(exc))
-        return None
-    return first or None
-
-
-def write_marker(path: Path, image: str) -> None:
-    """Write ``image`` as the marker file ``path`` (creating its directory), atomically through a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(image + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def short_hostname() -> str:
@@ -323,8 +279,8 @@ class LinuxPlatform(Platform):
         if self.mode != "installer":
             log.error("agent.install_refused", node=self.node, image=request.image, reason=SYSTEM_MODE_REASON)
             return defer.succeed(InstallResult(ok=False, reason=SYSTEM_MODE_REASON, retry=False))
-        from cidkid.installer import stream_install
-        from cidkid.target import DeviceTarget, DirectoryTarget, Target
+        from cidinstall.stream import stream_install
+        from cidinstall.target import DeviceTarget, DirectoryTarget, Target
 
         target: Target = (DeviceTarget(self.install_device, self.target) if self.install_device is not None
                           else DirectoryTarget(self.target))

@@ -33,9 +33,10 @@ from cidcommon.wire import (
     get_str,
     reply,
 )
+from cidinstall.types import InstallRequest
 from cidkid import AGENT_VERSION
 from cidkid.installs import InstallRunner
-from cidkid.platform import BOOT_TARGETS, Identity, InstallRequest, Platform
+from cidkid.platform import BOOT_TARGETS, Identity, Platform
 from cidkid.reboots import RebootSpec, parse_spec
 
 log = structlog.get_logger(__name__)

@@ -70,7 +70,7 @@ def main() -> int:
         with open(DEMO / "cidd.log", "wb") as log:
             procs.append(subprocess.Popen(cidd, env=env, stderr=log, stdout=log))
         wait_port(port)
-        fleet = [PY, "-m", "cidkid.main", "--sim", "node[01-16]", "--sim-dir", str(DEMO / "sim"),
+        fleet = [PY, "-m", "cidsim.main", "node[01-16]", "--sim-dir", str(DEMO / "sim"),
                  "--reboot-delay", "1", "--install-time", "2"]
         show(fleet + [f"2> {DEMO / 'fleet.log'}", "&"])
         with open(DEMO / "fleet.log", "wb") as log:

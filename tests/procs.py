@@ -127,10 +127,10 @@ class Cluster:
         return self.cidd
 
     def start_fleet(self, hostlist: str, *extra: str) -> subprocess.Popen:
-        """Start ``cidkid --sim HOSTLIST`` against this cidd."""
+        """Start ``cid-simfleet HOSTLIST`` against this cidd."""
         log = open(self.root / f"fleet-{len(self.fleets)}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cidkid.main", "--sim", hostlist, "--server", self.server,
+            [sys.executable, "-m", "cidsim.main", hostlist, "--server", self.server,
              "--sim-dir", str(self.root / "sim"), *extra],
             stdout=log, stderr=subprocess.STDOUT, env={**_env(self.state_dir), **self.extra_env})
         self.fleets.append(proc)

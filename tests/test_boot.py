@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from cidd.boot import (
+from cidd.core.boot import (
     EthersError,
     ImageBoot,
     InstallerBoot,

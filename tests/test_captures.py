@@ -1,4 +1,4 @@
-"""Tests for cidd.captures: the capture rules of DESIGN.md §3 (plan, settle, node_outcome).
+"""Tests for cidd.core.captures: the capture rules of DESIGN.md §3 (plan, settle, node_outcome).
 
 ``plan`` and ``settle`` are pure; node records are built by hand. One test at the end drives the engine
 (with an in-memory store and a fake clock) because the rule it checks needs every running capture, which
@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
+from cidcatalog.catalog import Catalog, Image
 from cidcommon.errors import BadRequest, Conflict
-from cidd.captures import (
+from cidd.config import parse_config
+from cidd.core.captures import (
     JOB_MEMORY_S,
     Capture,
     CaptureState,
@@ -21,9 +23,7 @@ from cidd.captures import (
     plan,
     settle,
 )
-from cidd.catalog import Catalog, Image
-from cidd.config import parse_config
-from cidd.machine import Node, State
+from cidd.core.machine import Node, State
 from tests.fakes import SilentLink
 
 A, B, C = "alma-9-1", "debian-12-1", "rocky-9-2"

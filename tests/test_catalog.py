@@ -1,4 +1,4 @@
-"""Tests for cidd.catalog: parsing, problems with their lines, the Catalog object and text editing."""
+"""Tests for cidcatalog.catalog: parsing, problems with their lines, the Catalog object and text editing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cidd.catalog import (
+from cidcatalog.catalog import (
     RELOAD_HINT,
     BootHints,
     Catalog,

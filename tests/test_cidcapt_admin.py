@@ -18,9 +18,9 @@ from cidcapt.errors import BadServerReply, ConnectionLost, Unreachable, error_fr
 from cidcapt.exit_codes import exit_code
 from cidcapt.main import main
 from cidcapt.render import format_age, summary_rows
-from cidcapt.testing import FakeCidd, FakeSession, test_ca_file
 from cidcommon.errors import CidError, Conflict, UnknownImage
 from cidcommon.wire import encode
+from cidsim.fake_cidd import FakeCidd, FakeSession, test_ca_file
 
 TOKEN = "admin-t0ken"
 NOW = 1_700_000_100.0

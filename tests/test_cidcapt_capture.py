@@ -15,7 +15,7 @@ import pytest
 
 from cidcapt.connection import Timing
 from cidcapt.main import main
-from cidcapt.testing import FakeCidd, FakeSession, node_info, test_ca_file
+from cidsim.fake_cidd import FakeCidd, FakeSession, node_info, test_ca_file
 
 TOKEN = "t0ken-for-tests"
 IMAGE = "debian-12-1"

@@ -17,9 +17,11 @@ import pytest_twisted
 import structlog
 from twisted.internet import reactor
 
-from cidcapt.testing import test_ca_file, test_server_context
+from cidinstall.types import InstallRequest
 from cidkid.main import build_parser, main
-from cidkid.platform import InstallRequest, LinuxPlatform
+from cidkid.platform import LinuxPlatform
+from cidsim.fake_cidd import test_ca_file, test_server_context
+from cidsim.main import main as simfleet_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "main-test-token"
@@ -49,9 +51,9 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--server", "--node", "--mode", "--marker", "--target", "--token-file", "--log-format",
-                   "--sim", "--sim-dir", "--reboot-delay", "--install-time", "--hang-reboot-rate",
-                   "--hang-reboot", "--fail-install-rate", "--fail-install", "--initial-image", "--seed"):
+                   "--boot-token", "--kernel-cmdline", "--install-device"):
         assert option in text
+    assert "--sim" not in text  # the simulated fleet is cid-simfleet's (cidsim), never the agent's
     assert "CID_SERVER" in text and "exit status" in text
 
 
@@ -80,20 +82,12 @@ def test_token_file_defaults_to_env_then_state_dir(tmp_path: Path, monkeypatch: 
 
 @pytest.mark.parametrize("argv, words", [
     (["--server", "head:http"], "bad port"),
-    (["--sim", "node[01-"], "bad hostlist"),
-    (["--sim", "n1", "--hang-reboot", "x[1-"], "bad hostlist"),
+    (["--mode", "system", "--install-device", "/dev/vdb"], "--install-device only applies"),
 ])
 def test_bad_command_line_exits_2(argv: list[str], words: str, token_file: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--token-file", str(token_file)]) == 2
     assert words in capsys.readouterr().err
-
-
-def test_rates_must_be_probabilities(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args(["--sim", "n1", "--hang-reboot-rate", "1.5"])
-    assert exit_.value.code == 2
-    assert "between 0 and 1" in capsys.readouterr().err
 
 
 def test_server_defaults_to_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,10 +109,10 @@ def listener() -> Iterator[socket.socket]:
     sock.close()
 
 
-def spawn(args: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], tmp_path: Path, module: str = "cidkid") -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CID_STATE_DIR": str(tmp_path / "state"),
            "CID_CA_FILE": test_ca_file()}
-    return subprocess.Popen([sys.executable, "-m", "cidkid", *args], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
 
@@ -183,10 +177,42 @@ def test_real_agent_says_hello_heartbeats_and_stops_on_sigterm(tmp_path: Path, t
     assert TOKEN not in json.dumps(events)
 
 
+# -- cid-simfleet (cidsim.main): the simulated fleet's own command ------------------------------------------------
+
+def test_simfleet_help_lists_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        simfleet_main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("HOSTLIST", "--server", "--token-file", "--sim-dir", "--reboot-delay", "--install-time",
+                   "--hang-reboot-rate", "--hang-reboot", "--fail-install-rate", "--fail-install", "--initial-image",
+                   "--bmc-base-port", "--bmc-credentials", "--bmc-dead", "--seed", "--cert-dir"):
+        assert option in text
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["node[01-"], "bad hostlist"),
+    (["n1", "--hang-reboot", "x[1-"], "bad hostlist"),
+    (["n1", "--server", "head:http"], "bad port"),
+])
+def test_simfleet_bad_command_line_exits_2(argv: list[str], words: str, token_file: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert simfleet_main([*argv, "--token-file", str(token_file)]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_simfleet_rates_must_be_probabilities(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        simfleet_main(["n1", "--hang-reboot-rate", "1.5"])
+    assert exit_.value.code == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+
+
 def test_sim_fleet_process_connects_every_node(tmp_path: Path, token_file: Path, listener: socket.socket) -> None:
     port = listener.getsockname()[1]
-    proc = spawn(["--sim", "sim[1-3]", "--server", f"127.0.0.1:{port}", "--token-file", str(token_file),
-                  "--sim-dir", str(tmp_path / "sim"), "--initial-image", "rocky-9-1", "--seed", "5"], tmp_path)
+    proc = spawn(["sim[1-3]", "--server", f"127.0.0.1:{port}", "--token-file", str(token_file),
+                  "--sim-dir", str(tmp_path / "sim"), "--initial-image", "rocky-9-1", "--seed", "5"], tmp_path,
+                 module="cidsim.main")
     try:
         peers = [Peer(listener.accept()[0]) for _ in range(3)]
         hellos = [peer.read() for peer in peers]

@@ -17,9 +17,10 @@ from twisted.python.failure import Failure
 
 from cidcommon.errors import AuthError, CidError
 from cidcommon.wire import encode
+from cidinstall.types import InstallRequest, InstallResult, ProgressCallback
 from cidkid import AGENT_VERSION
 from cidkid.installs import InstallRunner
-from cidkid.platform import Identity, InstallRequest, InstallResult, Platform, ProgressCallback
+from cidkid.platform import Identity, Platform
 from cidkid.protocol import AgentProtocol, RequestTimeout, SessionLost
 from cidkid.reboots import REBOOT_METHODS, RebootSpec
 

@@ -16,10 +16,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from cidcommon.wire import encode
-from cidkid.platform import Identity, InstallRequest, InstallResult, Platform, ProgressCallback
+from cidinstall.types import InstallRequest, InstallResult, ProgressCallback
+from cidkid.platform import Identity, Platform
 from cidkid.protocol import AgentProtocol
 from cidkid.service import AgentService, Backoff, parse_server
-from cidkid.testing import LoopTransport, MemoryEndpoint
+from cidsim.agent_doubles import LoopTransport, MemoryEndpoint
 
 
 class Node(Platform):

@@ -15,10 +15,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 
 from cidcommon.wire import LineBuffer, decode, encode
-from cidkid import sim as sim_module
-from cidkid.platform import read_marker, write_marker
-from cidkid.sim import FAILED_INSTALL_REASON, SharedHealth, SimConfig, SimFleet, SimNode, raise_nofile_limit
-from cidkid.testing import LoopTransport, MemoryEndpoint
+from cidinstall.marker import read_marker, write_install_marker
+from cidsim import fleet as sim_module
+from cidsim.agent_doubles import LoopTransport, MemoryEndpoint
+from cidsim.fleet import FAILED_INSTALL_REASON, SharedHealth, SimConfig, SimFleet, SimNode, raise_nofile_limit
 
 TOKEN = "sim-token"
 INSTALL = {"type": "install", "id": "c-2", "image": "debian-12-2", "url": "http://head/i.tar.zst",
@@ -45,7 +45,8 @@ def greet(transport: LoopTransport, heartbeat: float = 10.0) -> dict[str, Any]:
 
 
 def test_hello_reports_marker_image_and_a_boot_id(tmp_path: Path) -> None:
-    write_marker(tmp_path / "node01" / "etc" / "cid-image", "debian-12-1")
+    (tmp_path / "node01").mkdir(parents=True, exist_ok=True)
+    write_install_marker(tmp_path / "node01", "debian-12-1")
     node, _endpoint, hello, _t = boot_node(tmp_path, Clock())
     assert (hello["node"], hello["mode"], hello["image"], hello["token"]) == ("node01", "system", "debian-12-1",
                                                                              TOKEN)
@@ -194,7 +195,8 @@ def test_fleet_ramps_up_writes_initial_markers_and_stops(tmp_path: Path) -> None
     clock = Clock()
     endpoint = MemoryEndpoint(clock)
     names = [f"sim{i:04d}" for i in range(450)]
-    write_marker(tmp_path / "sim0007" / "etc" / "cid-image", "rocky-9-1")
+    (tmp_path / "sim0007").mkdir(parents=True, exist_ok=True)
+    write_install_marker(tmp_path / "sim0007", "rocky-9-1")
     fleet = SimFleet("sim[0000-0449]", "head", 38008, TOKEN, tmp_path, clock, endpoint=endpoint,
                      config=SimConfig(initial_image="debian-12-1"), ramp_batch=200, ramp_interval=0.1)
     assert list(fleet.nodes) == names

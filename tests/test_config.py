@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cidd.config import Config, ConfigError, NodeSpec, load_config, parse_config
-from cidd.machine_types import Policy, Rung
+from cidd.core.machine_types import Policy, Rung
 
 FULL = """\
 # a complete cidd.yaml

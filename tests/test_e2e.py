@@ -161,7 +161,7 @@ def test_cidd_survives_garbage_from_a_peer(cluster: Cluster) -> None:
 def test_catalog_reload_is_live_and_a_broken_catalog_keeps_the_old_one(cluster: Cluster) -> None:
     import signal
 
-    from cidd.catalog import Image, upsert_entry_text
+    from cidcatalog.catalog import Image, upsert_entry_text
 
     before = cluster.catalog.read_text()
     def others_dropped() -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from cidcatalog.catalog import load_catalog
 from cidcommon.paths import node_token, read_token, token_path
-from cidd.catalog import load_catalog
 from tests.procs import Cluster, _env
 from tests.rootfs import build_rootfs, compare_trees
 
@@ -37,7 +37,7 @@ def make_image(src: Path, cluster: Cluster) -> Path:
     """Capture ``src`` with cid-mkimg as image testfs-1-0 of ``cluster``; return the image directory."""
     images = cluster.root / "images"
     images.mkdir()
-    made = subprocess.run([sys.executable, "-m", "cidkid.mkimg", "--root", str(src), "--name", "testfs",
+    made = subprocess.run([sys.executable, "-m", "cidmkimg.main", "--root", str(src), "--name", "testfs",
                            "--version", "1", "--subversion", "0", "--image-dir", str(images),
                            "--catalog", str(cluster.root / "images.yaml")],
                           capture_output=True, text=True, env=_env(cluster.state_dir))
@@ -125,7 +125,7 @@ def test_a_corrupt_image_never_reports_ready(tmp_path) -> None:
     images = cluster.root / "images"
     images.mkdir()
     env = _env(cluster.state_dir)
-    subprocess.run([sys.executable, "-m", "cidkid.mkimg", "--root", str(src), "--name", "testfs", "--version", "1",
+    subprocess.run([sys.executable, "-m", "cidmkimg.main", "--root", str(src), "--name", "testfs", "--version", "1",
                     "--subversion", "0", "--image-dir", str(images), "--catalog", str(cluster.root / "images.yaml")],
                    check=True, capture_output=True, env=env)
     data = bytearray((images / "testfs-1-0.tar.zst").read_bytes())

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from twisted.internet import reactor, task, threads
 from twisted.web import http as twhttp
 
-from cidd.catalog import Catalog, Image
+from cidcatalog.catalog import Catalog, Image
 from cidd.images_http import Unsatisfiable, build_site, image_path, parse_range
 from cidd.metrics import Metrics
 

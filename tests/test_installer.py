@@ -1,4 +1,4 @@
-"""The streaming installer (cidkid.installer), install targets (cidkid.target) and LinuxPlatform.install.
+"""The streaming installer (cidinstall.stream), install targets (cidinstall.target) and LinuxPlatform.install.
 
 Real files, real GNU tar, real HTTP on 127.0.0.1 (a small Range-capable server in a thread, defined here),
 real mounts (tmpfs, a loop-mounted ext4). Needs root; everything mounted or attached is released in teardown
@@ -28,10 +28,11 @@ import pytest_twisted
 import structlog
 import zstandard
 
-from cidkid.installer import INCOMPLETE, MARKER, stream_install
+from cidinstall.stream import INCOMPLETE, MARKER, stream_install
+from cidinstall.target import DeviceTarget, DirectoryTarget, TargetError
+from cidinstall.types import InstallRequest, InstallResult
 from cidkid.main import build_parser, main, target_of
-from cidkid.platform import SYSTEM_MODE_REASON, InstallRequest, InstallResult, LinuxPlatform
-from cidkid.target import DeviceTarget, DirectoryTarget, TargetError
+from cidkid.platform import SYSTEM_MODE_REASON, LinuxPlatform
 from tests.rootfs import MissingTool, build_rootfs, compare_trees
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,

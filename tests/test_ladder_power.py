@@ -1,6 +1,6 @@
 """The escalation ladder with real BMC endpoints: hung reboots end through an IPMI power cycle.
 
-Real processes: cidd (with pyghmi on its BMC thread pool) and a `cidkid --sim` fleet in which every node has
+Real processes: cidd (with pyghmi on its BMC thread pool) and a `cid-simfleet` fleet in which every node has
 its own IPMI BMC on a loopback UDP port (pyghmi's BMC server). 10 % of the simulated reboots hang; the ladder
 is "agent reboot (3 s) → power cycle with network boot through the BMC".
 """

@@ -1,4 +1,4 @@
-"""Tests for cidd.machine: every state and transition of the per-node switch machine, with explicit times.
+"""Tests for cidd.core.machine: every state and transition of the per-node switch machine, with explicit times.
 
 The machine is pure (``apply(node, event, policy, now)``), so each test builds a node record, feeds it one
 event at a chosen time and checks the new record, the actions and the history row (from/to/attempt/rung/
@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from cidd.machine import (
+from cidd.core.machine import (
     SWITCHING,
     AlreadySwitching,
     Node,
@@ -22,7 +22,7 @@ from cidd.machine import (
     apply,
     restore,
 )
-from cidd.machine_types import (
+from cidd.core.machine_types import (
     Connected,
     Disconnected,
     Installed,

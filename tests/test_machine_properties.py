@@ -2,7 +2,7 @@
 
 A hypothesis state machine drives three nodes with random events (captures asking for one of three images,
 raw switches, agent hellos with random mode/image/boot id, disconnects, install reports, failed rungs, time
-passing with ticks) through ``cidd.machine.apply``, and a few jobs through ``cidd.captures.plan``/``settle``
+passing with ticks) through ``cidd.core.machine.apply``, and a few jobs through ``cidd.core.captures.plan``/``settle``
 the way the engine does: plan, then Switch the nodes to switch, then settle the running captures after every
 step. After every step it checks the invariants of DESIGN.md §2-§3; at the end it lets time run past every
 deadline without agent activity and checks that no node is left waiting.
@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cidcommon.errors import BadRequest, Conflict
-from cidd.captures import JOB_MEMORY_S, Capture, Result, plan, settle
-from cidd.machine import SWITCHING, AlreadySwitching, Node, State, Step, apply, restore
-from cidd.machine_types import (
+from cidd.core.captures import JOB_MEMORY_S, Capture, Result, plan, settle
+from cidd.core.machine import SWITCHING, AlreadySwitching, Node, State, Step, apply, restore
+from cidd.core.machine_types import (
     AGENT_METHODS,
     Connected,
     Disconnected,

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cidcapt.testing import FakeCidd, FakeSession, test_ca_file
-from cidd.catalog import Image, load_catalog, render_entry
-from cidkid import image_capture, mkimg
-from cidkid.image_capture import default_excludes, tar_pattern
-from cidkid.mkimg import main
+from cidcatalog.catalog import Image, load_catalog, render_entry
+from cidmkimg import main as mkimg
+from cidmkimg import pack as pack_module
+from cidmkimg.main import main
+from cidmkimg.pack import default_excludes, tar_pattern
+from cidsim.fake_cidd import FakeCidd, FakeSession, test_ca_file
 from tests.rootfs import MissingTool, build_rootfs, compare_trees
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,14 +126,14 @@ def test_broken_catalog_is_refused_before_capturing(tmp_path: Path, capsys: pyte
 def test_catalog_broken_during_capture_keeps_the_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:
     catalog = tmp_path / "images.yaml"
-    capture = mkimg.capture
+    pack = mkimg.pack
 
-    def capture_then_break(*args: object, **kwargs: object) -> image_capture.Captured:
-        result = capture(*args, **kwargs)
+    def pack_then_break(*args: object, **kwargs: object) -> pack_module.Packed:
+        result = pack(*args, **kwargs)
         catalog.write_text("images: [\n")  # someone saves a broken catalog meanwhile
         return result
 
-    monkeypatch.setattr(mkimg, "capture", capture_then_break)
+    monkeypatch.setattr(mkimg, "pack", pack_then_break)
     assert run(tmp_path, small_tree(tmp_path / "root")) == 1
     assert catalog.read_text() == "images: [\n"
     err = capsys.readouterr().err
@@ -144,7 +145,7 @@ def test_a_closed_stdout_does_not_stop_the_catalog_update(tmp_path: Path) -> Non
     (tmp_path / "img").mkdir()
     argv = ["--root", str(small_tree(tmp_path / "root")), "--name", "x", "--version", "1", "--subversion", "1",
             "--image-dir", str(tmp_path / "img"), "--catalog", str(tmp_path / "images.yaml")]
-    proc = subprocess.Popen([sys.executable, "-m", "cidkid.mkimg", *argv], cwd=REPO, stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "cidmkimg.main", *argv], cwd=REPO, stdout=subprocess.PIPE)
     assert proc.stdout.readline().startswith(b"capturing ")
     proc.stdout.close()  # like `cid-mkimg ... | head -1`
     assert proc.wait(timeout=30) == 0
@@ -248,7 +249,7 @@ def test_a_second_run_of_the_same_image_is_refused(tmp_path: Path, capsys: pytes
 def fake_tar(monkeypatch: pytest.MonkeyPatch, status: int, message: str) -> None:
     """Make cid-mkimg run a fake tar that writes some bytes, ``message`` on stderr, and exits with ``status``."""
     script = f"printf 'some archive bytes'; echo '{message}' >&2; exit {status}"
-    monkeypatch.setattr(image_capture, "tar_command", lambda *args, **kwargs: ["sh", "-c", script])
+    monkeypatch.setattr(pack_module, "tar_command", lambda *args, **kwargs: ["sh", "-c", script])
 
 
 def test_tar_failure_removes_the_part_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -278,7 +279,7 @@ def test_write_failure_removes_the_part_file(tmp_path: Path, monkeypatch: pytest
     def full(self: object, data: bytes) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(image_capture.CompressedSink, "write", full)
+    monkeypatch.setattr(pack_module.CompressedSink, "write", full)
     assert run(tmp_path, small_tree(tmp_path / "root")) == 1
     assert "No space left on device; check the space left in --image-dir" in capsys.readouterr().err
     assert list((tmp_path / "img").iterdir()) == [] and not (tmp_path / "images.yaml").exists()
@@ -326,7 +327,7 @@ def test_failed_reload_keeps_image_and_catalog(tmp_path: Path, token_file: Path,
 
 
 def test_boot_files_are_found_inside_the_tree_even_through_absolute_symlinks(tmp_path: Path) -> None:
-    from cidkid.mkimg import _in_tree
+    from cidmkimg.main import _in_tree
 
     (tmp_path / "boot").mkdir()
     (tmp_path / "boot" / "vmlinuz-1").write_text("k")

@@ -23,8 +23,8 @@ from twisted.internet.protocol import Factory, Protocol
 
 from cidcommon.wire import LineBuffer, decode, encode
 from cidd.power import BmcCredentials, CredentialsError, PowerController, PowerError, bmc_address
-from cidkid.sim import SimConfig, SimFleet
-from cidkid.simbmc import SimBmcs
+from cidsim.bmc import SimBmcs
+from cidsim.fleet import SimConfig, SimFleet
 from tests.ipmisim import PASSWORD, USER, IpmiSim, free_udp_port, run_ipmitool
 
 CREDS = BmcCredentials(USER, PASSWORD)
@@ -177,7 +177,7 @@ async def test_unanswering_bmc_fails_in_time_and_does_not_hold_up_other_bmcs(ipm
 
     Found here first: with pyghmi as shipped, a *first* login to another BMC while a login to a dead BMC is
     retrying was delayed by about a second per step (lost wake-ups in pyghmi's I/O loop); cidd applies
-    cidcommon.pyghmi_io, which bounds that delay (tests/test_pyghmi_io.py, bench/bmc_logins.py).
+    cidd.pyghmi_io, which bounds that delay (tests/test_pyghmi_io.py, bench/bmc_logins.py).
     """
     other = IpmiSim(tmp_path / "cold").start()
     dead, port = dead_udp_port()
@@ -337,7 +337,7 @@ def require_ipmitool() -> None:
 
 
 class FleetWithBmcs:
-    """A ``cidkid --sim sim[01-02]`` process whose nodes have BMCs on ``base`` and ``base + 1`` (user ``admin``,
+    """A ``cid-simfleet sim[01-02]`` process whose nodes have BMCs on ``base`` and ``base + 1`` (user ``admin``,
     password ``simpw``), connected to a TinyCidd (``factory``) over plain TCP: these tests are about the BMCs."""
 
     def __init__(self, tmp_path: Path) -> None:
@@ -358,7 +358,7 @@ class FleetWithBmcs:
         """Start the fleet process (register ``factory.wait_for`` waiters first)."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "cidkid.main", "--sim", "sim[01-02]", "--server",
+                [sys.executable, "-m", "cidsim.main", "sim[01-02]", "--server",
                  f"127.0.0.1:{self.listening.getHost().port}", "--token-file", str(self.token_file),
                  "--sim-dir", str(self.tmp_path / "sim"), "--bmc-base-port", str(self.base),
                  "--bmc-credentials", str(self.creds), "--plain-tcp", *extra],
@@ -378,7 +378,7 @@ class FleetWithBmcs:
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_power_controller_drives_the_simulated_fleet(tmp_path: Path) -> None:
-    """cidd's PowerController (pyghmi client) against a ``cidkid --sim`` fleet's BMCs in their own process.
+    """cidd's PowerController (pyghmi client) against a ``cid-simfleet`` fleet's BMCs in their own process.
 
     Client and BMC servers run in separate processes, as in production: pyghmi keeps process-wide session
     state, and a client and a server sharing one process can wait on each other.

@@ -1,4 +1,4 @@
-"""cidcommon.pyghmi_io: the two fixes to pyghmi's shared I/O loop (bounded waits, sends that never block).
+"""cidd.pyghmi_io: the two fixes to pyghmi's shared I/O loop (bounded waits, sends that never block).
 
 The effect on real BMCs is measured by ``bench/bmc_logins.py`` (concurrent logins to ``ipmi_sim``) and exercised
 by ``tests/test_ladder_power.py`` (cidd's power pool against a fleet of pyghmi BMCs, with a dead one).
@@ -15,7 +15,7 @@ import pytest_twisted
 from pyghmi.ipmi.private import session
 from twisted.internet import defer, reactor
 
-from cidcommon import pyghmi_io
+from cidd import pyghmi_io
 from cidd.power import BmcCredentials, PowerController
 from tests.ipmisim import PASSWORD, USER, IpmiSim
 

@@ -215,9 +215,9 @@ async def test_kexec_files_come_over_real_http(tmp_path: Path) -> None:
 # -- what cidd tells the agent (cidd/reboots.py) -----------------------------------------------------------------------
 
 def test_cidd_kexecs_into_the_installed_images_own_kernel_or_falls_back_to_a_reboot() -> None:
-    from cidd.boot import ImageBoot
     from cidd.config import parse_config
-    from cidd.machine_types import Policy
+    from cidd.core.boot import ImageBoot
+    from cidd.core.machine_types import Policy
     from cidd.reboots import reboot_message
 
     config = parse_config({"state_dir": "/s", "http": {"host": "10.0.0.1", "port": 8080},

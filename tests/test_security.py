@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
+from cidcatalog.catalog import Image, upsert_entry_text
 from cidcommon.errors import Forbidden
 from cidcommon.paths import node_token, read_token, token_path
-from cidd.catalog import Image, upsert_entry_text
 from cidd.config import ConfigError, parse_config
-from cidd.rights import ImageFacts, RightsRefused, check, parse_rules
+from cidd.core.rights import ImageFacts, RightsRefused, check, parse_rules
 from cidd.security_events import SecurityEvents
 from cidd.unix_peers import PeerIdentity, granted_role, socket_role
 from tests.procs import CATALOG, Cluster, _env, free_port

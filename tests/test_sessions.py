@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
+from cidcatalog.catalog import load_catalog
 from cidcommon.paths import node_token
-from cidd.catalog import load_catalog
 from cidd.config import parse_config
 from cidd.engine import Engine
 from cidd.sessions import HELLO_TIMEOUT, CiddFactory, Sessions
@@ -320,7 +320,7 @@ class CertPeer(Peer):
     def __init__(self, factory: CiddFactory, cn: str | None) -> None:
         from OpenSSL import crypto
 
-        from cidcommon.pki import create_ca, issue
+        from cidd.pki import create_ca, issue
 
         super().__init__(factory)
         x509 = None

@@ -68,8 +68,8 @@ def test_init_scripts_start_status_reload_and_stop_the_daemons(tmp_path: Path) -
     cidd_defaults.write_text(f'DAEMON={bindir}/cidd\nCIDD_OPTS="--config {config}"\nCID_STATE_DIR={cluster.state_dir}\n'
                              f"PIDFILE={tmp_path}/cidd.pid\nLOGDIR={logs}\n{this_tree}")
     kid_defaults = tmp_path / "cidkid.default"
-    kid_defaults.write_text(f'DAEMON={bindir}/cidkid\nCID_SERVER={cluster.server}\nPIDFILE={tmp_path}/cidkid.pid\n'
-                            f'LOGDIR={logs}\nCIDKID_OPTS="--sim node[01-02] --sim-dir {tmp_path}/sim '
+    kid_defaults.write_text(f'DAEMON={bindir}/cid-simfleet\nCID_SERVER={cluster.server}\nPIDFILE={tmp_path}/cidkid.pid\n'
+                            f'LOGDIR={logs}\nCIDKID_OPTS="node[01-02] --sim-dir {tmp_path}/sim '
                             f'--token-file {cluster.state_dir}/secrets/agent.token --ca {cluster.ca_file}"\n'
                             f"{this_tree}")
     try:

@@ -15,7 +15,7 @@ from cidcapt import slurm, slurm_helper
 from cidcapt.connection import Timing
 from cidcapt.main import main
 from cidcapt.slurm import ConstraintError, ImageChoiceError, Term, choose_image, drain_commands, parse_constraint
-from cidcapt.testing import ClientClosed, FakeCidd, FakeSession, node_info, test_ca_file
+from cidsim.fake_cidd import ClientClosed, FakeCidd, FakeSession, node_info, test_ca_file
 
 TOKEN = "slurm-t0ken"
 FEATURES = {"img_deb121": "debian-12-1", "img_rocky93": "rocky-9-3", "rocky": "rocky-9-3"}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cidd.captures import Capture, CaptureState, NodeResult, Result
-from cidd.machine import Node, State, Transition
+from cidd.core.captures import Capture, CaptureState, NodeResult, Result
+from cidd.core.machine import Node, State, Transition
 from cidd.store import SCHEMA_VERSION, Store, StoreError
 
 A, B = "alma-9-1", "debian-12-1"

@@ -21,8 +21,8 @@ import pytest
 from cryptography import x509
 
 from cidcommon.paths import node_token
-from cidcommon.pki import cert_pem, create_ca, fingerprint, issue, key_pem, load_cert, san_entries, write_file
 from cidd.config import ConfigError, parse_config
+from cidd.pki import cert_pem, create_ca, fingerprint, issue, key_pem, load_cert, san_entries, write_file
 from tests.procs import Cluster, _env, free_port
 
 pytestmark = pytest.mark.slow

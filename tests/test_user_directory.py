@@ -20,8 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
+from cidcatalog.catalog import load_catalog
 from cidcommon.wire import MAX_LINE
-from cidd.catalog import load_catalog
 from cidd.config import parse_config
 from cidd.config_sections import UsersConfig
 from cidd.engine import Engine

@@ -1,4 +1,4 @@
-"""Reboot windows: cidd.windows.Window, and the engine driven by a Clock (100 nodes, a window of 10).
+"""Reboot windows: cidd.core.windows.Window, and the engine driven by a Clock (100 nodes, a window of 10).
 
 The engine runs with an in-memory store and a link that records the commands; agents "come back" when the
 test says so. Deadlines must count from the moment a reboot is really issued, not from the capture's start.
@@ -12,13 +12,13 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from cidd.catalog import Catalog, Image
+from cidcatalog.catalog import Catalog, Image
 from cidd.config import parse_config
+from cidd.core.machine import State
+from cidd.core.windows import Window
 from cidd.engine import Engine
-from cidd.machine import State
 from cidd.status_http import EngineCollector
 from cidd.store import Store
-from cidd.windows import Window
 from tests.fakes import SilentLink
 
 IMAGE = "alma-9-1"

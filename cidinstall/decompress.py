@@ -13,7 +13,7 @@ from collections import deque
 
 import zstandard
 
-from cidkid.install_errors import ArchiveError
+from cidinstall.errors import ArchiveError
 
 #: Size of the pieces the decompressor hands to tar (also the most it holds at once).
 WRITE_SIZE = 1 << 20

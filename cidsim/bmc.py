@@ -29,13 +29,13 @@ from pyghmi.ipmi import bmc as pyghmi_bmc
 from pyghmi.ipmi.private import serversession
 from pyghmi.ipmi.private import session as ipmisession
 
-from cidcommon import pyghmi_io
 from cidcommon.errors import CidError
+from cidd import pyghmi_io
 
 if TYPE_CHECKING:
-    from cidkid.sim import SimNode
+    from cidsim.fleet import SimNode
 
-log = structlog.get_logger("cidkid.simbmc")
+log = structlog.get_logger("cidsim.bmc")
 
 IPMI_OK = 0
 IPMI_INVALID_DATA = 0xCC

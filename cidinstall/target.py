@@ -19,8 +19,8 @@ from typing import Protocol
 
 import structlog
 
-from cidkid.install_errors import TargetError, unwritable_target
-from cidkid.install_marker import mark_incomplete, remove_marker
+from cidinstall.errors import TargetError, unwritable_target
+from cidinstall.marker import mark_incomplete, remove_marker
 
 log = structlog.get_logger(__name__)
 

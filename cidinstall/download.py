@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from cidkid.install_errors import DownloadError, InstallError, VerifyError
+from cidinstall.errors import DownloadError, InstallError, VerifyError
 
 # Named after the installer on purpose: its log events kept their logger name when this module was split out.
-log = structlog.get_logger("cidkid.installer")
+log = structlog.get_logger(__name__)
 
 
 class Response(Protocol):

@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("cidcommon.pyghmi_io")
+log = structlog.get_logger("cidd.pyghmi_io")
 
 MAX_WAIT = 0.02  # seconds: the longest a pyghmi thread sleeps before re-checking whether its answer came
 SEND_WAIT = 1.0  # seconds: the longest a send waits for room in a full socket buffer

@@ -49,10 +49,10 @@ from pathlib import Path
 
 import structlog
 
-from cidkid.decompress import DECODE_ERRORS, WRITE_SIZE, PipeWriter, QueueSource, ungzip, unzstd
-from cidkid.install_errors import ArchiveError, DownloadError, InstallError, TargetError, VerifyError
-from cidkid.install_http import CANCELLED_REASON, DownloadAborted, Opener, RangedDownload, Response, http_open
-from cidkid.install_marker import (
+from cidinstall.decompress import DECODE_ERRORS, WRITE_SIZE, PipeWriter, QueueSource, ungzip, unzstd
+from cidinstall.download import CANCELLED_REASON, DownloadAborted, Opener, RangedDownload, Response, http_open
+from cidinstall.errors import ArchiveError, DownloadError, InstallError, TargetError, VerifyError
+from cidinstall.marker import (
     INCOMPLETE,
     MARKER,
     begin_install,
@@ -60,7 +60,7 @@ from cidkid.install_marker import (
     mark_incomplete,
     write_agent_token,
 )
-from cidkid.platform import InstallRequest, InstallResult, ProgressCallback
+from cidinstall.types import InstallRequest, InstallResult, ProgressCallback
 
 __all__ = ["INCOMPLETE", "MARKER", "InstallError", "stream_install"]
 

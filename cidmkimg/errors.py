@@ -11,7 +11,7 @@ class UsageError(MkimgError):
     """Bad arguments, an invalid name or version, or a broken catalog: nothing was written."""
 
 
-class CaptureError(MkimgError):
+class PackError(MkimgError):
     """tar, compression or writing the image failed; no image file (and no ``.part``) was left."""
 
 

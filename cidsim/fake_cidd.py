@@ -47,7 +47,7 @@ def _test_pki() -> dict[str, Any]:
         if not _PKI:
             from pathlib import Path
 
-            from cidcommon.pki import cert_pem, create_ca, issue, key_pem, write_file
+            from cidd.pki import cert_pem, create_ca, issue, key_pem, write_file
 
             directory = Path(tempfile.mkdtemp(prefix="cid-test-pki-"))
             atexit.register(shutil.rmtree, directory, True)

@@ -55,7 +55,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """What rights need to know about an image (from cidd.catalog.Image)."""
+    """What rights need to know about an image (from cidcatalog.catalog.Image)."""
 
     id: str
     name: str
@@ -124,7 +124,8 @@ def parse_rules(data: Any, problem: Callable[[str, str], None]) -> tuple[Rule, .
             except CidError as exc:
                 problem(where, exc.message)
                 continue
-        name = item.get("name") if isinstance(item.get("name"), str) and item.get("name") else where
+        given = item.get("name")
+        name = given if isinstance(given, str) and given else where
         rules.append(Rule(name, frozenset(users), frozenset(groups), tuple(images), nodes))
     return tuple(rules)
 

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import structlog
 
-from cidkid.install_errors import TargetError, unwritable_target
-from cidkid.platform import InstallRequest
+from cidinstall.errors import TargetError, unwritable_target
+from cidinstall.types import InstallRequest
 
-# Named after the installer on purpose: its log events kept their logger name when this module was split out.
-log = structlog.get_logger("cidkid.installer")
+log = structlog.get_logger(__name__)
 
 #: The marker of an installed image, relative to the target; and the flag of an unfinished install.
 MARKER = "etc/cid-image"
@@ -80,6 +79,19 @@ def _etc_fd(target: Path, *, create: bool) -> int | None:
         os.close(root)
 
 
+def read_marker(path: Path) -> str | None:
+    """Return the image id on the first line of the marker file ``path``, or None when absent, empty or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("agent.marker_unreadable", path=str(path), error=str(exc))
+        return None
+    return first or None
+
+
 def remove_marker(target: Path) -> None:
     """Remove ``<target>/etc/cid-image`` (and its temporary file) if there; never follows a symlinked etc.
 
@@ -101,14 +113,17 @@ def remove_marker(target: Path) -> None:
         os.close(etc)
 
 
-def write_install_marker(target: Path, image: str, sha256: str) -> None:
-    """Write ``<target>/etc/cid-image``: the image id, then ``sha256=<hex>``. Raises TargetError."""
+def write_install_marker(target: Path, image: str, sha256: str | None = None) -> None:
+    """Write ``<target>/etc/cid-image``: the image id, then ``sha256=<hex>`` when known (creating ``etc``).
+
+    The one writer of the marker: through a temporary file and a rename, following no symlink. Raises TargetError.
+    """
     try:
         etc = _etc_fd(target, create=True)
         assert etc is not None
         try:
             before = os.fstat(etc)
-            _write_at(etc, "cid-image", f"{image}\nsha256={sha256}\n")
+            _write_at(etc, "cid-image", f"{image}\n" + (f"sha256={sha256}\n" if sha256 else ""))
             os.utime(etc, ns=(before.st_atime_ns, before.st_mtime_ns))  # etc keeps the image's time stamps
         finally:
             os.close(etc)

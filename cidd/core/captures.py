@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from cidcommon.errors import BadRequest, Conflict
 from cidcommon.hostlists import collect
-from cidd.machine import SWITCHING, Node, State
+from cidd.core.machine import SWITCHING, Node, State
 
 #: An ended capture whose job id is asked for again with another image within this time is a conflict.
 JOB_MEMORY_S = 24 * 3600.0
@@ -114,10 +114,9 @@ def plan(job: str, image: str, names: list[str], user: str | None, requester: st
     for other in (running or {}).values():
         if other.job != job and other.image != image:
             holders.update((other.job, other.image, name) for name in names if name in other.nodes)
-    holders = sorted(holders)
     if holders:
         by_job: dict[tuple[str, str], list[str]] = {}
-        for holder, target, name in holders:
+        for holder, target, name in sorted(holders):
             by_job.setdefault((holder, target), []).append(name)
         held = "; ".join(f"{collect(ns)} held by job {j} for image {t}" for (j, t), ns in by_job.items())
         raise Conflict(f"nodes are held for another image by another job: {held}; "

@@ -8,8 +8,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from cidd.catalog import CatalogError, CatalogProblem, Image, parse_catalog, upsert_entry_text
-from cidkid.image_capture import fsync_dir
+from cidcatalog.catalog import CatalogError, CatalogProblem, Image, parse_catalog, upsert_entry_text
+from cidcommon.paths import fsync_dir
 
 
 def updated_catalog(text: str, image: Image, path: str) -> tuple[str, bool]:

@@ -1,10 +1,10 @@
-"""cid-mkimg: capture a root filesystem into a cid image (``<id>.tar.zst``) and write its catalog entry.
+"""cid-mkimg: pack a root filesystem into a cid image (``<id>.tar.zst``) and write its catalog entry.
 
 GNU tar writes the archive to a pipe; this process compresses it with multithreaded zstd, hashes and counts
 the compressed bytes, writes ``<image-dir>/<id>.tar.zst.part``, fsyncs it and renames it into place. The
 catalog is then edited under ``<catalog>.lock``: only this image's entry changes, and the new text replaces
 the old one atomically. ``main`` is the console script; ``exit_code`` is the one place mapping outcomes to
-exit codes. The parts: ``image_capture`` (tar, zstd, sha256, the file), ``catalog_edit`` (the entry),
+exit codes. The parts: ``pack`` (tar, zstd, sha256, the file), ``cidcatalog.edit`` (the entry),
 ``mkimg_errors``; this module checks the arguments and runs them. See docs/images.md.
 """
 
@@ -17,10 +17,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from cidd.catalog import BootHints, CatalogError, Image, render_entry
-from cidkid.catalog_edit import read_catalog_text, update_catalog, updated_catalog
-from cidkid.image_capture import capture, default_excludes
-from cidkid.mkimg_errors import CatalogUpdateError, MkimgError, ReloadError, UsageError
+from cidcatalog.catalog import BootHints, CatalogError, Image, render_entry
+from cidcatalog.edit import read_catalog_text, update_catalog, updated_catalog
+from cidmkimg.errors import CatalogUpdateError, MkimgError, ReloadError, UsageError
+from cidmkimg.pack import default_excludes, pack
 
 PLACEHOLDER_SHA = "0" * 64
 
@@ -97,7 +97,7 @@ def _human(size: float) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser (argparse exits with code 2 on bad usage)."""
-    p = argparse.ArgumentParser(prog="cid-mkimg", description="Capture a root filesystem into a cid image "
+    p = argparse.ArgumentParser(prog="cid-mkimg", description="Pack a root filesystem into a cid image "
                                 "(<image-dir>/<name>-<version>-<subversion>.tar.zst) and its catalog entry.",
                                 epilog="exit codes: 0 ok, 1 capture or catalog write failed, 2 bad usage, "
                                 "invalid name or broken catalog (nothing written), 4 cidd did not reload")
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
     _say(f"capturing {args.root}{' (live)' if args.live else ''} into {out}")
     if patterns:
         _say(f"  excluding: {' '.join(patterns)}")
-    result = capture(args.root, out, patterns, live=args.live, level=args.level, threads=args.threads)
+    result = pack(args.root, out, patterns, live=args.live, level=args.level, threads=args.threads)
     for line in result.warnings:
         print(f"cid-mkimg: warning: {line}", file=sys.stderr)
     ratio = result.raw / result.size if result.size else 0.0

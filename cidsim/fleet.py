@@ -27,16 +27,9 @@ from twisted.python.failure import Failure
 from cidcommon.hostlists import expand
 from cidcommon.paths import node_token
 from cidcommon.wire import Message
-from cidkid.platform import (
-    Identity,
-    InstallRequest,
-    InstallResult,
-    Platform,
-    ProgressCallback,
-    host_health,
-    read_marker,
-    write_marker,
-)
+from cidinstall.marker import read_marker, write_install_marker
+from cidinstall.types import InstallRequest, InstallResult, ProgressCallback
+from cidkid.platform import Identity, Platform, host_health
 from cidkid.protocol import REQUEST_TIMEOUT, AgentProtocol
 from cidkid.reboots import REBOOT_METHODS, RebootSpec, redact
 from cidkid.service import AgentService, Backoff, client_endpoint
@@ -188,7 +181,8 @@ class SimNode(Platform):
                     return
                 if i >= steps:
                     self._install = None
-                    write_marker(self.marker, request.image)
+                    self.disk.mkdir(parents=True, exist_ok=True)
+                    write_install_marker(self.disk, request.image)
                     d.callback(InstallResult(ok=True))
                     return
                 i += 1
@@ -340,7 +334,8 @@ class SimFleet(Service):
         if self.config.initial_image:
             for node in self.nodes.values():
                 if read_marker(node.marker) is None:
-                    write_marker(node.marker, self.config.initial_image)
+                    node.disk.mkdir(parents=True, exist_ok=True)
+                    write_install_marker(node.disk, self.config.initial_image)
         log.info("sim.fleet_starting", nodes=len(self.nodes), server=self.server, sim_dir=str(self.sim_dir))
         nodes = list(self.nodes.values())
         batches = [nodes[i:i + self._ramp_batch] for i in range(0, len(nodes), self._ramp_batch)]

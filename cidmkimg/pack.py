@@ -1,4 +1,4 @@
-"""Capturing a root into an image file: GNU tar to a pipe, multithreaded zstd in this process, the sha256 and
+"""Packing a root into an image file: GNU tar to a pipe, multithreaded zstd in this process, the sha256 and
 size of the compressed bytes, written to ``<out>.part``, fsync'ed and renamed into place. See docs/images.md.
 """
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import zstandard
 
-from cidkid.mkimg_errors import CaptureError
+from cidcommon.paths import fsync_dir
+from cidmkimg.errors import PackError
 
 READ_SIZE = 1 << 20  # bytes per read from tar's pipe (the pipe is grown to this size), into one reused buffer
 WRITE_SIZE = 256 << 10  # compressed bytes per write: small enough for malloc to recycle, no page-fault churn
@@ -30,8 +31,8 @@ TAR_LINES = 5  # lines of tar's stderr quoted in an error
 
 
 @dataclasses.dataclass(frozen=True)
-class Captured:
-    """What a capture produced: ``raw`` tar bytes became ``size`` compressed bytes in ``seconds``."""
+class Packed:
+    """What packing produced: ``raw`` tar bytes became ``size`` compressed bytes in ``seconds``."""
 
     path: Path
     size: int
@@ -139,18 +140,10 @@ class CompressedSink:
         return self._sha.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def capture(root: Path, out: Path, patterns: list[str], *, live: bool, level: int = 3, threads: int = -1) -> Captured:
+def pack(root: Path, out: Path, patterns: list[str], *, live: bool, level: int = 3, threads: int = -1) -> Packed:
     """Archive ``root`` into ``out`` (via ``out.part``, renamed when complete); return what was written.
 
-    Raises CaptureError when tar fails (exit 1 is accepted with ``live``), or compressing or writing fails;
+    Raises PackError when tar fails (exit 1 is accepted with ``live``), or compressing or writing fails;
     the ``.part`` file is then removed.
     """
     part = out.with_name(out.name + ".part")
@@ -158,12 +151,12 @@ def capture(root: Path, out: Path, patterns: list[str], *, live: bool, level: in
     try:
         handle = open(part, "ab")  # not truncated before it is locked; closed by the with below
     except OSError as exc:
-        raise CaptureError(f"cannot write {part}: {exc.strerror}; check that --image-dir exists and is writable")
+        raise PackError(f"cannot write {part}: {exc.strerror}; check that --image-dir exists and is writable")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise CaptureError(f"another cid-mkimg is writing {part}; wait until it ends")
+        raise PackError(f"another cid-mkimg is writing {part}; wait until it ends")
     try:
         handle.truncate(0)
         with handle, open(os.memfd_create("cid-mkimg-tar-stderr"), "w+b") as errors:
@@ -171,7 +164,7 @@ def capture(root: Path, out: Path, patterns: list[str], *, live: bool, level: in
                 tar = subprocess.Popen(tar_command(root, patterns, live=live), stdin=subprocess.DEVNULL,
                                        stdout=subprocess.PIPE, stderr=errors)  # readinto fills the buffer
             except OSError as exc:
-                raise CaptureError(f"cannot run tar: {exc.strerror}; install GNU tar (Debian package tar)")
+                raise PackError(f"cannot run tar: {exc.strerror}; install GNU tar (Debian package tar)")
             sink, raw = CompressedSink(handle), 0
             try:
                 with contextlib.suppress(OSError):  # fewer, larger reads; the default 64 KiB works too
@@ -188,7 +181,7 @@ def capture(root: Path, out: Path, patterns: list[str], *, live: bool, level: in
             except (OSError, zstandard.ZstdError) as exc:
                 tar.kill()
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise CaptureError(f"writing {part} failed: {reason}; check the space left in --image-dir")
+                raise PackError(f"writing {part} failed: {reason}; check the space left in --image-dir")
             except BaseException:  # an interrupt: do not wait for a tar stuck on a slow file
                 tar.kill()
                 raise
@@ -201,11 +194,11 @@ def capture(root: Path, out: Path, patterns: list[str], *, live: bool, level: in
         if status != 0 and not (status == 1 and live):
             hint = "; the root is in use: stop what writes to it, or use --live for a running system" \
                 if status == 1 else ""
-            raise CaptureError(f"tar failed (exit {status}) on {root}:\n  " + "\n  ".join(lines[-TAR_LINES:]) + hint)
+            raise PackError(f"tar failed (exit {status}) on {root}:\n  " + "\n  ".join(lines[-TAR_LINES:]) + hint)
         os.replace(part, out)
         fsync_dir(out.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             part.unlink()
         raise
-    return Captured(out, sink.size, raw, sha256, time.monotonic() - start, lines)
+    return Packed(out, sink.size, raw, sha256, time.monotonic() - start, lines)

@@ -7,10 +7,12 @@ the event history. See docs/state-machine.md for the diagram and the rules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
-from cidd.machine_types import (
+from cidd.core.machine_types import (
     AGENT_METHODS,
     Action,
     Connected,
@@ -301,7 +303,7 @@ def _on_tick(node: Node, event: Tick, policy: Policy, now: float) -> Step:
     return _climb(node, policy, now, f"no answer {rung.timeout:g}s after rung {node.rung} ({rung.method})")
 
 
-_HANDLERS = {
+_HANDLERS: dict[type, Callable[[Node, Any, Policy, float], Step]] = {
     Switch: _on_switch,
     Connected: _on_connected,
     Disconnected: _on_disconnected,
