@@ -125,6 +125,9 @@ class CaptureRunner:
             reason = failure.reason
             if self._acceptances != acceptances:
                 backoff.reset()  # that session worked for a while: start again with a short pause
+            # Once cidd has accepted the capture, re-attaching goes on until the capture's own deadline (with
+            # backoff), however long the first session lasted: a cidd restart is no reason to give up.
+            limit = local_deadline if self.accepted else connect_deadline
             now = self.clock()
             if now >= limit:
                 if self.accepted:

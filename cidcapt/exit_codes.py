@@ -13,6 +13,7 @@ EXIT_BAD_REQUEST = 2
 EXIT_DEADLINE = 3
 EXIT_UNREACHABLE = 4
 EXIT_REFUSED = 5
+EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an unexpected exception in cidcapt itself; retrying will not help
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = f"""\
@@ -23,6 +24,7 @@ exit codes:
   3  deadline passed (the nodes still pending are listed with their step)
   4  cidd unreachable, authentication failed, or the head node's user database did not answer (retry)
   5  refused: no right to do this (role, rights rules, a private image), or a conflict with another job
+  70  a bug in cidcapt (an unexpected exception; its traceback is on stderr): report it, retrying will not help
   130  interrupted (Ctrl-C)
 With --slurm the same codes; on 1 and 3 the failed and pending nodes are first drained (scontrol, reason
 "cid: ..."), so that Slurm requeues the job onto other nodes. --release exits 0 except for bad usage (2).
@@ -41,12 +43,19 @@ host; a server the CA does not vouch for is refused with exit code 4.
 
 
 def exit_code(result: Outcome | BaseException) -> int:
-    """Return the exit code of the contract for how a run ended (an Outcome, or the error that ended it)."""
+    """Return the exit code of the contract for how a run ended (an Outcome, or the error that ended it).
+
+    A CidError maps by its code (bad request 2, refused 5, everything else about reaching or trusting cidd 4);
+    KeyboardInterrupt is 130; any other exception is a bug in cidcapt (70), never "unreachable, retry".
+    """
     if isinstance(result, Outcome):
         return {"ok": EXIT_OK, "failed": EXIT_FAILED}.get(result.state, EXIT_DEADLINE)
-    if isinstance(result, CidError):
-        if result.code in BAD_REQUEST_CODES:
-            return EXIT_BAD_REQUEST
-        if result.code in REFUSED_CODES:
-            return EXIT_REFUSED
+    if isinstance(result, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if not isinstance(result, CidError):
+        return EXIT_BUG
+    if result.code in BAD_REQUEST_CODES:
+        return EXIT_BAD_REQUEST
+    if result.code in REFUSED_CODES:
+        return EXIT_REFUSED
     return EXIT_UNREACHABLE  # auth, internal, superseded, unreachable, connection lost, a bad peer

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, TextIO
@@ -37,11 +38,24 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
     """Run cidcapt with ``argv`` (default sys.argv[1:]); return the exit code (see EXIT_CODES_HELP).
 
     ``stdout``/``stderr``/``env`` default to the process's; ``timing``, ``clock``, ``sleep`` and ``now``
-    (wall clock, for ages) let tests shrink the waits. Never raises for expected failures.
+    (wall clock, for ages) let tests shrink the waits. Never raises: an unexpected exception is a bug,
+    reported with its traceback on stderr and exit code 70 (EXIT_BUG).
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     env = os.environ if env is None else env
+    try:
+        return _main(argv, out, err, env, timing, clock, sleep, now)
+    except Exception as exc:  # a bug: say so, with the traceback, and never "unreachable, retry"
+        print("".join(traceback.format_exception(exc)).rstrip(), file=err)
+        print(f"cidcapt: internal error (a bug in cidcapt, not in cidd or the nodes): {type(exc).__name__}: "
+              f"{exc}; retrying will not help; please report it with the traceback above", file=err)
+        return exit_code(exc)
+
+
+def _main(argv: list[str] | None, out: TextIO, err: TextIO, env: Mapping[str, str], timing: Timing | None,
+          clock: Clock, sleep: Sleep, now: Clock) -> int:
+    """The body of ``main``: parse, then run the command asked for; return its exit code."""
     parser = build_parser(env, out, err)
     try:
         args = parser.parse_args(argv)  # $CID_SERVER/$CID_SOCKET are read by choose_transport, not as defaults

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from cidcatalog.catalog import Catalog, load_catalog
 from cidcommon.errors import UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
+from cidd.agent_messages import install_command
 from cidd.config import Config
 from cidd.core import captures as caps
 from cidd.core.captures import Capture, Plan
@@ -28,6 +29,7 @@ from cidd.core.machine_types import (
     Disconnected,
     Event,
     Installed,
+    InstallReport,
     PowerOn,
     Reboot,
     RungFailed,
@@ -127,10 +129,11 @@ class Engine:
         log.info("node.registered", node=name)
         return True
 
-    def agent_connected(self, name: str, boot_id: str, mode: str, image: str | None) -> None:
-        """An agent's hello was accepted."""
+    def agent_connected(self, name: str, boot_id: str, mode: str, image: str | None,
+                        install: InstallReport | None = None) -> None:
+        """An agent's hello was accepted (``install``: what an installer holds in this boot)."""
         self.health[name] = (self.clock.seconds(), {})
-        self.handle(name, Connected(boot_id, mode, image))
+        self.handle(name, Connected(boot_id, mode, image, install))
 
     def agent_lost(self, name: str) -> None:
         """The current session of ``name`` closed."""
@@ -140,9 +143,9 @@ class Engine:
         """Record a heartbeat's health figures."""
         self.health[name] = (self.clock.seconds(), figures)
 
-    def installed(self, name: str, image: str, ok: bool, reason: str | None, retry: bool) -> None:
+    def installed(self, name: str, event: Installed) -> None:
         """The installer on ``name`` reported the end of an install."""
-        self.handle(name, Installed(image, ok, reason, retry))
+        self.handle(name, event)
 
     def progress(self, name: str, message: dict[str, Any]) -> None:
         """Pass an installer's progress report to the watchers of the node's captures."""
@@ -237,7 +240,8 @@ class Engine:
         if isinstance(action, Reboot):
             self.reboots.reboot(name, action)
         elif isinstance(action, SendInstall):
-            self.send_command(name, self.install_message(action.image), "installer refused the install")
+            message = install_command(self.catalog, self.config.http_base, action.image, action.attempt, image_path)
+            self.send_command(name, message, "installer refused the install")
         elif isinstance(action, SetBoot):
             self.netboot.set_boot(name, action.boot)
         elif isinstance(action, PowerOn):
@@ -259,15 +263,6 @@ class Engine:
             report(failure.getErrorMessage())
 
         self.link.command(name, message).addErrback(failed)
-
-    def install_message(self, image_id: str) -> dict[str, Any]:
-        """Return the ``install`` request for ``image_id`` (docs/protocol.md)."""
-        image = self.catalog.get(image_id)
-        if image is None:
-            return {"type": "install", "image": image_id, "url": None}
-        fmt = "tar.zst" if image.file.endswith(".zst") else "tar.gz"
-        return {"type": "install", "image": image_id, "url": self.config.http_base + image_path(image),
-                "sha256": image.sha256, "size": image.size, "format": fmt}
 
     # --- captures ----------------------------------------------------------------------------------
 

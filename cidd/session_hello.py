@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from cidcommon import __version__, wire
 from cidcommon.errors import AuthError, BadRequest, CidError
 from cidcommon.paths import node_token, tokens_equal
+from cidd.agent_messages import install_report
 from cidd.unix_peers import PeerIdentity, granted_role, socket_role
 from cidd.user_directory import UserDatabaseUnavailable
 
@@ -85,7 +86,7 @@ class HelloChecks:
                              heartbeat=self.factory.engine.config.heartbeat, session=self.session_id, **extra))
         if role == wire.AGENT_ROLE:
             self.factory.engine.agent_connected(self.node, message["boot_id"], message["mode"],
-                                                message.get("image"))
+                                                message.get("image"), install_report(message))
         else:
             log.info("client.connected", peer=self.peer, role=role, session=self.session_id, user=self.user)
 
@@ -160,6 +161,8 @@ class HelloChecks:
         image = message.get("image")
         if image is not None and not isinstance(image, str):
             raise BadRequest("'image' must be a string or null")
+        install_report(message)  # a wrong 'install' field refuses the hello before anything is registered
+        self.agent_mode = message["mode"]
         engine = self.factory.engine
         if not engine.register(node):
             raise AuthError(f"node {node!r} is not in cidd's inventory; add it to 'nodes' in cidd.yaml")

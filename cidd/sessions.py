@@ -22,8 +22,8 @@ from zope.interface import implementer
 
 from cidcommon import wire
 from cidcommon.errors import AuthError, CidError, Forbidden, ProtocolError
-from cidcommon.paths import node_token
 from cidcommon.wire import HELLO_TIMEOUT
+from cidd.agent_messages import installed_event, with_agent_token
 from cidd.client_api import ClientAPI
 from cidd.core.rights import RightsRefused
 from cidd.engine import Engine, SessionClosed
@@ -53,14 +53,17 @@ class Sessions:
     def command(self, node: str, message: dict[str, Any]) -> Deferred[dict[str, Any]]:
         """Send ``message`` to ``node``'s agent; fire with the reply, or fail with CommandError.
 
-        An ``install`` goes only to an installer (that proved itself with a single-use boot token) and carries
-        the node's own agent token, which the installer writes into the installed system.
+        An ``install`` goes only to a session whose hello said installer mode (authenticated by a boot token,
+        or by the node's own token or certificate) and carries the node's own agent token
+        (``agent_messages.with_agent_token``), which the installer writes into the installed system.
         """
         session = self.agents.get(node)
         if session is None:
             return fail(CommandError(f"no agent session for {node}"))
-        if message.get("type") == "install" and self.agent_master:
-            message = {**message, "agent_token": node_token(self.agent_master, node)}
+        if message.get("type") == "install":
+            if session.agent_mode != "installer":
+                return fail(CommandError(f"{node}'s agent runs its installed system, not the installer"))
+            message = with_agent_token(message, self.agent_master, node)
         return session.request(message)
 
 
@@ -89,6 +92,7 @@ class PeerProtocol(HelloChecks, Protocol):
         self.local: PeerIdentity | None = None  # the uid/gid of a peer on the local Unix socket
         self._identity_pending = False  # its user database lookup runs: input is held until it ends
         self._held = b""
+        self.agent_mode: str | None = None  # an agent's hello: "system" or "installer"
         self.user: str | None = None  # a local peer's user name (the job user of its captures by default)
         self.tls_established = False
         self.peer_cert_node: str | None = None
@@ -289,9 +293,7 @@ class PeerProtocol(HelloChecks, Protocol):
         elif kind == "progress":
             engine.progress(node, message)
         elif kind == "installed":
-            image = wire.get_str(message, "image")
-            engine.installed(node, image, bool(message.get("ok")), message.get("reason"),
-                             bool(message.get("retry")))
+            engine.installed(node, installed_event(message))
         else:
             raise CidError(f"unknown message type {kind!r} for an agent", code="unknown_type")
 

@@ -3,6 +3,11 @@
 An install outlives the session that asked for it: if the link to cidd drops while the image is being written,
 the work goes on, and the ``installed`` event is sent as soon as a new session has said ``hello``, so that a node
 is never left installed (or failed) without cidd hearing about it.
+
+Installs are idempotent within one boot: an ``install`` of an image that already finished here answers with its
+result and never runs again (a second run would empty the target that the first one wrote), unless cidd asks
+for a later ``attempt`` after a failure. The ``hello`` of every session says what the runner holds
+(``install``: the image, attempt and state), so that cidd reads it before deciding to send anything.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class InstallRunner:
         self._last_at: float | None = None
         self._last_done = 0
         self.running: InstallRequest | None = None
+        self._attempt: int | None = None  # cidd's attempt number of the running (or last) install
+        self.finished: tuple[InstallRequest, int | None, InstallResult] | None = None  # the last one, this boot
 
     def attach(self, send: Send) -> None:
         """Send events through ``send`` from now on, starting with an ``installed`` event nobody received yet."""
@@ -59,21 +66,60 @@ class InstallRunner:
         if self._send == send:
             self._send = None
 
-    def accepts(self, request: InstallRequest) -> bool:
-        """Return True when ``request`` may start now, False when that very image is already being installed.
+    def status(self) -> Message | None:
+        """Return what the ``hello`` says about installs: the running or last finished one of this boot, or None.
+
+        ``{"image", "state": "running" | "ok" | "failed", "attempt"?, "reason"?, "retry"?}``.
+        """
+        if self.running is not None:
+            status: Message = {"image": self.running.image, "state": "running"}
+            if self._attempt is not None:
+                status["attempt"] = self._attempt
+            return status
+        if self.finished is None:
+            return None
+        request, attempt, result = self.finished
+        status = {"image": request.image, "state": "ok" if result.ok else "failed"}
+        if attempt is not None:
+            status["attempt"] = attempt
+        if not result.ok:
+            status.update(reason=result.reason or "the install failed for an unknown reason", retry=result.retry)
+        return status
+
+    def decide(self, request: InstallRequest, attempt: int | None = None) -> str:
+        """Return what to do with an ``install`` of ``request``: ``"start"``, ``"running"`` (that very image is
+        being installed) or ``"done"`` (it already finished in this boot: answer with its result, never run it
+        again). A failed install runs again only for a later ``attempt`` than the one that failed.
 
         Raises BadRequest when another image is being installed.
         """
-        if self.running is None:
-            return True
-        if self.running.image == request.image:
-            return False
-        raise BadRequest(f"an install of {self.running.image} is already running; "
-                         f"wait for its 'installed' event before asking for {request.image}")
+        if self.running is not None:
+            if self.running.image == request.image:
+                return "running"
+            raise BadRequest(f"an install of {self.running.image} is already running; "
+                             f"wait for its 'installed' event before asking for {request.image}")
+        if self.finished is not None and self.finished[0].image == request.image:
+            _, done_attempt, result = self.finished
+            if result.ok or attempt is None or done_attempt is None or attempt <= done_attempt:
+                return "done"
+        return "start"
 
-    def start(self, request: InstallRequest) -> None:
-        """Start installing ``request`` (``accepts`` said yes); its events go to the attached session."""
+    def accepts(self, request: InstallRequest) -> bool:
+        """Return True when ``request`` may start now (see ``decide``). Raises BadRequest as ``decide``."""
+        return self.decide(request) == "start"
+
+    def redeliver(self) -> None:
+        """Send the ``installed`` event of the last finished install again (asked for an image already done)."""
+        if self.finished is not None and self._send is not None:
+            request, attempt, result = self.finished
+            log.info("agent.install_not_repeated", node=self._node, image=request.image, ok=result.ok)
+            self._send(self._event(request, attempt, result))
+
+    def start(self, request: InstallRequest, attempt: int | None = None) -> None:
+        """Start installing ``request`` (``decide`` said start); its events go to the attached session."""
         self.running = request
+        self._attempt = attempt
+        self.finished = None
         self._undelivered = None
         self._last_at = None
         self._last_done = 0
@@ -106,13 +152,22 @@ class InstallRunner:
         return InstallResult(ok=False, reason=f"the installer crashed ({failure.getErrorMessage()}); "
                              "see the cidkid log on the node", retry=False)
 
-    def _finished(self, result: InstallResult, request: InstallRequest) -> None:
-        """Send (or keep for the next session) the ``installed`` event for ``result``."""
-        self.running = None
+    @staticmethod
+    def _event(request: InstallRequest, attempt: int | None, result: InstallResult) -> Message:
+        """Return the ``installed`` event of ``result`` (with cidd's ``attempt`` when the request had one)."""
         event: Message = {"type": "installed", "image": request.image, "ok": bool(result.ok)}
         if not result.ok:
             event["reason"] = result.reason or "the install failed for an unknown reason"
             event["retry"] = bool(result.retry)
+        if attempt is not None:
+            event["attempt"] = attempt
+        return event
+
+    def _finished(self, result: InstallResult, request: InstallRequest) -> None:
+        """Send (or keep for the next session) the ``installed`` event for ``result``."""
+        self.running = None
+        self.finished = (request, self._attempt, result)
+        event = self._event(request, self._attempt, result)
         fields: dict[str, Any] = {"node": self._node, "image": request.image, "ok": result.ok}
         if not result.ok:
             fields.update(reason=event["reason"], retry=event["retry"])

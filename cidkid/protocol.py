@@ -163,8 +163,10 @@ class AgentProtocol(Protocol):
             self._installs = InstallRunner(self._platform, self._clock, node=ident.node)
         self._hello_id = self._next_id
         secret = self._token.hello_fields() if isinstance(self._token, InstallerCredentials) else {"token": self._token}
+        install = self._installs.status()
+        extra = {"install": install} if install is not None else {}
         d = self.request("hello", proto=PROTOCOL_VERSION, role=AGENT_ROLE, node=ident.node, mode=ident.mode,
-                         image=ident.image, boot_id=ident.boot_id, agent=self._agent, **secret)
+                         image=ident.image, boot_id=ident.boot_id, agent=self._agent, **secret, **extra)
         d.addCallbacks(self._hello_ok, self._hello_failed)
 
     def when_ready(self) -> Deferred[Message]:
@@ -394,11 +396,17 @@ class AgentProtocol(Protocol):
             raise BadRequest(f"node {self.identity.node} runs its installed system, not the installer; "
                              "reboot it with boot=installer before asking for an install")
         request = parse_install(message)
-        if not self._installs.accepts(request):
+        attempt = get_number(message, "attempt")
+        attempt = int(attempt) if attempt is not None else None
+        decision = self._installs.decide(request, attempt)
+        if decision == "running":
             self.send(reply(request_id, running=True))
-            return
-        self.send(reply(request_id))
-        self._installs.start(request)
+        elif decision == "done":  # finished in this boot: its result again, never a second run over it
+            self.send(reply(request_id, done=True))
+            self._installs.redeliver()
+        else:
+            self.send(reply(request_id))
+            self._installs.start(request, attempt)
 
     # -- closing ---------------------------------------------------------------------------------------------
 

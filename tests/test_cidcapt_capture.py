@@ -414,6 +414,39 @@ def test_help_documents_the_exit_codes() -> None:
         assert line in out
 
 
+def test_reattaches_when_cidd_restarts_later_than_the_connect_timeout(token_file: Path) -> None:
+    """The first session lasts longer than --connect-timeout, then cidd refuses sessions for longer than that
+    too (a restart): cidcapt keeps re-attaching with backoff until the capture's deadline and ends with 0."""
+    dropped: list[float] = []
+
+    def script(session: FakeSession) -> None:
+        if session.index == 0:
+            session.hello()
+            cap = session.expect("capture")
+            session.accept(cap, {"node01": "to_installer"})
+            for _ in range(6):  # 1.2 s of a healthy session, longer than the 0.5 s connect timeout
+                time.sleep(0.2)
+                session.send({"type": "keepalive"})
+            dropped.append(time.monotonic())
+            session.drop()
+            return
+        if time.monotonic() - dropped[0] < 1.0:  # still "restarting": 1 s, twice the connect timeout
+            session.drop()
+            return
+        session.hello()
+        cap = session.expect("capture")
+        session.accept(cap, {"node01": node_info("ready", IMAGE)}, attached=True)
+        session.done(cap, "ok", {"node01": node_info("ready", IMAGE)})
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, _, err = run(["-j", "12", "-n", "node01", "-i", IMAGE, "--timeout", "30", "--connect-timeout", "0.5"],
+                           token_file, server=cidd)
+    assert code == 0, err
+    assert len(cidd.messages("capture")) == 2
+    assert len(cidd.sessions) >= 3  # at least one refused attempt during the restart
+    assert "re-attached to the capture" in err
+
+
 def test_no_reattach_before_the_deadline_exits_4(token_file: Path) -> None:
     def script(session: FakeSession) -> None:
         if session.index > 0:
@@ -449,3 +482,26 @@ def test_bad_cid_server_variable_exits_2() -> None:
     code, _, err = run(["--captures"], env={"CID_SERVER": "head:http"})
     assert code == 2
     assert "bad port in server address 'head:http'" in err
+
+
+def test_an_unexpected_exception_is_a_bug_with_its_own_exit_code(token_file: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in cidcapt exits 70 with the traceback on stderr; never 4, which tells a prolog to retry forever."""
+    def broken(self: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr("cidcapt.main.CaptureRunner.run", broken)
+    with FakeCidd(switch_ok, token=TOKEN) as cidd:
+        code, _, err = run(["-j", "70", "-n", "node[01-02]", "-i", IMAGE], token_file, server=cidd)
+    assert code == 70
+    assert "Traceback (most recent call last)" in err and "KeyError: 'boom'" in err
+    assert "internal error (a bug in cidcapt" in err and "retrying will not help" in err
+
+
+def test_exit_code_of_errors_that_are_not_cid_errors() -> None:
+    from cidcapt.errors import Unreachable
+    from cidcapt.exit_codes import EXIT_BUG, EXIT_INTERRUPTED, exit_code
+
+    assert exit_code(ValueError("x")) == EXIT_BUG == 70
+    assert exit_code(KeyboardInterrupt()) == EXIT_INTERRUPTED
+    assert exit_code(Unreachable("cidd is down", reason="refused")) == 4

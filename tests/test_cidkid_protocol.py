@@ -474,3 +474,43 @@ def test_any_input_gets_answers_never_an_exception(lines: list[bytes], mode: str
         assert answer["type"] in ("reply", "error", "installed", "progress")
         if answer["type"] == "error":
             assert isinstance(answer["code"], str) and isinstance(answer["message"], str)
+
+
+# -- installs are idempotent within a boot (a second run would empty what the first one wrote) -------------------
+
+def test_install_of_an_image_already_installed_in_this_boot_answers_its_result_and_never_runs_again() -> None:
+    platform = FakePlatform(mode="installer", image=None)
+    clock = Clock()
+    runner = InstallRunner(platform, clock, node="node07")
+    proto, transport, _ = established(platform, installs=runner, clock=clock)
+    feed(proto, {**INSTALL, "attempt": 1})
+    proto.connectionLost(Failure(ConnectionDone()))
+    platform.installs[0][2].callback(InstallResult(ok=True))  # finished while cidd was away
+    proto2, transport2, _ = connect(platform, installs=runner, clock=clock)
+    [hello] = sent(transport2)
+    assert hello["install"] == {"image": "debian-12-1", "state": "ok", "attempt": 1}  # cidd reads this first
+    feed(proto2, {"type": "reply", "id": hello["id"], "heartbeat": 10.0})
+    assert {"type": "installed", "image": "debian-12-1", "ok": True, "attempt": 1} in sent(transport2)
+    feed(proto2, {**INSTALL, "id": "c-20", "attempt": 1})  # an old cidd re-sending the same install
+    assert sent(transport2) == [{"type": "reply", "id": "c-20", "done": True},
+                                {"type": "installed", "image": "debian-12-1", "ok": True, "attempt": 1}]
+    feed(proto2, {**INSTALL, "id": "c-21", "attempt": 2})  # even a later attempt: it is installed
+    assert sent(transport2)[0] == {"type": "reply", "id": "c-21", "done": True}
+    assert len(platform.installs) == 1
+
+
+def test_hello_says_an_install_is_running_and_a_failed_one_runs_again_only_for_a_later_attempt() -> None:
+    platform = FakePlatform(mode="installer", image=None)
+    clock = Clock()
+    runner = InstallRunner(platform, clock, node="node07")
+    proto, _transport, _ = established(platform, installs=runner, clock=clock)
+    feed(proto, {**INSTALL, "attempt": 1})
+    proto.connectionLost(Failure(ConnectionDone()))
+    _proto2, transport2, _ = connect(platform, installs=runner, clock=clock)
+    assert sent(transport2)[0]["install"] == {"image": "debian-12-1", "state": "running", "attempt": 1}
+    platform.installs[0][2].callback(InstallResult(ok=False, reason="disk error", retry=True))
+    assert runner.status() == {"image": "debian-12-1", "state": "failed", "attempt": 1, "reason": "disk error",
+                               "retry": True}
+    assert runner.decide(InstallRequest("debian-12-1", "http://h/x"), 1) == "done"
+    assert runner.decide(InstallRequest("debian-12-1", "http://h/x"), 2) == "start"
+    assert runner.decide(InstallRequest("rocky-9-1", "http://h/y"), 1) == "start"

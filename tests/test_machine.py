@@ -26,6 +26,7 @@ from cidd.core.machine_types import (
     Connected,
     Disconnected,
     Installed,
+    InstallReport,
     Policy,
     PowerOn,
     Reboot,
@@ -324,7 +325,7 @@ def test_install_failure_with_retry_under_the_limit_sends_the_install_again():
     assert n.state is State.INSTALLING
     assert (n.attempt, n.deadline) == (2, 3300.0)
     assert n.since == 2000.0  # same state: since does not move
-    assert s.actions == (SendInstall(B),)
+    assert s.actions == (SendInstall(B, attempt=2),)
     assert row(s) == ("installing", "installing", 2, 0, 300.0, "install failed (disk error); trying again")
 
 
@@ -353,7 +354,7 @@ def test_install_timeout_with_attempts_left_sends_the_install_again():
     s = step(installing(attempt=1, deadline=3000.0, since=2000.0), Tick(), 3000.0)  # exactly at the deadline
     assert s.node.state is State.INSTALLING
     assert (s.node.attempt, s.node.deadline) == (2, 4000.0)
-    assert s.actions == (SendInstall(B),)
+    assert s.actions == (SendInstall(B, attempt=2),)
     assert row(s) == ("installing", "installing", 2, 0, 1000.0, "install did not finish within 1000s")
 
 
@@ -387,11 +388,44 @@ def test_installer_reconnecting_from_the_same_boot_gets_the_install_again_as_the
     assert s.transition is None
 
 
+def test_installer_reconnecting_with_its_install_still_running_is_not_sent_it_again():
+    node = replace(installing(attempt=1, boot="i1"), online=False, mode=None)
+    s = step(node, Connected("i1", "installer", None, InstallReport(B, "running", 1)), 2500.0)
+    assert (s.node.state, s.node.online, s.node.attempt) == (State.INSTALLING, True, 1)
+    assert s.actions == ()  # never a second install over the one that is writing
+
+
+def test_installer_reconnecting_after_its_install_finished_is_read_not_sent_the_install_again():
+    """cidd restarted (or the link dropped) while the install ended: the hello's report is the result."""
+    node = replace(installing(attempt=1, boot="i1"), online=False, mode=None)
+    s = step(node, Connected("i1", "installer", None, InstallReport(B, "ok", 1)), 2500.0)
+    assert s.node.state is State.TO_IMAGE
+    assert not any(isinstance(a, SendInstall) for a in s.actions)
+    failed = step(node, Connected("i1", "installer", None, InstallReport(B, "failed", 1, "disk error", True)),
+                  2500.0)
+    assert (failed.node.state, failed.node.attempt) == (State.INSTALLING, 2)
+    assert failed.actions == (SendInstall(B, attempt=2),)  # a new attempt, because the result was read
+
+
+def test_installer_reporting_an_older_attempt_or_another_image_gets_the_current_attempt():
+    node = replace(installing(attempt=2, boot="i1"), online=False, mode=None)
+    older = step(node, Connected("i1", "installer", None, InstallReport(B, "failed", 1, "x", True)), 2500.0)
+    assert older.actions == (SendInstall(B, attempt=2),) and older.node.attempt == 2
+    other = step(node, Connected("i1", "installer", None, InstallReport("other-1-1", "ok", 2)), 2500.0)
+    assert other.actions == (SendInstall(B, attempt=2),)
+
+
+def test_a_late_installed_event_of_an_earlier_attempt_is_ignored():
+    node = installing(attempt=2)
+    s = step(node, Installed(B, ok=False, reason="disk error", retry=True, attempt=1), 2500.0)
+    assert s == Step(node)
+
+
 def test_installer_reconnecting_from_a_new_boot_counts_a_new_attempt():
     node = replace(installing(attempt=1, boot="i1"), online=False, mode=None)
     s = step(node, Connected("i2", "installer", None), 2500.0)
     assert (s.node.state, s.node.attempt, s.node.boot_id, s.node.deadline) == (State.INSTALLING, 2, "i2", 3500.0)
-    assert s.actions == (SendInstall(B),)
+    assert s.actions == (SendInstall(B, attempt=2),)
     assert row(s) == ("installing", "installing", 2, 0, 500.0, "installer restarted")
 
 

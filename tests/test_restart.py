@@ -5,6 +5,7 @@ Real processes on loopback: cidd, one simulated fleet of 200 agents, and cidcapt
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -67,5 +68,56 @@ def test_kill_9_mid_switch_then_restart_completes_the_capture(tmp_path) -> None:
             captures = db.execute("SELECT job, state FROM captures WHERE job = '777'").fetchall()
         assert len(started) == 200 and finished == started, "every node's history runs from start to ready"
         assert captures[0] == ("777", "ok")
+    finally:
+        cluster.stop()
+
+
+def fleet_events(cluster: Cluster, name: str) -> list[dict]:
+    """Return the JSON events named ``name`` that the simulated fleet logged (what the agents really did)."""
+    events = []
+    for log in sorted(cluster.root.glob("fleet-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and f'"{name}"' in line:
+                event = json.loads(line)
+                if event.get("event") == name:
+                    events.append(event)
+    return events
+
+
+def test_installs_that_finish_while_cidd_is_down_are_never_run_again(tmp_path) -> None:
+    """kill -9 of cidd while 40 nodes install; they finish before cidd is back (same installer boot) and report
+    at reconnect. Checked from the agents' side: every node started its install exactly once, and the capture
+    ends with every node ready (a second install would have emptied what the first one wrote)."""
+    nodes = "node[01-40]"
+    cluster = Cluster(tmp_path, heartbeat=2.0, groups={
+        "default": {"ladder": [{"method": "reboot", "timeout": 60}], "install_timeout": 120}})
+    cluster.start_cidd()
+    try:
+        cluster.start_fleet(nodes, "--reboot-delay", "0.5", "--install-time", "2", "--initial-image", "debian-12-1")
+        cluster.wait_online(40)
+        prolog = subprocess.Popen(
+            [sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "-j", "778", "-n", nodes,
+             "-i", "rocky-9-3", "--timeout", "300", "--connect-timeout", "30"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cluster.state_dir))
+        deadline = time.monotonic() + 60
+        states: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            states = count_states(cluster)
+            if states.get("installing", 0) == 40:
+                break
+            time.sleep(0.02)
+        assert states.get("installing", 0) == 40, states
+        cluster.kill_cidd()
+        time.sleep(3.0)  # every install (2 s) ends while cidd is down
+        assert len(fleet_events(cluster, "agent.install_finished")) == 40
+        cluster.start_cidd()
+        out, err = prolog.communicate(timeout=180)
+        assert prolog.returncode == 0, err[-3000:]
+        started = [e["node"] for e in fleet_events(cluster, "agent.install_started")]
+        twice = sorted({n for n in started if started.count(n) > 1})
+        assert not twice, f"installed twice in one boot: {twice}"
+        assert sorted(started) == [f"node{i:02d}" for i in range(1, 41)]
+        status = cluster.status(nodes)
+        assert {(row["state"], row["image"]) for row in status.values()} == {("ready", "rocky-9-3")}
     finally:
         cluster.stop()

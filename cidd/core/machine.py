@@ -19,6 +19,7 @@ from cidd.core.machine_types import (
     Disconnected,
     Event,
     Installed,
+    InstallReport,
     Policy,
     PowerOn,
     Reboot,
@@ -185,7 +186,7 @@ def _start_install(node: Node, policy: Policy, now: float, detail: str) -> Step:
                                 f"{node.target} were used; check the node's console and the image")
     new = replace(node, state=State.INSTALLING, attempt=node.attempt + 1, rung=0,
                   deadline=now + policy.install_timeout, reason=None, reboot_from=None)
-    return _step(node, new, (SendInstall(node.target or ""),), now, detail)
+    return _step(node, new, (SendInstall(node.target or "", new.attempt),), now, detail)
 
 
 def _ready(node: Node, now: float, detail: str) -> Step:
@@ -231,8 +232,8 @@ def _on_connected(node: Node, event: Connected, policy: Policy, now: float) -> S
         return _climb(fresh, policy, now, f"node booted its disk ({event.image}) instead of the installer")
     if state is State.INSTALLING:
         if event.mode == "installer":
-            if event.boot_id == node.boot_id:  # same installer boot: resume, same attempt and deadline
-                return Step(fresh, (SendInstall(node.target or ""),))
+            if event.boot_id == node.boot_id:  # same installer boot: same attempt and deadline
+                return _same_installer_boot(node, fresh, event.install, policy, now)
             return _start_install(fresh, policy, now, "installer restarted")
         return _begin_wait(fresh, State.TO_INSTALLER, 0, policy, now,
                            "node left the installer before the install ended", old=node)
@@ -245,6 +246,22 @@ def _on_connected(node: Node, event: Connected, policy: Policy, now: float) -> S
         return _fail(fresh, now, f"node booted image {event.image or 'unknown'} instead of {node.target}; "
                                  "check its boot order and the installed boot loader")
     return _climb(fresh, policy, now, "node booted the installer again instead of its disk")
+
+
+def _same_installer_boot(node: Node, fresh: Node, report: InstallReport | None, policy: Policy,
+                         now: float) -> Step:
+    """Return the Step for an installer that reconnected in the boot it was installing in.
+
+    What its hello reports is read first, so an install is never sent again over one that is running or has
+    finished (a second run empties the target the first one wrote): still running, wait; finished, take its
+    result; nothing about this attempt (the ``install`` never arrived), send it.
+    """
+    if report is not None and report.image == node.target and report.attempt in (None, node.attempt):
+        if report.state == "running":
+            return Step(fresh)
+        result = Installed(report.image, report.state == "ok", report.reason, report.retry, report.attempt)
+        return _on_installed(fresh, result, policy, now)
+    return Step(fresh, (SendInstall(node.target or "", node.attempt),))
 
 
 def _resend(old: Node, fresh: Node, boot: str, policy: Policy, now: float) -> Step:
@@ -266,6 +283,8 @@ def _on_disconnected(node: Node, event: Disconnected, policy: Policy, now: float
 def _on_installed(node: Node, event: Installed, policy: Policy, now: float) -> Step:
     if node.state is not State.INSTALLING or event.image != node.target:
         return Step(node)  # a late report from an abandoned install
+    if event.attempt is not None and event.attempt != node.attempt:
+        return Step(node)  # a report of an earlier attempt, already read (or superseded)
     if event.ok:
         return _begin_wait(node, State.TO_IMAGE, 0, policy, now, f"{event.image} written and verified")
     if event.retry and node.attempt < policy.install_attempts:

@@ -46,12 +46,29 @@ class Switch:
 
 
 @dataclass(frozen=True)
+class InstallReport:
+    """What an installer's hello says about the install it holds in this boot (docs/protocol.md).
+
+    ``state`` is "running", "ok" or "failed"; ``attempt`` is cidd's attempt number the install was sent with
+    (None from an agent that does not say).
+    """
+
+    image: str
+    state: str
+    attempt: int | None = None
+    reason: str | None = None
+    retry: bool = False
+
+
+@dataclass(frozen=True)
 class Connected:
-    """An agent said hello: ``mode`` is "system" or "installer"; ``image`` is its marker (system mode)."""
+    """An agent said hello: ``mode`` is "system" or "installer"; ``image`` is its marker (system mode);
+    ``install`` what an installer holds (running or finished) in this boot."""
 
     boot_id: str
     mode: str
     image: str | None
+    install: InstallReport | None = None
 
 
 @dataclass(frozen=True)
@@ -61,12 +78,13 @@ class Disconnected:
 
 @dataclass(frozen=True)
 class Installed:
-    """The installer reported the end of an install."""
+    """The installer reported the end of an install (of cidd's ``attempt``, when the agent says which)."""
 
     image: str
     ok: bool
     reason: str | None = None
     retry: bool = False
+    attempt: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,9 +140,10 @@ class Reboot:
 
 @dataclass(frozen=True)
 class SendInstall:
-    """Ask the installer to write ``image``."""
+    """Ask the installer to write ``image``, as install attempt number ``attempt`` of the switch."""
 
     image: str
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
