@@ -19,17 +19,20 @@ from cidd.core.machine_types import Installed, InstallReport
 INSTALL_STATES = ("running", "ok", "failed")
 
 
-def install_command(catalog: Catalog, http_base: str, image_id: str, attempt: int,
-                    image_path: Any) -> dict[str, Any]:
+def install_command(catalog: Catalog, http_base: str, image_id: str, attempt: int, image_path: Any,
+                    resume_for: float | None = None) -> dict[str, Any]:
     """Return the ``install`` request for attempt ``attempt`` of ``image_id`` (``url`` None when the catalog has
     no such image any more: the installer refuses it with a reason). ``image_path(image)`` is the image's path
-    on cidd's HTTP port."""
+    on cidd's HTTP port; ``resume_for`` (the group's) how long the installer resumes a dropped download."""
     image = catalog.get(image_id)
+    extra: dict[str, Any] = {"attempt": attempt}
+    if resume_for is not None:
+        extra["resume_for"] = resume_for
     if image is None:
-        return {"type": "install", "image": image_id, "url": None, "attempt": attempt}
+        return {"type": "install", "image": image_id, "url": None, **extra}
     fmt = "tar.zst" if image.file.endswith(".zst") else "tar.gz"
     return {"type": "install", "image": image_id, "url": http_base + image_path(image), "sha256": image.sha256,
-            "size": image.size, "format": fmt, "attempt": attempt}
+            "size": image.size, "format": fmt, **extra}
 
 
 def with_agent_token(message: dict[str, Any], master: str | None, node: str) -> dict[str, Any]:

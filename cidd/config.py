@@ -68,6 +68,7 @@ class Config:
     http_host: str = "127.0.0.1"
     http_port: int = DEFAULT_HTTP_PORT
     public_http_url: str | None = None  # how nodes reach the HTTP port; default http://<http_host>:<port>
+    db_synchronous: str = "full"  # SQLite durability: "full" (survives a power loss) or "normal" (a crash)
     heartbeat: float = 10.0
     request_timeout: float = 30.0
     capture_timeout: float = 3600.0
@@ -126,7 +127,7 @@ class Config:
 _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
              "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc",
              "windows", "users"}
-_TOP_KEYS |= {"rights", "socket", "tls"}  # cidd/core/rights.py, cidd/unix_peers.py, cidd/tls.py
+_TOP_KEYS |= {"rights", "socket", "tls", "database"}  # cidd/core/rights.py, cidd/unix_peers.py, cidd/tls.py
 
 
 def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None = None) -> Config:
@@ -141,6 +142,8 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
     listen = reader.mapping(data, "listen", "top level")
     http = reader.mapping(data, "http", "top level")
     log = reader.mapping(data, "log", "top level")
+    database = reader.mapping(data, "database", "top level")
+    reader.unknown(database, {"synchronous"}, "database")
     reader.unknown(listen, {"host", "port"}, "listen")
     reader.unknown(http, {"host", "port", "public_url"}, "http")
     reader.unknown(log, {"format", "level"}, "log")
@@ -185,6 +188,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         auto_register=reader.flag(data, "auto_register", not specs, "top level"),
         log_format=reader.text(log, "format", "json", "log", ("json", "console")),
         log_level=reader.text(log, "level", "info", "log", ("debug", "info", "warning", "error")),
+        db_synchronous=reader.text(database, "synchronous", "full", "database", ("full", "normal")),
         groups=groups,
         nodes=tuple(specs),
         features=features,

@@ -296,7 +296,7 @@ def policy_section(reader: ConfigReader, name: str, data: Any) -> Policy:
     if not isinstance(data, Mapping):
         reader.problem(where, "a group must be a mapping")
         return Policy()
-    reader.unknown(data, {"ladder", "install_timeout", "install_attempts", "boot_entries"}, where)
+    reader.unknown(data, {"ladder", "install_timeout", "install_attempts", "boot_entries", "resume_for"}, where)
     rungs: list[Rung] = []
     for index, item in enumerate(data.get("ladder") or []):
         spot = f"{where}.ladder[{index}]"
@@ -314,4 +314,5 @@ def policy_section(reader: ConfigReader, name: str, data: Any) -> Policy:
         ladder=tuple(rungs) or default.ladder,
         install_timeout=reader.number(data, "install_timeout", default.install_timeout, where, minimum=1.0),
         install_attempts=int(reader.number(data, "install_attempts", default.install_attempts, where, 1.0)),
+        resume_for=reader.number(data, "resume_for", 0.0, where) if "resume_for" in data else None,
     )

@@ -85,6 +85,7 @@ class Engine:
         self.netboot = Netboot(config, store, clock)
         self._inbox: deque[tuple[str, Event]] = deque()  # events raised while a step acts (see handle)
         self._draining = False
+        self._stopped = False
         self.reboots = Rebooter(self)  # reboot windows, agent reboots, BMC power (docs/power.md)
         self.reboot_window, self.power_window = self.reboots.window, self.reboots.power_window
 
@@ -110,6 +111,19 @@ class Engine:
                 self._settle(job, {}, now)
         self.reboots.requeue()
         log.info("engine.started", nodes=len(self.nodes), captures=len(self.captures))
+
+    def stop(self) -> None:
+        """Stop taking steps (cidd is stopping): cancel every deadline timer; later events are ignored.
+
+        Every step taken so far was committed before its actions ran, so the database holds all of them.
+        """
+        self._stopped = True
+        for timer in [*self._timers.values(), *self._capture_timers.values()]:
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        self._capture_timers.clear()
+        log.info("engine.stopped", nodes=len(self.nodes), captures=len(self.captures), queued=len(self._inbox))
 
     # --- agents ------------------------------------------------------------------------------------
 
@@ -162,6 +176,9 @@ class Engine:
         Never re-entrant: an event raised while a step's actions run (a reboot window setting a deadline, a
         refused command) is queued and applied once the current step has finished acting, in arrival order.
         """
+        if self._stopped:
+            log.debug("engine.event_after_stop", node=name, event=type(event).__name__)
+            return
         self._inbox.append((name, event))
         self._drain()
 
@@ -240,7 +257,9 @@ class Engine:
         if isinstance(action, Reboot):
             self.reboots.reboot(name, action)
         elif isinstance(action, SendInstall):
-            message = install_command(self.catalog, self.config.http_base, action.image, action.attempt, image_path)
+            policy = self.config.policy(self.groups.get(name, "default"))
+            message = install_command(self.catalog, self.config.http_base, action.image, action.attempt, image_path,
+                                      policy.resume_for)
             self.send_command(name, message, "installer refused the install")
         elif isinstance(action, SetBoot):
             self.netboot.set_boot(name, action.boot)

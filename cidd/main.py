@@ -13,30 +13,17 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import structlog
-from twisted.internet.task import LoopingCall
 
 from cidcatalog.catalog import CatalogError
-from cidcommon import __version__, logs, twisted_logs, wire
+from cidcommon import __version__, logs, twisted_logs
 from cidcommon.errors import BadHostlist, CidError, TokenFileError
-from cidcommon.paths import ensure_token, token_path
-from cidd.boot_http import BootResource
 from cidd.config import Config, ConfigError, load_config
 from cidd.core.boot import EthersError
-from cidd.engine import Engine, read_catalog
-from cidd.images_http import listen_http
-from cidd.local_socket import count_refusals, listen_unix
-from cidd.metrics import Metrics
+from cidd.engine import Engine
 from cidd.pki import PkiError
-from cidd.power import BmcCredentials, PowerController
-from cidd.sdnotify import Notifier
-from cidd.sessions import CiddFactory, Sessions
-from cidd.status_http import EngineCollector, StatusResource
-from cidd.store import Store, StoreError
-from cidd.tls import ensure_pki, server_options
-from cidd.user_directory import UserDirectory, thread_runner
+from cidd.service import build_service
 
 log = structlog.get_logger("cidd")
 
@@ -95,56 +82,11 @@ def build_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def ensure_tokens(config: Config) -> dict[str, str]:
-    """Return {role: token}, creating missing token files (0600). Raises TokenFileError if one is unsafe."""
-    return {role: ensure_token(token_path(config.state_dir, role)) for role in wire.ROLES}
-
-
 def raise_file_limit() -> None:
     """Raise the open-file limit to its hard maximum (one descriptor per agent session)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def start(config: Config, reactor: Any) -> tuple[Engine, Any]:
-    """Open the state, start the engine and listen; return the engine and the listening port."""
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    tokens = ensure_tokens(config)
-    tls_options = None
-    if config.tls.mode == "tls":
-        tls_options = server_options(ensure_pki(config), config.tls.client_certs)
-    catalog = read_catalog(config)
-    store = Store(config.db_path)
-    sessions = Sessions()
-    power = None
-    if config.bmc is not None and config.bmc.credentials is not None:
-        power = PowerController(BmcCredentials.load(config.bmc.credentials), reactor,
-                                max_concurrent=config.bmc.max_concurrent, call_timeout=config.bmc.timeout)
-        power.start()
-        reactor.addSystemEventTrigger("during", "shutdown", power.stop)
-    engine = Engine(config, catalog, store, reactor, sessions, power)
-    engine.start()
-    directory = UserDirectory(reactor, thread_runner(reactor), limits=config.users)  # TCP port and socket
-    factory = CiddFactory(engine, sessions, tokens, reactor, tls=tls_options is not None,
-                          client_certs=config.tls.client_certs, directory=directory)
-    if tls_options is None:
-        port = reactor.listenTCP(config.listen_port, factory, backlog=4096, interface=config.listen_host)
-        log.warning("security.plain_tcp", host=config.listen_host, port=port.getHost().port,
-                    hint="tokens travel in clear text; remove 'mode: plain' from the tls section to use TLS")
-    else:
-        port = reactor.listenSSL(config.listen_port, factory, tls_options, backlog=4096,
-                                 interface=config.listen_host)
-    metrics = Metrics()
-    metrics.registry.register(EngineCollector(engine))
-    count_refusals(metrics, factory.security, reactor)
-    listen_unix(engine, sessions, tokens, reactor, factory.security, directory)
-    listen_http(config, lambda: engine.catalog, metrics, reactor,
-                extra={b"status": StatusResource(engine), b"boot": BootResource(engine)})
-    log.info("cidd.listening", host=config.listen_host, port=port.getHost().port, state_dir=str(config.state_dir),
-             catalog=str(config.catalog), images=len(catalog), version=__version__,
-             tls=config.tls.mode == "tls", client_certs=config.tls.client_certs)
-    return engine, port
 
 
 def reload_catalog(engine: Engine) -> None:
@@ -161,7 +103,7 @@ def exit_code(exc: BaseException) -> int:
         return 2
     if isinstance(exc, TokenFileError):
         return 4
-    return 1
+    return 1  # StateDirBusy, StoreError, a port in use, ...
 
 
 def _fail(exc: BaseException) -> int:
@@ -203,21 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor
 
     raise_file_limit()
+    top, cidd = build_service(config, reactor)
     try:
-        engine, _port = start(config, reactor)
-    except (StoreError, CidError, OSError, Exception) as exc:  # noqa: BLE001 - exit_code maps start failures
+        top.startService()  # ordered: lock, store, power, engine, ports, sd_notify (cidd/service.py)
+    except Exception as exc:  # noqa: BLE001 - exit_code maps start failures; started children were stopped
         return _fail(exc)
+    engine = cidd.engine
+    assert engine is not None
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload_catalog, engine))
-    notifier = Notifier()
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: (log.info("cidd.stopping"), notifier.stopping()))
-    reactor.callWhenRunning(notifier.ready, f"serving {len(engine.nodes)} nodes")
-    if notifier.watchdog_interval:
-        # The keep-alive runs on the reactor: a blocked reactor misses it and systemd restarts cidd.
-        LoopingCall(notifier.watchdog).start(notifier.watchdog_interval, now=False)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
-    engine.store.close()
+    log.info("cidd.stopped")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

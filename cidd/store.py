@@ -1,9 +1,12 @@
 """SQLite persistence of nodes, captures and the event history (WAL, versioned schema with upgrade steps).
 
 The engine writes a node's new record, its history row and any capture change in one transaction *before*
-it acts on them (the journal pattern), so a restart resumes from exactly what had been decided.
-Calls are synchronous: with WAL and ``synchronous=NORMAL`` a transaction costs tens of microseconds,
-less than handing it to a thread. See docs/performance.md.
+it acts on them (the journal pattern). With ``synchronous=FULL`` (the default, ``database.synchronous`` in
+cidd.yaml) every commit is on disk before the action leaves, so a restart resumes from exactly what had been
+decided, even after a power loss of the head node. With ``normal`` a commit survives a crash of cidd
+(``kill -9``) but the last ones may be lost with the power; the agents' hellos then re-establish each node.
+Calls are synchronous, on the reactor thread; ``bench/store_sync.py`` measures what each setting costs
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ _UPGRADES: dict[int, str] = {
 _NODE_COLUMNS = [f.name for f in fields(Node)]
 
 
+#: The durability settings cidd offers (SQLite's ``PRAGMA synchronous`` in WAL mode).
+SYNCHRONOUS = ("full", "normal")
+
+
 class StoreError(Exception):
     """The database cannot be opened or is newer than this cidd understands."""
 
@@ -64,14 +71,20 @@ class StoreError(Exception):
 class Store:
     """The cidd database. One instance per process; not thread-safe (use it from the reactor thread)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, synchronous: str = "full") -> None:
+        """Open (creating and upgrading) the database at ``path``; ``synchronous`` is ``full`` or ``normal``.
+
+        Raises StoreError when it cannot be opened or is newer than this cidd.
+        """
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}")
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._upgrade()
         except sqlite3.DatabaseError as exc:

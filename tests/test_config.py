@@ -178,7 +178,7 @@ def test_unknown_keys_are_reported_at_every_level(tmp_path):
     assert "cidd.yaml: http: unknown key 'url' (known: host, port, public_url)" in lines
     assert "cidd.yaml: log: unknown key 'colour' (known: format, level)" in lines
     assert ("cidd.yaml: groups.gpu: unknown key 'timeout' (known: boot_entries, install_attempts, install_timeout, "
-            "ladder)" in lines)
+            "ladder, resume_for)" in lines)
     assert "cidd.yaml: nodes[0]: unknown key 'grp' (known: group, hosts)" in lines
 
 
@@ -348,3 +348,17 @@ def test_user_database_lookups_are_tunable_and_checked(tmp_path):
     for words in ("users: unknown key 'cache'", "'timeout' must be under 10 seconds",
                   "'stale_for' (10) must be at least 'ttl' (100)", "'max_lookups' must be a whole number >= 1"):
         assert words in text
+
+
+def test_a_group_may_set_the_installer_resume_time_and_cidd_sends_it() -> None:
+    from cidcatalog.catalog import Catalog, Image
+    from cidd.agent_messages import install_command
+
+    config = parse_config({"groups": {"big": {"resume_for": 900}}}, "test.yaml")
+    assert config.policy("big").resume_for == 900.0 and config.policy("default").resume_for is None
+    catalog = Catalog({"alma-9-1": Image("alma", "9", "1", "alma-9-1.tar.zst", sha256="ab" * 32, size=3)})
+    message = install_command(catalog, "http://h:1", "alma-9-1", 2, lambda image: "/images/" + image.file, 900.0)
+    assert (message["resume_for"], message["attempt"]) == (900.0, 2)
+    assert "resume_for" not in install_command(catalog, "http://h:1", "alma-9-1", 1, lambda image: "/x")
+    with pytest.raises(ConfigError, match="resume_for"):
+        parse_config({"groups": {"big": {"resume_for": -1}}}, "test.yaml")

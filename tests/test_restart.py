@@ -93,7 +93,7 @@ def test_installs_that_finish_while_cidd_is_down_are_never_run_again(tmp_path) -
         "default": {"ladder": [{"method": "reboot", "timeout": 60}], "install_timeout": 120}})
     cluster.start_cidd()
     try:
-        cluster.start_fleet(nodes, "--reboot-delay", "0.5", "--install-time", "2", "--initial-image", "debian-12-1")
+        cluster.start_fleet(nodes, "--reboot-delay", "0.5", "--install-time", "5", "--initial-image", "debian-12-1")
         cluster.wait_online(40)
         prolog = subprocess.Popen(
             [sys.executable, "-m", "cidcapt.main", "--server", cluster.server, "-j", "778", "-n", nodes,
@@ -108,7 +108,9 @@ def test_installs_that_finish_while_cidd_is_down_are_never_run_again(tmp_path) -
             time.sleep(0.02)
         assert states.get("installing", 0) == 40, states
         cluster.kill_cidd()
-        time.sleep(3.0)  # every install (2 s) ends while cidd is down
+        end = time.monotonic() + 30  # every install (5 s) ends while cidd is down
+        while time.monotonic() < end and len(fleet_events(cluster, "agent.install_finished")) < 40:
+            time.sleep(0.1)
         assert len(fleet_events(cluster, "agent.install_finished")) == 40
         cluster.start_cidd()
         out, err = prolog.communicate(timeout=180)

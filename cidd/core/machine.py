@@ -35,7 +35,8 @@ __all__ = ["State", "Node", "Step", "Transition", "apply", "restore", "SWITCHING
 
 
 class State(StrEnum):
-    """Node states (DESIGN.md §2). The three switching states each have a deadline."""
+    """Node states (DESIGN.md §2). The three switching states have a deadline, except while a reboot waits
+    for the reboot window (``SetDeadline(None)``; the capture's deadline still bounds it)."""
 
     OFFLINE = "offline"  # no agent session
     READY = "ready"  # agent connected from an installed system, running ``image``

@@ -30,6 +30,8 @@ class Policy:
     ladder: tuple[Rung, ...] = field(default=(Rung("reboot", 300.0), Rung("reboot", 600.0)))
     install_timeout: float = 3600.0
     install_attempts: int = 2
+    #: seconds an installer resumes a dropped download for (None: the installer's own setting, else 300 s)
+    resume_for: float | None = None
     #: {"installer": entry, "disk": entry} for grub_reboot (a grub menu entry) and efi_bootnext (a boot number)
     boot_entries: Mapping[str, str] = field(default_factory=dict, hash=False)
 
