@@ -8,8 +8,12 @@ and anything but regular files get a 404 and an ``http.refused`` log event with 
 Ranges (RFC 9110): one range ``bytes=N-``, ``bytes=N-M`` or ``bytes=-N`` gets a 206; a range starting past
 the end gets a 416 with ``Content-Range: bytes */SIZE``.  A request for *several* ranges, an unknown unit or
 a malformed range is answered with the whole file (200), as RFC 9110 allows a server to ignore ``Range``.
-``If-Range`` is honoured: a strong match of the ETag (``"<sha256>"`` from the catalog) or of the
-``Last-Modified`` date serves the range, anything else the whole file.
+``If-Range`` is honoured: a strong match of the ETag or of the ``Last-Modified`` date serves the range, anything
+else the whole file.  Both validators describe the file on disk, not its catalog entry (``file_validators``): the
+ETag is made of its inode, size, mtime and ctime (nanoseconds), ``Last-Modified`` is the later of its mtime and
+ctime; so a file replaced or rewritten under the same name, even with the same size and mtime, gets new ones
+and a resume of it gets the whole new file (200), never a splice of two files.  They do not change when cidd
+restarts, so a download still resumes across a restart.
 
 Files are streamed by a pull producer in 256 KiB chunks: the reactor stays free and memory stays flat
 whatever the image size.  Bytes written per image and requests per status code go to :class:`Metrics`.
@@ -95,6 +99,18 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     if first >= size:
         raise Unsatisfiable()
     return first, min(last, size - 1)
+
+
+def file_validators(info: os.stat_result) -> tuple[bytes, float]:
+    """Return the strong ETag of the file ``info`` describes and the time its ``Last-Modified`` date gives.
+
+    The ETag (``"<inode>-<size>-<mtime_ns>-<ctime_ns>"``, hex) changes whenever the file is replaced (another
+    inode) or written to (mtime; ctime also when the mtime is set back), and stays the same across cidd restarts.
+    The time is the later of mtime and ctime, so the date changes too when a file is swapped for one with an
+    older or equal mtime (``cp -p``, ``rsync -t``).
+    """
+    etag = b'"%x-%x-%x-%x"' % (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    return etag, max(info.st_mtime, info.st_ctime)
 
 
 def requested_name(request: Request) -> str:
@@ -191,9 +207,11 @@ class ImagesResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, get_catalog: Callable[[], Catalog], image_dir: Path, metrics: Metrics) -> None:
+    def __init__(self, get_catalog: Callable[[], Catalog], image_dir: Path, metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.get_catalog, self.image_dir, self.metrics = get_catalog, Path(image_dir), metrics
+        self.clock = clock  # wall-clock time, compared with the files' mtime and ctime
         self._index: tuple[Catalog, dict[str, Image]] | None = None
 
     def files(self) -> Mapping[str, Image]:
@@ -239,15 +257,14 @@ class ImagesResource(Resource):
         size = info.st_size
         if image.size is not None and image.size != size:
             log.warning("http.size_mismatch", image=image.id, file=image.file, catalog=image.size, disk=size)
-        etag = f'"{image.sha256}"'.encode() if image.sha256 and image.size in (None, size) else None
-        modified = http.datetimeToString(info.st_mtime)
+        etag, changed = file_validators(info)
+        modified = http.datetimeToString(changed)
         request.setHeader(b"Accept-Ranges", b"bytes")
         request.setHeader(b"Content-Type", CONTENT_TYPES.get(Path(image.file).suffix, b"application/octet-stream"))
         request.setHeader(b"Last-Modified", modified)
-        if etag:
-            request.setHeader(b"ETag", etag)
+        request.setHeader(b"ETag", etag)
         try:
-            wanted = _wanted_range(request, size, etag, modified, info.st_mtime)
+            wanted = _wanted_range(request, size, etag, modified, self.clock() - changed)
         except Unsatisfiable:
             handle.close()
             request.setHeader(b"Content-Range", b"bytes */%d" % size)
@@ -283,12 +300,13 @@ class ImagesResource(Resource):
         return os.fdopen(fd, "rb", buffering=0)
 
 
-def _wanted_range(request: Request, size: int, etag: bytes | None, modified: bytes,
-                  mtime: float) -> tuple[int, int] | None:
+def _wanted_range(request: Request, size: int, etag: bytes, modified: bytes,
+                  age: float) -> tuple[int, int] | None:
     """Return the range to serve, or None for the whole file. Raises Unsatisfiable (answer 416).
 
     An If-Range that does not strongly match the ETag or the Last-Modified date (RFC 9110 13.1.5)
-    means the client holds another version: the whole file is served.
+    means the client holds another version: the whole file is served. ``age`` is the seconds since the
+    file last changed (the date is a strong validator only once it is a second old).
     """
     header = request.getHeader(b"range")
     condition = request.getHeader(b"if-range")
@@ -297,9 +315,9 @@ def _wanted_range(request: Request, size: int, etag: bytes | None, modified: byt
     if condition is not None:
         condition = condition.strip()
         if condition.startswith(b'"'):
-            matched = etag is not None and condition == etag
+            matched = condition == etag
         else:  # a date is a strong validator only once it is a second in the past
-            matched = condition == modified and time.time() - mtime >= 1
+            matched = condition == modified and age >= 1
         if not matched:
             return None
     return parse_range(header, size)
@@ -349,14 +367,15 @@ class CidSite(Site):
 
 
 def build_site(get_catalog: Callable[[], Catalog], image_dir: Path, metrics: Metrics,
-               extra: Mapping[bytes, Resource] | None = None) -> Site:
+               extra: Mapping[bytes, Resource] | None = None, clock: Callable[[], float] = time.time) -> Site:
     """Return the cidd Site: ``/images/<file>``, ``/healthz``, ``/metrics``, then ``extra`` children.
 
     ``extra`` maps a first path segment (e.g. ``b"boot"``) to a resource; it may replace a built-in one.
+    ``clock`` gives the wall-clock time the images' Last-Modified dates are compared with (tests).
     """
     root = Resource()
     root.putChild(b"", _Text("cidd: /images/<file>, /healthz, /metrics\n"))
-    root.putChild(b"images", ImagesResource(get_catalog, image_dir, metrics))
+    root.putChild(b"images", ImagesResource(get_catalog, image_dir, metrics, clock))
     root.putChild(b"healthz", _Text("ok"))
     root.putChild(b"metrics", MetricsResource(metrics))
     for name, child in (extra or {}).items():

@@ -4,10 +4,14 @@ first GET of an image and its resumes)."""
 from __future__ import annotations
 
 import http.client
+import math
+import random
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -85,8 +89,19 @@ def describe_network_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-#: Delays before the successive resumes of one download (the last one repeats).
-RESUME_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: How long a dropped download is resumed, in seconds, when the install request names no ``resume_for``. The
+#: clock starts when the download stops making progress; every byte received starts it again.
+DEFAULT_RESUME_FOR = 300.0
+#: The installer's kernel command line, and its word that sets the resume time when the install request does not
+#: (``cid.resume_for=900``; cidd.yaml's ``boot.cmdline`` puts it there).
+KERNEL_CMDLINE = Path("/proc/cmdline")
+RESUME_FOR_WORD = "cid.resume_for"
+#: The pause before the first resume; every later one doubles, up to RESUME_MAX_DELAY. Each pause is drawn
+#: between half and the whole of that (jitter: a thousand nodes cut off together do not come back together).
+RESUME_FIRST_DELAY = 0.25
+RESUME_MAX_DELAY = 15.0
+#: The longest a pause waits without looking at ``cancel`` (the default sleep).
+CANCEL_POLL = 0.25
 #: The reason of an install stopped through ``stream_install(..., cancel=event)``.
 CANCELLED_REASON = "install cancelled: cidkid is stopping"
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
@@ -96,29 +111,71 @@ class DownloadAborted(Exception):
     """The extraction failed while the download waited to resume: stop downloading."""
 
 
+def resume_for_of(requested: float | None, cmdline: Path = KERNEL_CMDLINE) -> float:
+    """Return the seconds a dropped download is resumed: ``requested`` (the install request's ``resume_for``),
+    else ``cid.resume_for=SECONDS`` on the kernel command line ``cmdline``, else DEFAULT_RESUME_FOR.
+
+    Never raises: an unreadable command line or a word that is not a finite number >= 0 is logged and ignored.
+    """
+    if requested is not None:
+        return requested
+    try:
+        words = cmdline.read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return DEFAULT_RESUME_FOR
+    for word in words:
+        key, sep, value = word.partition("=")
+        if key != RESUME_FOR_WORD or not sep:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if math.isfinite(seconds) and seconds >= 0:
+            return seconds
+        log.warning("installer.bad_resume_for", word=word, cmdline=str(cmdline), default=DEFAULT_RESUME_FOR)
+    return DEFAULT_RESUME_FOR
+
+
+def resume_delay(attempt: int, draw: Callable[[float, float], float] = random.uniform) -> float:
+    """Return the pause before resume number ``attempt`` (1, 2, ...): exponential backoff with jitter.
+
+    The nominal pause doubles from RESUME_FIRST_DELAY up to RESUME_MAX_DELAY; the pause returned is drawn by
+    ``draw(low, high)`` between half of it and all of it.
+    """
+    nominal = min(RESUME_MAX_DELAY, RESUME_FIRST_DELAY * 2.0 ** min(attempt - 1, 32))
+    return draw(nominal / 2, nominal)
+
+
 class RangedDownload:
     """The GETs of one image file: the first, then resumes from the bytes received (``Range``, and ``If-Range``
     with the first answer's ETag or Last-Modified, so that a file changed meanwhile is never spliced).
 
+    A dropped download is resumed for ``resume_for`` seconds of ``clock`` from the moment it stopped making
+    progress, pausing with exponential backoff and jitter (``resume_delay``) between tries; ``sleep(seconds)``
+    makes the pauses (default: wait on ``abort``, looking at ``cancel`` every CANCEL_POLL seconds).
     ``total`` is the file's size once known (the request's, else the server's). Blocking: the installer's
     download thread calls it.
     """
 
     def __init__(self, url: str, size: int | None, image: str, opener: Opener, *, connect_timeout: float,
-                 read_timeout: float, max_resumes: int, abort: threading.Event,
-                 cancel: threading.Event | None) -> None:
+                 read_timeout: float, resume_for: float, abort: threading.Event, cancel: threading.Event | None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] | None = None) -> None:
         self.url = url
         self.size = size
         self.image = image
         self.opener = opener
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.max_resumes = max_resumes
+        self.resume_for = resume_for
         self.abort = abort
         self.cancel = cancel
+        self.clock = clock
+        self.sleep = sleep or self._wait
         self.total = size
         self.validators: dict[str, str] = {}
         self.resumes = 0
+        self._stall: tuple[int, float, int] | None = None  # (byte, since when, tries) of the current outage
 
     def _request(self, offset: int) -> Response:
         """Send the GET for the bytes from ``offset`` on; raise what the opener raises (OSError, HTTPException)."""
@@ -146,6 +203,23 @@ class RangedDownload:
             raise
         return resp
 
+    def _validator(self, resp: Response) -> str | None:
+        """Return what identifies the version of the file ``resp`` carries: its strong ETag, else Last-Modified."""
+        etag = resp.getheader("ETag")
+        if etag and not etag.startswith("W/"):
+            return etag
+        return resp.getheader("Last-Modified") or None
+
+    def _whole_file_again(self, resp: Response, offset: int) -> DownloadError:
+        """Return the error for a resume answered with the whole file (HTTP 200), saying whether it changed."""
+        before, now = self.validators.get("If-Range"), self._validator(resp)
+        if before is not None and now is not None and now != before:
+            return DownloadError(f"cannot resume the download of {self.url} at byte {offset}: the image file on the "
+                                 f"server changed since the download began ({before} then {now}); none of the new "
+                                 "file was used, the install must start again", retry=True)
+        return DownloadError(f"cannot resume the download of {self.url} at byte {offset}: the server answered "
+                             "with the whole file (HTTP 200), so it ignores Range or the file changed", retry=True)
+
     def _check_response(self, resp: Response, offset: int) -> None:
         """Raise unless ``resp`` carries the bytes from ``offset`` on; learn the total size from it."""
         url, status = self.url, resp.status
@@ -153,8 +227,7 @@ class RangedDownload:
             raise DownloadError(f"cannot download {url}: HTTP {status} {resp.reason} (the head node has no such "
                                 "image file)", retry=False)
         if offset and status == 200:
-            raise DownloadError(f"cannot resume the download of {url} at byte {offset}: the server answered with "
-                                "the whole file (HTTP 200), so it ignores Range or the file changed", retry=True)
+            raise self._whole_file_again(resp, offset)
         if offset and status == 416:
             raise DownloadError(f"cannot resume the download of {url} at byte {offset}: HTTP 416 (the file on the "
                                 "server is shorter than what was already received)", retry=True)
@@ -178,35 +251,59 @@ class RangedDownload:
                               f"has {size}")
         if self.total is None:
             self.total = size
-        etag = resp.getheader("ETag")
-        modified = resp.getheader("Last-Modified")
-        if etag and not etag.startswith("W/"):
-            self.validators["If-Range"] = etag
-        elif modified:
-            self.validators["If-Range"] = modified
+        validator = self._validator(resp)
+        if validator is not None:
+            self.validators["If-Range"] = validator
+
+    def _wait(self, seconds: float) -> None:
+        """Pause ``seconds``; return early when ``abort`` or ``cancel`` is set."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.abort.wait(min(left, CANCEL_POLL)) or (self.cancel is not None and self.cancel.is_set()):
+                return
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep before a resume. Raises DownloadAborted when ``abort`` is set, DownloadError when ``cancel`` is."""
+        if seconds > 0:
+            self.sleep(seconds)
+        if self.abort.is_set():
+            raise DownloadAborted()
+        if self.cancel is not None and self.cancel.is_set():
+            raise DownloadError(CANCELLED_REASON, retry=True)
 
     def resume(self, exc: BaseException, received: int) -> Response:
         """Re-open the download after ``exc`` at byte ``received``; return the response.
 
-        Every attempt counts, also one whose connection fails. Raises DownloadError past ``max_resumes`` or when
-        ``cancel`` is set, DownloadAborted when ``abort`` is set while waiting, and InstallError at once for an
-        answer that is not the right range.
+        Tries again, pausing with backoff, until ``resume_for`` seconds have passed since the download stopped
+        at byte ``received`` (the last try is made at that moment). Raises DownloadError once that time is up or
+        when ``cancel`` is set, DownloadAborted when ``abort`` is set while waiting, and InstallError at once for
+        an answer that is not the right range (a file changed on the server is never spliced).
         """
+        now = self.clock()
+        if self._stall is None or self._stall[0] != received:
+            self._stall = (received, now, 0)
+        _byte, since, tries = self._stall
+        deadline = since + self.resume_for
         while True:
-            self.resumes += 1
             reason = describe_network_error(exc)
-            if self.resumes > self.max_resumes:
-                raise DownloadError(f"download of {self.url} failed at byte {received} after "
-                                    f"{self.max_resumes} resumes: {reason}", retry=True)
-            log.warning("installer.resuming", image=self.image, offset=received,
-                        attempt=self.resumes, error=reason)
-            if self.abort.wait(RESUME_DELAYS[min(self.resumes, len(RESUME_DELAYS)) - 1]):
-                raise DownloadAborted()
-            if self.cancel is not None and self.cancel.is_set():
-                raise DownloadError(CANCELLED_REASON, retry=True)
+            now = self.clock()
+            if now >= deadline:
+                raise DownloadError(f"download of {self.url} failed at byte {received}: no answer for "
+                                    f"{now - since:.0f} s ({tries} resumes, resume_for {self.resume_for:g} s): "
+                                    f"{reason}", retry=True)
+            tries += 1
+            self._stall = (received, since, tries)
+            delay = min(resume_delay(tries), deadline - now)
+            log.warning("installer.resuming", image=self.image, offset=received, attempt=tries, error=reason,
+                        delay=round(delay, 2), stalled=round(now - since, 1), give_up_in=round(deadline - now, 1))
+            self._pause(delay)
+            self.resumes += 1
             try:
                 resp = self._request(received)
             except (OSError, http.client.HTTPException) as again:
                 exc = again
                 continue
-            return self._checked(resp, received)
+            resp = self._checked(resp, received)
+            log.info("installer.resumed", image=self.image, offset=received, attempts=tries,
+                     stalled=round(self.clock() - since, 1))
+            return resp

@@ -79,15 +79,53 @@ def _etc_fd(target: Path, *, create: bool) -> int | None:
         os.close(root)
 
 
-def read_marker(path: Path) -> str | None:
-    """Return the image id on the first line of the marker file ``path``, or None when absent, empty or unreadable."""
+def _incomplete_flag(root: Path) -> str | None:
+    """Return the first line of ``<root>/.cid-incomplete`` (a note when it cannot be read), or None when there is
+    no such entry. Never follows a symlink; never raises."""
+    path = root / INCOMPLETE
     try:
-        with open(path, encoding="utf-8") as handle:
+        os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # cannot even tell: never take the root as installed
+        return f"cannot check {path}: {exc.strerror or exc}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            first = os.read(fd, 4096).decode("utf-8", "replace").split("\n", 1)[0].strip()
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"present but unreadable: {exc.strerror or exc}"
+    return first[:300] or "present"
+
+
+def marker_root(marker: Path) -> Path:
+    """Return the root file system the marker file ``marker`` belongs to: the marker is ``<root>/etc/cid-image``,
+    so ``/etc/cid-image`` gives ``/`` and ``/mnt/cid-target/etc/cid-image`` gives ``/mnt/cid-target``."""
+    return Path(marker).parent.parent
+
+
+def read_marker(marker: Path, *, root: Path | None = None) -> str | None:
+    """Return the image id installed in ``root`` (default ``marker_root(marker)``): the first line of the marker
+    file ``marker``.
+
+    Returns None when the marker is absent, empty or unreadable, and when ``<root>/.cid-incomplete`` exists: an
+    install began there and never finished, so a marker beside it (one the image itself carried, say) does not
+    mean the image is installed. Never raises.
+    """
+    root = marker_root(marker) if root is None else Path(root)
+    flag = _incomplete_flag(root)
+    if flag is not None:
+        log.warning("agent.install_incomplete", root=str(root), marker=str(marker), flag=flag)
+        return None
+    try:
+        with open(marker, encoding="utf-8") as handle:
             first = handle.readline().strip()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        log.warning("agent.marker_unreadable", path=str(path), error=str(exc))
+        log.warning("agent.marker_unreadable", path=str(marker), error=str(exc))
         return None
     return first or None
 

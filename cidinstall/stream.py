@@ -4,7 +4,8 @@
 read from its URL in large chunks; every chunk is hashed, then handed to a second thread that decompresses it
 (``zstandard`` for ``tar.zst``, zlib for ``tar.gz``/notP's ``.gz``) straight into the stdin pipe of a GNU
 ``tar`` that extracts into the target with owners, modes, links, device nodes, xattrs, ACLs and file
-capabilities. A dropped connection is resumed with ``Range: bytes=<received>-`` (the hash state is kept).
+capabilities. A dropped connection is resumed with ``Range: bytes=<received>-`` (the hash state is kept) for a
+bounded time (``resume_for``), with exponential backoff and jitter between tries.
 
 Safety rules:
 
@@ -40,17 +41,28 @@ import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from cidinstall.decompress import DECODE_ERRORS, WRITE_SIZE, PipeWriter, QueueSource, ungzip, unzstd
-from cidinstall.download import CANCELLED_REASON, DownloadAborted, Opener, RangedDownload, Response, http_open
+from cidinstall.download import (
+    CANCELLED_REASON,
+    KERNEL_CMDLINE,
+    DownloadAborted,
+    Opener,
+    RangedDownload,
+    Response,
+    http_open,
+    resume_for_of,
+)
 from cidinstall.errors import ArchiveError, DownloadError, InstallError, TargetError, VerifyError
 from cidinstall.marker import (
     INCOMPLETE,
@@ -108,8 +120,9 @@ class _Install:
     """One run of ``stream_install`` (see there); ``run()`` returns the hex sha256 or raises InstallError."""
 
     def __init__(self, request: InstallRequest, target: Path, progress: ProgressCallback, *, chunk: int,
-                 max_resumes: int, connect_timeout: float, read_timeout: float, opener: Opener,
-                 cancel: threading.Event | None = None) -> None:
+                 connect_timeout: float, read_timeout: float, opener: Opener, resume_for: float,
+                 cancel: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] | None = None) -> None:
         self.request = request
         self.target = target
         self.progress = progress
@@ -119,9 +132,10 @@ class _Install:
         self.abort = threading.Event()
         self.cancel = cancel
         self.http = RangedDownload(request.url, request.size, request.image, opener, connect_timeout=connect_timeout,
-                                   read_timeout=read_timeout, max_resumes=max_resumes, abort=self.abort,
-                                   cancel=cancel)
+                                   read_timeout=read_timeout, resume_for=resume_for, abort=self.abort,
+                                   cancel=cancel, clock=clock, sleep=sleep)
         self.feeding = True
+        self.killed_tar = False  # this installer sent tar its SIGKILL (a full target, a failed download)
         self._last_progress = 0.0
         self._full: queue.Queue[tuple[memoryview, int] | None] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
@@ -249,10 +263,29 @@ class _Install:
                 self.state.lost_attrs.append(text[:300])
 
     def _kill(self, tar: subprocess.Popen[bytes]) -> None:
-        """Stop tar and the download."""
+        """Stop tar (SIGKILL, when it still runs) and the download."""
         self.abort.set()
         with contextlib.suppress(OSError):
-            tar.kill()
+            if tar.poll() is None:
+                self.killed_tar = True
+                tar.kill()
+
+    def _tar_status(self) -> int | None:
+        """Return tar's exit status: the one seen when it stopped reading early, else the final one."""
+        st = self.state
+        return st.tar_early_exit if st.tar_early_exit not in (None, 0) else st.tar_exit
+
+    def _stopped_with_cidkid(self) -> bool:
+        """Return whether tar was killed by a signal that stops the install rather than fails it: SIGTERM or
+        SIGINT (sent to cidkid and its children together, as at shutdown), or any signal this installer did
+        not send while ``cancel`` is set."""
+        code = self._tar_status()
+        if code is None or code >= 0:
+            return False
+        sig = -code
+        ours = sig == signal.SIGKILL and self.killed_tar
+        cancelling = self.cancel is not None and self.cancel.is_set()
+        return sig in (signal.SIGTERM, signal.SIGINT) or (cancelling and not ours)
 
     def run(self) -> str:
         """Do the install; return the sha256 of the image. Raises InstallError."""
@@ -297,7 +330,7 @@ class _Install:
         """Return the error for a tar that exited non-zero, naming the members it complained about."""
         st = self.state
         lines = "; ".join(st.tar_lines) or "no message"
-        code = st.tar_early_exit if st.tar_early_exit not in (None, 0) else st.tar_exit
+        code = self._tar_status()
         if st.unsafe:
             said = list(dict.fromkeys([*st.unsafe[:STDERR_LINES], *st.tar_lines]))
             return ArchiveError("unsafe archive member refused (it would land outside the target): "
@@ -305,18 +338,24 @@ class _Install:
         if any("Unexpected EOF in archive" in line for line in st.tar_lines):
             return ArchiveError(f"truncated image: the archive ends in the middle of a member (tar exit status "
                                 f"{code}: {lines})")
+        if code is not None and code < 0:
+            return ArchiveError(f"tar could not extract the image (killed by {_signal_name(-code)}): {lines}")
         return ArchiveError(f"tar could not extract the image (exit status {code}): {lines}")
 
     def _verdict(self, completed: bool) -> str:
         """Return the sha256 when everything went right; else raise the most telling InstallError.
 
-        Order: a full or read-only target; then, for a download that did not complete, tar's failure when
-        tar failed first, else the download error; then size, checksum, corrupt stream, tar's exit status and
-        complaints, lost extended attributes.
+        Order: a full or read-only target; a tar stopped together with cidkid (CANCELLED_REASON, retryable);
+        then, for a download that did not complete, tar's failure when tar failed first, else the download
+        error; then size, checksum, corrupt stream, tar's exit status and complaints, lost extended attributes.
         """
         st, request = self.state, self.request
         if st.target_problem is not None:
             raise st.target_problem
+        if self._stopped_with_cidkid():
+            log.warning("installer.tar_stopped", image=request.image, signal=_signal_name(-(self._tar_status() or 0)),
+                        cancelling=self.cancel is not None and self.cancel.is_set(), received=st.received)
+            raise InstallError(CANCELLED_REASON, retry=True)
         if not completed:
             if st.tar_early_exit not in (None, 0) or st.download_error is None:
                 raise self._tar_failure()
@@ -341,6 +380,14 @@ class _Install:
         return digest
 
 
+def _signal_name(number: int) -> str:
+    """Return the name of signal ``number`` (``SIGTERM``), or ``signal N`` for one Python does not know."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _check_request(request: InstallRequest) -> None:
     """Raise InstallError for a request this installer cannot carry out."""
     if request.format not in FORMATS:
@@ -352,28 +399,34 @@ def _check_request(request: InstallRequest) -> None:
 
 
 def stream_install(request: InstallRequest, target: Path, progress: ProgressCallback, *, chunk: int = MiB,
-                   max_resumes: int = 5, connect_timeout: float = 30, read_timeout: float = 60,
-                   opener: Opener | None = None, cancel: threading.Event | None = None) -> InstallResult:
+                   connect_timeout: float = 30, read_timeout: float = 60, opener: Opener | None = None,
+                   cancel: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] | None = None, cmdline: Path = KERNEL_CMDLINE) -> InstallResult:
     """Download ``request.url`` and extract it into the directory ``target``; return the InstallResult.
 
     Blocking (run it in a worker thread). ``progress(step, done, total)`` is called from this thread with the
     compressed bytes received: ``"writing"`` at most every 0.5 s (and once at the end), then ``"verifying"``.
-    ``chunk`` is the size of each HTTP read; a dropped connection is resumed up to ``max_resumes`` times;
-    ``opener`` replaces ``http_open`` (tests); setting ``cancel`` stops the install at the next chunk (a failed,
-    retryable result: cidkid is stopping). Never raises: every failure is a result with ``ok=False``, a
-    reason and ``retry`` (True only when trying again may help: network trouble). See the module docstring
-    for the marker and ``.cid-incomplete`` rules.
+    ``chunk`` is the size of each HTTP read; a dropped connection is resumed from the byte where it stopped for
+    ``request.resume_for`` seconds (when None: ``cid.resume_for=`` on the kernel command line ``cmdline``, else
+    DEFAULT_RESUME_FOR), with exponential backoff and jitter, timed by ``clock`` and paused by ``sleep`` (tests
+    inject both); ``opener`` replaces ``http_open`` (tests); setting ``cancel`` stops the install at the next
+    chunk or pause (a failed, retryable result: cidkid is stopping), and so does a tar killed by SIGTERM or
+    SIGINT (stopped with cidkid, as at shutdown). Never raises: every failure is a result with ``ok=False``, a
+    reason and ``retry`` (True only when trying again may help: network trouble, a stopped install). See the
+    module docstring for the marker and ``.cid-incomplete`` rules.
     """
     target = Path(target)
     started = time.monotonic()
     install = None
-    log.info("installer.started", image=request.image, url=request.url, target=str(target), format=request.format)
+    resume_for = resume_for_of(request.resume_for, cmdline)
+    log.info("installer.started", image=request.image, url=request.url, target=str(target), format=request.format,
+             resume_for=resume_for)
     try:
         _check_request(request)
         begin_install(target, request)
-        install = _Install(request, target, progress, chunk=chunk, max_resumes=max_resumes,
-                           connect_timeout=connect_timeout, read_timeout=read_timeout, opener=opener or http_open,
-                           cancel=cancel)
+        install = _Install(request, target, progress, chunk=chunk, connect_timeout=connect_timeout,
+                           read_timeout=read_timeout, opener=opener or http_open,
+                           resume_for=resume_for, cancel=cancel, clock=clock, sleep=sleep)
         digest = install.run()
         if request.agent_token:
             write_agent_token(target, request.agent_token)

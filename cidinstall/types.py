@@ -15,7 +15,11 @@ ProgressCallback = Callable[[str, int, int | None], None]
 
 @dataclass(frozen=True)
 class InstallRequest:
-    """An ``install`` command: stream ``url`` (``size`` bytes, ``format``) onto the target, check ``sha256``."""
+    """An ``install`` command: stream ``url`` (``size`` bytes, ``format``) onto the target, check ``sha256``.
+
+    ``resume_for``: seconds a dropped download is resumed from the byte where it stopped (None: the installer's
+    default, ``cidinstall.download.DEFAULT_RESUME_FOR``); cidd sends it in the ``install`` message.
+    """
 
     image: str
     url: str
@@ -23,6 +27,7 @@ class InstallRequest:
     size: int | None = None
     format: str = "tar.zst"
     agent_token: str | None = None  # the node's own agent token, for the installed system (never logged)
+    resume_for: float | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import structlog
 from twisted.internet import defer, threads, utils
 from twisted.internet.defer import Deferred
 
-from cidinstall.marker import read_marker
+from cidinstall.marker import marker_root, read_marker
 from cidinstall.types import InstallRequest, InstallResult, ProgressCallback
 from cidkid.reboots import REBOOT_METHODS, RebootSpec, Stage, plan, redact
 
@@ -152,9 +152,19 @@ class LinuxPlatform(Platform):
         self._reboot_env: dict[str, str] = dict(os.environ)
         self.last_reboot: Deferred[list[str] | None] | None = None
 
+    @property
+    def root(self) -> Path:
+        """Return the root file system whose image ``identity`` reports: the marker is ``<root>/etc/cid-image``
+        (``/`` for the default ``/etc/cid-image``); a ``<root>/.cid-incomplete`` there means no image."""
+        return marker_root(self.marker)
+
     def identity(self) -> Identity:
-        """Return the node name, mode, marker image (system mode only) and kernel boot id."""
-        image = read_marker(self.marker) if self.mode == "system" else None
+        """Return the node name, mode, marker image (system mode only) and kernel boot id.
+
+        The image is None when the marker is absent, or when ``.cid-incomplete`` lies in ``root`` beside it (an
+        install was cut short there: the disk only looks installed).
+        """
+        image = read_marker(self.marker, root=self.root) if self.mode == "system" else None
         return Identity(node=self.node, mode=self.mode, image=image, boot_id=self._boot_id())
 
     def _boot_id(self) -> str:

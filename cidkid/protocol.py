@@ -9,6 +9,7 @@ at all received for 3 x heartbeat) is aborted, so that the service reconnects.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -71,8 +72,14 @@ def server_error(message: Message) -> CidError:
 
 
 def parse_install(message: Message) -> InstallRequest:
-    """Return the InstallRequest held by an ``install`` message; raise BadRequest naming a wrong field."""
+    """Return the InstallRequest held by an ``install`` message; raise BadRequest naming a wrong field.
+
+    ``resume_for`` (seconds a dropped download is resumed) is optional: absent, the installer's default applies.
+    """
     size = get_number(message, "size")
+    resume_for = get_number(message, "resume_for")
+    if resume_for is not None and not math.isfinite(resume_for):
+        raise BadRequest("'resume_for' must be a finite number of seconds")
     return InstallRequest(
         image=str(get_str(message, "image")),
         url=str(get_str(message, "url")),
@@ -80,6 +87,7 @@ def parse_install(message: Message) -> InstallRequest:
         size=int(size) if size is not None else None,
         format=str(get_str(message, "format", required=False, default="tar.zst")),
         agent_token=get_str(message, "agent_token", required=False),
+        resume_for=resume_for,
     )
 
 

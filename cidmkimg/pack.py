@@ -27,6 +27,11 @@ WRITEBACK = 32 << 20  # start writing the image out every this many bytes
 HASH_QUEUE = 32  # compressed chunks waiting to be hashed (at most HASH_QUEUE * WRITE_SIZE bytes)
 LIVE_EMPTIED = ("proc", "sys", "dev", "run", "tmp", "var/tmp", "mnt", "media", "lost+found")
 LIVE_FILES = ("var/cache/apt/archives/*.deb", "swapfile", "swap.img")
+#: cid's own files on a node, never part of an image: the marker of the image it runs (and the marker writer's
+#: temporary file), the flag of an unfinished install, the node's own agent token (written by the installer),
+#: and the secrets of cid's state directory (tokens, private keys).
+CID_OWN_FILES = ("etc/cid-image", "etc/cid-image.tmp", ".cid-incomplete", ".cid-incomplete.tmp",
+                 "etc/cid/agent.token", "etc/cid/agent.token.tmp", "var/lib/cid/secrets")
 TAR_LINES = 5  # lines of tar's stderr quoted in an error
 
 
@@ -54,11 +59,16 @@ def default_excludes(root: Path, image_dir: Path, *, live: bool, swaps: str | No
 
     With ``live``: the contents (not the directories) of LIVE_EMPTIED, downloaded .deb files, swap files
     (LIVE_FILES, and each file listed in ``swaps`` -- the text of /proc/swaps, read when None -- inside
-    ``root``). Always: ``image_dir`` when it is inside ``root``, so the image never captures itself.
+    ``root``), and cid's own files (CID_OWN_FILES: marker, unfinished-install flag, agent token, the state
+    directory's secrets; also ``$CID_STATE_DIR/secrets`` when that lies inside ``root``). Always: ``image_dir``
+    when it is inside ``root``, so the image never captures itself.
     """
     patterns: list[str] = []
     if live:
-        patterns += [f"{d}/*" for d in LIVE_EMPTIED] + list(LIVE_FILES)
+        patterns += [f"{d}/*" for d in LIVE_EMPTIED] + list(LIVE_FILES) + list(CID_OWN_FILES)
+        state = os.environ.get("CID_STATE_DIR")
+        secrets = _inside(root, Path(state) / "secrets") if state else None
+        patterns += [secrets] if secrets and secrets not in patterns else []
         if swaps is None:
             with contextlib.suppress(OSError):
                 swaps = Path("/proc/swaps").read_text(encoding="utf-8", errors="replace")

@@ -244,6 +244,40 @@ def test_linux_identity_reads_marker_and_boot_id(tmp_path: Path) -> None:
     assert installer.identity().mode == "installer" and installer.identity().image is None
 
 
+def test_linux_identity_is_no_image_while_an_install_is_unfinished(tmp_path: Path) -> None:
+    """A root holding .cid-incomplete was cut short in the middle of an install: the marker beside it (one the
+    image carried, captured live from a cid node) does not make it installed."""
+    root = tmp_path / "disk"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/cid-image").write_text("captured-1-1\nsha256=" + "ab" * 32 + "\n")
+    (root / ".cid-incomplete").write_text("install of debian-12-2 from http://h/i in progress\n")
+    platform = LinuxPlatform(None, node="n7", marker=root / "etc/cid-image", boot_id_path=tmp_path / "boot_id")
+    with structlog.testing.capture_logs() as logs:
+        assert platform.identity().image is None
+    assert platform.root == root  # the root whose flag is checked: the marker is <root>/etc/cid-image
+    assert LinuxPlatform(None, node="n7").root == Path("/")
+    assert [(e["event"], e["root"], e["flag"]) for e in logs] == [
+        ("agent.install_incomplete", str(root), "install of debian-12-2 from http://h/i in progress")]
+    (root / ".cid-incomplete").unlink()
+    (root / ".cid-incomplete").symlink_to(tmp_path / "nowhere")  # a dangling symlink is still the flag
+    assert platform.identity().image is None
+    (root / ".cid-incomplete").unlink()
+    assert platform.identity().image == "captured-1-1"
+
+
+def test_install_messages_may_carry_the_resume_time() -> None:
+    from cidcommon.errors import BadRequest
+    from cidkid.protocol import parse_install
+
+    base = {"type": "install", "id": "c-1", "image": "x-1-1", "url": "http://h/x", "sha256": "ab" * 32}
+    assert parse_install(base).resume_for is None  # the installer's own default then
+    assert parse_install({**base, "resume_for": 900}) == InstallRequest("x-1-1", "http://h/x", "ab" * 32,
+                                                                        resume_for=900.0)
+    for bad in (-1, "600", True, float("inf")):
+        with pytest.raises(BadRequest, match="resume_for"):
+            parse_install({**base, "resume_for": bad})
+
+
 def test_linux_identity_defaults_to_short_hostname_and_kernel_boot_id() -> None:
     ident = LinuxPlatform(None).identity()
     assert ident.node == socket.gethostname().split(".")[0]

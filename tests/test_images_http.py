@@ -19,7 +19,7 @@ from twisted.internet import reactor, task, threads
 from twisted.web import http as twhttp
 
 from cidcatalog.catalog import Catalog, Image
-from cidd.images_http import Unsatisfiable, build_site, image_path, parse_range
+from cidd.images_http import Unsatisfiable, build_site, file_validators, image_path, parse_range
 from cidd.metrics import Metrics
 
 MiB = 1024 * 1024
@@ -55,6 +55,7 @@ class Server:
     metrics: Metrics
     catalog: Catalog
     data: dict[str, bytes] = field(default_factory=dict)
+    clock_offset: float = 0.0  # added to the wall clock the server compares Last-Modified dates with
 
     def get(self, path: str, **kwargs):
         """Return a Deferred firing with the Reply, the request being made from a thread."""
@@ -83,7 +84,7 @@ async def server(tmp_path: Path):
               make_image(image_dir, "legacy-1-1", legacy, suffix=".gz", sha=False)]
     srv = Server(0, image_dir, Metrics(), Catalog({i.id: i for i in images}),
                  {"debian-12-1": main, "legacy-1-1": legacy})
-    site = build_site(lambda: srv.catalog, image_dir, srv.metrics)
+    site = build_site(lambda: srv.catalog, image_dir, srv.metrics, clock=lambda: time.time() + srv.clock_offset)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     srv.port = port.getHost().port
     yield srv
@@ -102,10 +103,12 @@ async def test_full_get_returns_the_file_with_length_etag_and_type(server: Serve
     assert int(reply.headers["content-length"]) == len(data)
     assert reply.headers["accept-ranges"] == "bytes"
     assert reply.headers["content-type"] == "application/zstd"
-    assert reply.headers["etag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+    info = os.stat(server.image_dir / "debian-12-1.tar.zst")
+    assert reply.headers["etag"] == f'"{info.st_ino:x}-{info.st_size:x}-{info.st_mtime_ns:x}-{info.st_ctime_ns:x}"'
     legacy = await server.get("/images/legacy-1-1.gz")
     assert legacy.status == 200 and legacy.body == server.data["legacy-1-1"]
-    assert legacy.headers["content-type"] == "application/gzip" and "etag" not in legacy.headers
+    assert legacy.headers["content-type"] == "application/gzip"
+    assert legacy.headers["etag"] != reply.headers["etag"]  # a file's own, with or without a sha256 in the catalog
     assert (await server.get("/healthz")).body == b"ok"
 
 
@@ -177,17 +180,99 @@ async def test_if_range_serves_the_range_only_for_the_same_version(server: Serve
     etag = (await server.get(path, method="HEAD")).headers["etag"]
     same = await server.get(path, headers={"Range": "bytes=1000-", "If-Range": etag})
     assert same.status == 206 and same.body == data[1000:]
-    for other in ('"' + "0" * 64 + '"', "W/" + etag, "Tue, 01 Jan 2002 00:00:00 GMT"):
+    sha = '"' + hashlib.sha256(data).hexdigest() + '"'  # the catalog's sha256 says nothing of the file on disk
+    for other in (sha, '"' + "0" * 64 + '"', "W/" + etag, "Tue, 01 Jan 2002 00:00:00 GMT"):
         changed = await server.get(path, headers={"Range": "bytes=1000-", "If-Range": other})
         assert changed.status == 200 and changed.body == data
-    # without a sha256 in the catalog, the Last-Modified date is the validator
+    # the Last-Modified date is a validator too: the later of mtime and ctime, strong once a second old
     old = time.time() - 3600
     os.utime(server.image_dir / "legacy-1-1.gz", (old, old))
+    info = os.stat(server.image_dir / "legacy-1-1.gz")
     legacy = "/images/legacy-1-1.gz"
     modified = (await server.get(legacy, method="HEAD")).headers["last-modified"]
-    assert modified == twhttp.datetimeToString(old).decode()
+    assert modified == twhttp.datetimeToString(max(info.st_mtime, info.st_ctime)).decode()
+    server.clock_offset = -10.0  # the file changed "just now": its date may not tell two versions apart
+    young = await server.get(legacy, headers={"Range": "bytes=-10", "If-Range": modified})
+    assert young.status == 200 and young.body == server.data["legacy-1-1"]
+    server.clock_offset = 10.0
     ranged = await server.get(legacy, headers={"Range": "bytes=-10", "If-Range": modified})
     assert ranged.status == 206 and ranged.body == server.data["legacy-1-1"][-10:]
+
+
+def swap_same_size_same_mtime(path: Path) -> None:
+    """Replace ``path`` by another file (another inode) of the same size with the same mtime (``cp -p``)."""
+    before = os.stat(path)
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(os.urandom(before.st_size))
+    os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(tmp, path)
+
+
+def rewrite_in_place(path: Path) -> None:
+    """Overwrite the first bytes of ``path`` in place (same inode and size; the mtime moves)."""
+    with open(path, "r+b") as handle:
+        handle.write(os.urandom(4096))
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))
+
+
+def rewrite_in_place_keeping_mtime(path: Path) -> None:
+    """Overwrite ``path`` in place and set its mtime back (``rsync --inplace -t``): only the ctime tells."""
+    before = os.stat(path)
+    with open(path, "r+b") as handle:
+        handle.write(os.urandom(4096))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("change", [swap_same_size_same_mtime, rewrite_in_place, rewrite_in_place_keeping_mtime])
+async def test_a_changed_file_gets_new_validators_and_a_resume_gets_the_whole_file(server: Server, change) -> None:
+    """The catalog entry (size, sha256) stays the same while the file under it changes: the ETag must change all
+    the same, so that a resume with the old one gets the whole new file (200), never a splice of two files."""
+    path = "/images/debian-12-1.tar.zst"
+    server.clock_offset = 3600.0  # every date counts as a strong validator here
+    first = await server.get(path, stop_after=1000)
+    assert first.status == 200
+    change(server.image_dir / "debian-12-1.tar.zst")
+    new = (server.image_dir / "debian-12-1.tar.zst").read_bytes()
+    assert len(new) == len(server.data["debian-12-1"])
+    head = await server.get(path, method="HEAD")
+    assert head.headers["etag"] != first.headers["etag"]
+    resumed = await server.get(path, headers={"Range": "bytes=1000-", "If-Range": first.headers["etag"]})
+    assert resumed.status == 200 and resumed.body == new
+    current = await server.get(path, headers={"Range": "bytes=1000-", "If-Range": head.headers["etag"]})
+    assert current.status == 206 and current.body == new[1000:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_validators_survive_a_restart_of_cidd(server: Server) -> None:
+    """A new site over the same unchanged file (cidd restarted) gives the same ETag and date: downloads cut by the
+    restart resume (206) instead of starting again."""
+    path = "/images/debian-12-1.tar.zst"
+    first = await server.get(path, stop_after=1000)
+    again = build_site(lambda: server.catalog, server.image_dir, Metrics(), clock=lambda: time.time() + 3600)
+    port = reactor.listenTCP(0, again, interface="127.0.0.1")
+    try:
+        for validator in (first.headers["etag"], first.headers["last-modified"]):
+            resumed = await threads.deferToThread(fetch, port.getHost().port, path,
+                                                  headers={"Range": "bytes=1000-", "If-Range": validator})
+            assert resumed.status == 206 and resumed.body == server.data["debian-12-1"][1000:]
+            assert resumed.headers["etag"] == first.headers["etag"]
+    finally:
+        await port.stopListening()
+
+
+def test_file_validators_follow_inode_size_mtime_and_ctime() -> None:
+    def stat(ino: int, size: int, mtime_ns: int, ctime_ns: int) -> os.stat_result:
+        return os.stat_result((0o100644, ino, 1, 1, 0, 0, size, 0, mtime_ns // 10**9, ctime_ns // 10**9),
+                              {"st_mtime": mtime_ns / 1e9, "st_ctime": ctime_ns / 1e9, "st_mtime_ns": mtime_ns,
+                               "st_ctime_ns": ctime_ns})
+
+    base = file_validators(stat(7, 100, 5 * 10**18, 6 * 10**18))
+    assert base[0] == b'"7-64-%x-%x"' % (5 * 10**18, 6 * 10**18) and base[1] == 6e9
+    for other in (stat(8, 100, 5 * 10**18, 6 * 10**18), stat(7, 101, 5 * 10**18, 6 * 10**18),
+                  stat(7, 100, 5 * 10**18 + 1, 6 * 10**18), stat(7, 100, 5 * 10**18, 6 * 10**18 + 1)):
+        assert file_validators(other)[0] != base[0]
+    assert file_validators(stat(7, 100, 9 * 10**18, 6 * 10**18))[1] == 9e9  # the later of mtime and ctime
 
 
 @pytest.fixture
@@ -423,3 +508,77 @@ async def test_large_file_streams_without_blocking_the_reactor_or_growing_memory
     assert max(gaps) < 0.25, max(gaps)
     assert peak[0] - baseline < 64 * MiB, (peak[0] - baseline) / MiB
     assert server.metrics.value("cid_http_bytes_sent_total", image="big-1-1") == size
+
+
+@pytest_twisted.ensureDeferred
+async def test_installer_never_splices_a_file_swapped_on_cidd_between_its_get_and_its_resume(
+        server: Server, tmp_path: Path) -> None:
+    """The installer downloads from the real cidd site; its connection drops after 1 MiB, and before it resumes
+    the image file is replaced by another of the same size and mtime (the catalog entry unchanged). The resume
+    must not be served from the new file: the install fails at once, retryably, saying why -- not 2 MiB later
+    on a checksum mismatch."""
+    import io
+    import tarfile
+
+    import zstandard
+
+    from cidinstall.download import http_open
+    from cidinstall.stream import INCOMPLETE, MARKER, stream_install
+    from cidinstall.types import InstallRequest
+
+    def image(seed: bytes) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as archive:
+            info = tarfile.TarInfo("./big")
+            info.size = 3 * MiB
+            archive.addfile(info, io.BytesIO(hashlib.shake_256(seed).digest(3 * MiB)))
+        return zstandard.ZstdCompressor(level=1).compress(out.getvalue())
+
+    data = image(b"old")
+    file = server.image_dir / "swap-1-1.tar.zst"
+    file.write_bytes(data)
+    add(server, make_image(server.image_dir, "swap-1-1", None))
+    add(server, Image("swap", "1", "1", file.name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    server.clock_offset = 3600.0  # dates count as strong validators too: only the validators' content matters
+    cut = MiB
+    opened: list[dict[str, str]] = []
+
+    class CutAndSwap:
+        """The first response: its body stops after ``cut`` bytes, once the file on cidd was swapped."""
+
+        def __init__(self, resp) -> None:
+            self.resp, self.status, self.reason, self.left = resp, resp.status, resp.reason, cut
+
+        def getheader(self, name: str, default: str | None = None) -> str | None:
+            return self.resp.getheader(name, default)
+
+        def readinto(self, buffer: memoryview) -> int:
+            if not self.left:
+                swap_same_size_same_mtime(file)
+                raise ConnectionResetError(104, "Connection reset by peer")
+            n = self.resp.readinto(buffer[:self.left])
+            self.left -= n
+            return n
+
+        def close(self) -> None:
+            self.resp.close()
+
+    def opener(url: str, headers, connect: float, read: float):
+        opened.append(dict(headers))
+        resp = http_open(url, headers, connect, read)
+        return CutAndSwap(resp) if len(opened) == 1 else resp
+
+    target = tmp_path / "target"
+    target.mkdir()
+    request = InstallRequest("swap-1-1", f"http://127.0.0.1:{server.port}/images/{file.name}",
+                             hashlib.sha256(data).hexdigest(), len(data), "tar.zst", resume_for=60)
+    with capture_logs() as logs:
+        result = await threads.deferToThread(stream_install, request, target, lambda *a: None, chunk=64 * 1024,
+                                             opener=opener)
+    assert not result.ok and result.retry, result
+    assert "changed since the download began" in result.reason and "checksum" not in result.reason
+    assert [h.get("Range") for h in opened] == [None, f"bytes={cut}-"]
+    assert opened[1]["If-Range"].startswith('"')  # the ETag of the first answer
+    failed = [e for e in logs if e["event"] == "installer.failed"]
+    assert failed and failed[0]["received"] == cut  # nothing of the new file was taken in
+    assert not (target / MARKER).exists() and "changed" in (target / INCOMPLETE).read_text()

@@ -7,11 +7,13 @@ by the exact path or device it created.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import os
 import re
+import signal
 import socket
 import subprocess
 import tarfile
@@ -23,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import pytest_twisted
 import structlog
@@ -48,15 +51,18 @@ Calls = list[tuple[str, int, int | None]]
 class ImageServer:
     """Serves ``files`` ({path: bytes}) on 127.0.0.1; unknown paths get 404.
 
-    ``drop_after``: the first response is cut (connection closed) after that many body bytes;
-    ``ignore_range``: Range is ignored (always 200 and the whole file). ``requests`` records (path, headers).
+    ``drop_after``: the first response is cut (connection closed) after that many body bytes, and ``on_drop``
+    is called just before (with the server still listening); ``ignore_range``: Range is ignored (always 200 and
+    the whole file). ``requests`` records (path, headers); ``sent`` counts the body bytes written.
     """
 
     files: dict[str, bytes] = field(default_factory=dict)
     drop_after: int | None = None
+    on_drop: Callable[[], None] | None = None
     ignore_range: bool = False
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     dropped: bool = False
+    sent: int = 0
     httpd: ThreadingHTTPServer | None = None
 
     def url(self, path: str) -> str:
@@ -94,24 +100,39 @@ class _Handler(BaseHTTPRequestHandler):
             spec.dropped = True
             self.wfile.write(body[:spec.drop_after])
             self.wfile.flush()
+            spec.sent += len(body[:spec.drop_after])
+            if spec.on_drop is not None:
+                spec.on_drop()
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
         self.wfile.write(body)
+        spec.sent += len(body)
 
 
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    spec = ImageServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+def serve(spec: ImageServer, port: int = 0) -> None:
+    """Start serving ``spec`` on 127.0.0.1:``port`` (0: any free port) in a thread; ``spec.httpd`` is the server."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
     httpd.daemon_threads = True
     httpd.spec = spec  # type: ignore[attr-defined]
     spec.httpd = httpd
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), name="test-image-server", daemon=True)
     thread.start()
+
+
+def stop_serving(spec: ImageServer) -> None:
+    """Stop ``spec``'s server and close its listening socket (new connections are then refused)."""
+    assert spec.httpd is not None
+    spec.httpd.shutdown()
+    spec.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[ImageServer]:
+    spec = ImageServer()
+    serve(spec)
     yield spec
-    httpd.shutdown()
-    httpd.server_close()
+    stop_serving(spec)
 
 
 # -- images ---------------------------------------------------------------------------------------------------
@@ -320,8 +341,71 @@ def test_a_server_ignoring_range_on_resume_fails_cleanly(tmp_path: Path, server:
     assert_not_installed(target, "HTTP 200")
 
 
-def test_resumes_are_limited(tmp_path: Path) -> None:
-    """Every read fails: max_resumes attempts, then a retryable failure (an opener replaces HTTP)."""
+@dataclass
+class FakeTime:
+    """A clock and a sleep for the installer: ``sleep`` only moves ``now`` on (and records the pause), then calls
+    ``after_sleep``; no test waits for real."""
+
+    now: float = 1000.0
+    sleeps: list[float] = field(default_factory=list)
+    after_sleep: Callable[[float], None] | None = None
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        if self.after_sleep is not None:
+            self.after_sleep(self.now)
+
+
+def test_a_long_server_outage_is_resumed_from_where_it_stopped(tmp_path: Path, server: ImageServer,
+                                                               rootfs: RootImage) -> None:
+    """cidd (its HTTP port) goes away in the middle of a download for 20 s -- more than the 5 tries in about 8 s
+    the installer used to allow -- and comes back on the same port: the install resumes at the byte where it
+    stopped and completes, and the server sent the image about once in all."""
+    target = tmp_path / "target"
+    target.mkdir()
+    data = rootfs.zst
+    cut = len(data) // 3
+    time_ = FakeTime()
+    port = server.httpd.server_address[1]
+    away: dict[str, float] = {}
+
+    def go_away() -> None:  # called by the server with the connection still open: no try can reach it
+        stop_serving(server)
+        away["since"] = time_.now
+
+    def come_back(now: float) -> None:
+        if "since" in away and "back" not in away and now - away["since"] >= 20:
+            serve(server, port)
+            away["back"] = now
+
+    server.drop_after, server.on_drop, time_.after_sleep = cut, go_away, come_back
+    request = request_for(server, data)
+    with structlog.testing.capture_logs() as logs:
+        result = stream_install(request, target, lambda *a: None, chunk=64 * 1024, clock=time_.clock,
+                                sleep=time_.sleep, cmdline=tmp_path / "no-cmdline")
+    assert result == InstallResult(ok=True), result.reason
+    assert_installed(target, "test-1-1", sha(data))
+    assert compare_trees(rootfs.src, target, ignore=IGNORE) == []
+    assert [h.get("Range") for _p, h in server.requests] == [None, f"bytes={cut}-"]
+    ratio = server.sent / len(data)
+    print(f"outage {away['back'] - away['since']:.1f} s (fake clock), {len(time_.sleeps)} pauses, "
+          f"bytes sent / image size = {ratio:.3f}")
+    assert ratio == 1.0  # the old budget failed here, and the retry sent the whole image again (1.33x)
+    assert sum(time_.sleeps) >= 20 and len(time_.sleeps) >= 5
+    assert max(time_.sleeps) <= 15  # backoff is bounded
+    tries = [e for e in logs if e["event"] == "installer.resuming"]
+    assert [e["attempt"] for e in tries] == list(range(1, len(tries) + 1))
+    assert all(e["offset"] == cut for e in tries)
+    assert [e["event"] for e in logs if e["event"] == "installer.resumed"] == ["installer.resumed"]
+
+
+def test_resumes_stop_after_resume_for_with_backoff(tmp_path: Path) -> None:
+    """Every read fails: the download is tried again from the same byte, with growing jittered pauses, until the
+    request's ``resume_for`` seconds are up; then a retryable failure saying so (an opener replaces HTTP)."""
     data = zst(tar_of([("./f", b"x" * 1000)]))
     opened: list[dict[str, str]] = []
 
@@ -352,11 +436,35 @@ def test_resumes_are_limited(tmp_path: Path) -> None:
 
     target = tmp_path / "target"
     target.mkdir()
-    request = InstallRequest("f-1-1", "http://x/f", sha(data), len(data), "tar.zst")
-    result = stream_install(request, target, lambda *a: None, max_resumes=2, opener=opener)
+    time_ = FakeTime()
+    request = InstallRequest("f-1-1", "http://x/f", sha(data), len(data), "tar.zst", resume_for=120)
+    result = stream_install(request, target, lambda *a: None, opener=opener, clock=time_.clock, sleep=time_.sleep,
+                            cmdline=tmp_path / "no-cmdline")
     assert not result.ok and result.retry
-    assert "after 2 resumes" in result.reason and "connection reset by peer" in result.reason
-    assert [h.get("Range") for h in opened] == [None, "bytes=10-", "bytes=10-"]
+    assert "failed at byte 10: no answer for 120 s" in result.reason and "connection reset by peer" in result.reason
+    assert sum(time_.sleeps) == pytest.approx(120)  # the last try is made when the time is up, not later
+    assert opened[0].get("Range") is None and {h.get("Range") for h in opened[1:]} == {"bytes=10-"}
+    assert len(opened) - 1 == len(time_.sleeps)  # one try after each pause
+    pauses = time_.sleeps[:-1]  # the last one is cut to the deadline
+    assert 0.125 <= pauses[0] <= 0.25 and all(p <= 15 for p in pauses)
+    assert pauses[6] >= 7.5  # doubled six times (jitter keeps at least half)
+    assert_not_installed(target, "no answer for 120 s")
+
+
+def test_resume_delays_and_where_resume_for_comes_from(tmp_path: Path) -> None:
+    from cidinstall.download import DEFAULT_RESUME_FOR, resume_delay, resume_for_of
+
+    assert [resume_delay(n, lambda low, high: high) for n in range(1, 10)] == [
+        0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
+    assert [resume_delay(n, lambda low, high: low) for n in (1, 7, 100)] == [0.125, 7.5, 7.5]
+    assert all(2.0 <= resume_delay(5) <= 4.0 for _ in range(100))
+    cmdline = tmp_path / "cmdline"
+    assert resume_for_of(None, cmdline) == DEFAULT_RESUME_FOR == 300  # no command line at all
+    cmdline.write_text("console=ttyS0 cid.server=h:38008 cid.resume_for=900 quiet\n")
+    assert resume_for_of(None, cmdline) == 900
+    assert resume_for_of(45, cmdline) == 45  # the install request wins
+    cmdline.write_text("cid.resume_for=soon cid.resume_for=-3 cid.resume_for=inf\n")
+    assert resume_for_of(None, cmdline) == DEFAULT_RESUME_FOR
 
 
 def test_progress_is_throttled(tmp_path: Path) -> None:
@@ -423,6 +531,100 @@ def test_cancel_stops_an_install_retryably(tmp_path: Path) -> None:
     result = stream_install(request, target, lambda *a: None, opener=lambda *a: Slow(), cancel=cancel)
     assert result == InstallResult(ok=False, reason="install cancelled: cidkid is stopping", retry=True)
     assert_not_installed(target, "cancelled")
+
+
+class Paced:
+    """A response serving ``data`` in 64 KiB pieces; ``at_byte(offset)`` is called before each piece (tests)."""
+
+    status, reason = 200, "OK"
+
+    def __init__(self, data: bytes, at_byte: Callable[[int], None]) -> None:
+        self.data, self.at, self.at_byte = data, 0, at_byte
+
+    def getheader(self, name: str, default: str | None = None) -> str | None:
+        return str(len(self.data)) if name == "Content-Length" else default
+
+    def readinto(self, buffer: memoryview) -> int:
+        self.at_byte(self.at)
+        piece = self.data[self.at:self.at + min(len(buffer), 64 * 1024)]
+        buffer[:len(piece)] = piece
+        self.at += len(piece)
+        return len(piece)
+
+    def close(self) -> None:
+        pass
+
+
+def tar_of_this_install(target: Path) -> psutil.Process:
+    """Return the tar this process runs to extract into ``target`` (the test fails when there is none)."""
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.name() == "tar" and str(target) in child.cmdline():
+                return child
+    pytest.fail(f"no tar extracting into {target} is running")
+
+
+@pytest.mark.parametrize(("sig", "cancelling", "cancelled"), [
+    (signal.SIGTERM, False, True), (signal.SIGINT, False, True), (signal.SIGKILL, True, True),
+    (signal.SIGKILL, False, False)])
+def test_a_tar_stopped_with_cidkid_reports_cancelled(tmp_path: Path, sig: signal.Signals, cancelling: bool,
+                                                     cancelled: bool) -> None:
+    """systemd stops cidkid and its tar together (SIGTERM to the whole unit): the install was cancelled, and may
+    be retried -- not "tar could not extract the image (exit status -15)". A tar killed by another signal while
+    the install is being cancelled is cancelled too; SIGKILL out of the blue (the OOM killer) is a failure."""
+    data = zst(tar_of([("./etc", None), ("./etc/big", os.urandom(2 * 1024 * 1024))]))
+    target = tmp_path / "target"
+    target.mkdir()
+    cancel = threading.Event()
+    killed: list[int] = []
+
+    def at_byte(offset: int) -> None:
+        if offset >= 256 * 1024 and not killed:
+            tar = tar_of_this_install(target)
+            if cancelling:
+                cancel.set()
+            tar.send_signal(sig)
+            killed.append(sig)
+            deadline = time.monotonic() + 20  # dead, but left for the installer to reap (as systemd would)
+            while tar.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    request = InstallRequest("f-1-1", "http://x/f", sha(data), len(data), "tar.zst")
+    result = stream_install(request, target, lambda *a: None, opener=lambda *a: Paced(data, at_byte), cancel=cancel)
+    assert killed == [sig]
+    if cancelled:
+        assert result == InstallResult(ok=False, reason="install cancelled: cidkid is stopping", retry=True)
+        assert_not_installed(target, "cancelled")
+    else:
+        assert not result.ok and not result.retry
+        assert result.reason.startswith("tar could not extract the image (killed by SIGKILL)"), result.reason
+
+
+def test_a_half_written_disk_does_not_look_installed(tmp_path: Path) -> None:
+    """An image captured live from a cid node carries its own etc/cid-image: while it is being written, that
+    marker lies in the target beside .cid-incomplete. A node that stops there (power cut) and boots the disk
+    must not report the image as installed."""
+    data = zst(tar_of([("./etc", None), ("./etc/cid-image", b"captured-1-1\nsha256=" + b"ab" * 32 + b"\n"),
+                       ("./var", None), ("./var/big", os.urandom(2 * 1024 * 1024))]))
+    target = tmp_path / "target"
+    target.mkdir()
+    seen: dict[str, Any] = {}
+
+    def at_byte(offset: int) -> None:
+        if offset >= 1024 * 1024 and "image" not in seen:  # tar has written etc/cid-image by now
+            deadline = time.monotonic() + 20
+            while not (target / MARKER).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["marker"] = (target / MARKER).read_text()
+            seen["flag"] = (target / INCOMPLETE).exists()
+            seen["image"] = LinuxPlatform(None, node="n1", mode="system", marker=target / MARKER).identity().image
+
+    request = InstallRequest("real-1-1", "http://x/f", sha(data), len(data), "tar.zst")
+    result = stream_install(request, target, lambda *a: None, opener=lambda *a: Paced(data, at_byte))
+    assert result.ok, result.reason
+    assert seen["marker"].startswith("captured-1-1") and seen["flag"]  # the disk looked installed ...
+    assert seen["image"] is None  # ... but the agent does not take it as installed
+    assert LinuxPlatform(None, node="n1", marker=target / MARKER).identity().image == "real-1-1"
 
 
 # -- refusing bad images ----------------------------------------------------------------------------------------

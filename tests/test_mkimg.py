@@ -160,7 +160,10 @@ def test_default_excludes() -> None:
              "/dev/vda2 partition 4096 0 -1\n/other/swap file 10 0 -3\n/srv/node/my\\040swap file 10 0 -4\n")
     live = default_excludes(root, root / "images", live=True, swaps=swaps)
     assert live == ["proc/*", "sys/*", "dev/*", "run/*", "tmp/*", "var/tmp/*", "mnt/*", "media/*", "lost+found/*",
-                    "var/cache/apt/archives/*.deb", "swapfile", "swap.img", "swapfile2", "my swap", "images"]
+                    "var/cache/apt/archives/*.deb", "swapfile", "swap.img",
+                    "etc/cid-image", "etc/cid-image.tmp", ".cid-incomplete", ".cid-incomplete.tmp",
+                    "etc/cid/agent.token", "etc/cid/agent.token.tmp", "var/lib/cid/secrets",
+                    "swapfile2", "my swap", "images"]
     assert [tar_pattern(p) for p in ("proc/*", "/var/log/*.gz", "./home/*/.cache", "//x")] == \
         ["./proc/*", "./var/log/*.gz", "./home/*/.cache", "./x"]
 
@@ -182,6 +185,36 @@ def test_live_capture_empties_the_runtime_directories(tmp_path: Path, capsys: py
     for gone in ("./proc/1/", "./sys/kernel/", "./dev/pts/", "./run/lock/", "./tmp/junk", "./var/tmp/junk",
                  "./mnt/usb/", "./media/cd/", "./lost+found/#123", "./var/cache/apt/archives/a_1.0.deb",
                  "./swapfile", "./srv/images/", "./srv/images/old.tar.zst"):
+        assert gone not in names
+
+
+def test_live_capture_leaves_out_cids_marker_flag_and_secrets(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node captured live holds cid's marker of the image it runs, maybe the flag of an unfinished install, its
+    own agent token and cid's secrets: none of them may travel in an image (a marker would make a half-written
+    disk look installed, a token would let every node of the image speak as this one)."""
+    root = small_tree(tmp_path / "live")
+    state = root / "srv/cid-state"
+    monkeypatch.setenv("CID_STATE_DIR", str(state))
+    files = {"etc/cid-image": "compute-1-1\nsha256=" + "ab" * 32 + "\n", ".cid-incomplete": "install of x\n",
+             "etc/cid/agent.token": "node-secret\n", "etc/cid/ca.pem": "public\n",
+             "var/lib/cid/secrets/agent.key": "key\n", "var/lib/cid/secrets/agent.token": "master\n",
+             "var/lib/cid/tls/ca.pem": "public\n", "srv/cid-state/secrets/admin.token": "admin\n",
+             "srv/cid-state/cidd.sqlite": "db\n", "home/a/etc/cid-image": "a user's file\n"}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (tmp_path / "img").mkdir()
+    code = main(["--root", str(root), "--live", "--name", "node", "--version", "1", "--subversion", "1",
+                 "--image-dir", str(tmp_path / "img"), "--catalog", str(tmp_path / "images.yaml")])
+    assert code == 0, capsys.readouterr().err
+    names = members(tmp_path / "img/node-1-1.tar.zst")
+    for kept in ("./etc/cid/", "./etc/cid/ca.pem", "./var/lib/cid/", "./var/lib/cid/tls/ca.pem", "./etc/hostname",
+                 "./srv/cid-state/cidd.sqlite", "./home/a/etc/cid-image"):
+        assert kept in names
+    for gone in ("./etc/cid-image", "./.cid-incomplete", "./etc/cid/agent.token", "./var/lib/cid/secrets/",
+                 "./var/lib/cid/secrets/agent.key", "./var/lib/cid/secrets/agent.token", "./srv/cid-state/secrets/",
+                 "./srv/cid-state/secrets/admin.token"):
         assert gone not in names
 
 
