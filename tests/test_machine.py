@@ -34,6 +34,7 @@ from cidd.core.machine_types import (
     RungFailed,
     SendInstall,
     SetBoot,
+    SetDeadline,
     Switch,
     Tick,
 )
@@ -743,3 +744,35 @@ def test_a_late_failure_of_a_step_the_node_left_is_ignored():
     assert step(waiting, RungFailed("agent refused reboot", "to_installer", 0), 1500.0) == Step(waiting)
     climbed = step(waiting, RungFailed("power cycle failed", "to_installer", 1), 1500.0)
     assert (climbed.node.state, climbed.node.rung) == (State.TO_INSTALLER, 2)  # the current rung's failure counts
+
+
+# -- SetDeadline: the engine's reboot window (queued: no deadline; issued: the rung's timeout from then) ---------
+
+def test_set_deadline_none_queues_the_reboot_without_a_deadline_and_writes_no_row():
+    node = to_installer(rung=1, deadline=1100.0)
+    s = step(node, SetDeadline("to_installer", 1, None), 1050.0)
+    assert s.node == replace(node, deadline=None)
+    assert s.actions == () and s.transition is None
+    assert step(s.node, Tick(), 99999.0) == Step(s.node)  # no deadline: a tick never climbs a queued reboot
+
+
+def test_set_deadline_when_the_reboot_is_issued_starts_the_rung_timeout_then():
+    queued = replace(to_image(rung=0), deadline=None)
+    s = step(queued, SetDeadline("to_image", 0, 5000.0), 4000.0)
+    assert s.node.deadline == 5000.0 and s.transition is None and s.actions == ()
+    assert step(s.node, Tick(), 4999.0).node.deadline == 5000.0
+    assert step(s.node, Tick(), 5000.0).node.rung == 1  # the deadline counts again: the ladder climbs
+
+
+@pytest.mark.parametrize("event", [
+    SetDeadline("to_installer", 0, 9999.0),  # the node is at rung 1 now
+    SetDeadline("to_image", 1, 9999.0),  # the node is in another state
+])
+def test_set_deadline_for_a_step_the_node_has_left_changes_nothing(event):
+    node = to_installer(rung=1)
+    assert step(node, event, 1050.0) == Step(node)
+
+
+def test_set_deadline_outside_the_reboot_states_changes_nothing():
+    for node in (installing(), Node("n1", state=State.READY, image=A, online=True, mode="system")):
+        assert step(node, SetDeadline(node.state.value, 0, None), 1050.0) == Step(node)

@@ -1,11 +1,14 @@
 """Property tests: random event sequences through the node machine and the capture rules.
 
-A hypothesis state machine drives three nodes with random events (captures asking for one of three images,
-raw switches, agent hellos with random mode/image/boot id, disconnects, install reports, failed rungs, time
-passing with ticks) through ``cidd.core.machine.apply``, and a few jobs through ``cidd.core.captures.plan``/``settle``
-the way the engine does: plan, then Switch the nodes to switch, then settle the running captures after every
-step. After every step it checks the invariants of DESIGN.md §2-§3; at the end it lets time run past every
-deadline without agent activity and checks that no node is left waiting.
+A hypothesis state machine drives three nodes with every kind of event (captures asking for one of three
+images, raw switches, agent hellos with random mode/image/boot id and install reports, disconnects, install
+results of this or an earlier attempt, failed rungs, the engine's SetDeadline for queued and issued reboots,
+time passing with ticks), under a ladder drawn from every rung kind (agent reboots, kexec, the next-boot
+methods, BMC power cycles), through ``cidd.core.machine.apply``, and a few jobs through
+``cidd.core.captures.plan``/``settle`` the way the engine does: plan, then Switch the nodes to switch, then
+settle the running captures after every step. After every step it checks the invariants of DESIGN.md §2-§3;
+at the end it lets time run past every deadline without agent activity (a queued reboot gets its window slot)
+and checks that no node is left waiting.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cidcommon.errors import BadRequest, Conflict
 from cidd.core.captures import JOB_MEMORY_S, Capture, Result, plan, settle
 from cidd.core.machine import SWITCHING, AlreadySwitching, Node, State, Step, apply, restore
 from cidd.core.machine_types import (
     AGENT_METHODS,
+    LADDER_METHODS,
+    NEXT_BOOT_METHODS,
     Connected,
     Disconnected,
     Installed,
+    InstallReport,
     Policy,
     PowerOn,
     Reboot,
@@ -30,6 +36,7 @@ from cidd.core.machine_types import (
     RungFailed,
     SendInstall,
     SetBoot,
+    SetDeadline,
     Switch,
     Tick,
 )
@@ -38,9 +45,18 @@ NAMES = ("n0", "n1", "n2")
 IMAGES = ("img-a-1", "img-b-1", "img-c-1")
 JOBS = ("j0", "j1", "j2", "j3")
 BOOTS = ("b0", "b1", "b2", "b3")  # few boot ids, so that same-boot reconnects happen often
-POLICY = Policy(ladder=(Rung("reboot", 50.0), Rung("kexec", 120.0)), install_timeout=200.0, install_attempts=2)
 BOOT_OF = {State.TO_INSTALLER: "installer", State.TO_IMAGE: "disk"}
-DRAIN_ROUNDS = 2 * (len(POLICY.ladder) + POLICY.install_attempts) + 2
+WAITING = (State.TO_INSTALLER, State.TO_IMAGE)  # the states whose reboot may wait for a window (no deadline)
+#: Ladders of one to three rungs, each of any kind cidd knows (agent, next-boot and BMC methods).
+LADDERS = st.lists(st.tuples(st.sampled_from(sorted(LADDER_METHODS)), st.sampled_from([50.0, 120.0])),
+                   min_size=1, max_size=3)
+
+
+def policy_of(ladder: list[tuple[str, float]]) -> Policy:
+    """Return the group policy with ``ladder`` (next-boot methods get their boot entries)."""
+    entries = {"installer": "cid-installer", "disk": "0003"} if {m for m, _ in ladder} & NEXT_BOOT_METHODS else {}
+    return Policy(ladder=tuple(Rung(m, s) for m, s in ladder), install_timeout=200.0, install_attempts=2,
+                  boot_entries=entries)
 
 
 class Fleet(RuleBasedStateMachine):
@@ -52,12 +68,21 @@ class Fleet(RuleBasedStateMachine):
         self.nodes = {name: Node(name) for name in NAMES}
         self.hello: dict[str, tuple[str, str | None] | None] = dict.fromkeys(NAMES)  # (mode, image) while online
         self.captures: dict[str, list[Capture]] = {}
+        self.policy = policy_of([("reboot", 50.0), ("kexec", 120.0)])
+
+    @initialize(ladder=LADDERS)
+    def choose_ladder(self, ladder: list[tuple[str, float]]) -> None:
+        self.policy = policy_of(ladder)
+
+    @property
+    def drain_rounds(self) -> int:
+        return 2 * (len(self.policy.ladder) + self.policy.install_attempts) + 2
 
     # --- helpers ------------------------------------------------------------------------------------------
 
     def _apply(self, name: str, event) -> Step:
         old = self.nodes[name]
-        s = apply(old, event, POLICY, self.now)
+        s = apply(old, event, self.policy, self.now)
         self._check_step(old, s)
         self.nodes[name] = s.node
         self._settle_all()
@@ -82,11 +107,12 @@ class Fleet(RuleBasedStateMachine):
         for action in s.actions:
             if isinstance(action, SendInstall):
                 assert new.state is State.INSTALLING and action.image == new.target
+                assert action.attempt == new.attempt, "an install sent as another attempt than the node's"
             elif isinstance(action, SetBoot):
                 assert new.state in BOOT_OF and action.boot == BOOT_OF[new.state] and new.rung == 0
             elif isinstance(action, Reboot):
                 assert new.state in BOOT_OF and action.boot == BOOT_OF[new.state]
-                assert action.method == POLICY.ladder[new.rung].method
+                assert action.method == self.policy.ladder[new.rung].method
                 assert new.online or action.method not in AGENT_METHODS, "agent reboot sent to an offline node"
                 assert new.reboot_from is not None
             elif isinstance(action, PowerOn):
@@ -166,7 +192,7 @@ class Fleet(RuleBasedStateMachine):
         node = self.nodes[name]
         if node.state in SWITCHING and node.target != image:
             with pytest.raises(AlreadySwitching):
-                apply(node, Switch(image, "raw"), POLICY, self.now)
+                apply(node, Switch(image, "raw"), self.policy, self.now)
             return
         s = self._apply(name, Switch(image, "raw"))
         if node.state in SWITCHING or (node.state is State.READY and node.image == image):
@@ -211,6 +237,40 @@ class Fleet(RuleBasedStateMachine):
             self.hello[name] = ("system", image)
             self._apply(name, Connected(boot, "system", image))
 
+    @rule(name=st.sampled_from(NAMES), boot=st.sampled_from(BOOTS), same_boot=st.booleans(),
+          state=st.sampled_from(["running", "ok", "failed"]), attempt_delta=st.sampled_from([0, -1, None]),
+          right_image=st.booleans(), other=st.sampled_from(IMAGES))
+    def installer_reconnects_with_a_report(self, name: str, boot: str, same_boot: bool, state: str,
+                                           attempt_delta: int | None, right_image: bool, other: str) -> None:
+        """An installer says hello with what it holds in its boot (running, finished, of this or an older
+        attempt, of this image or another): an install is never sent over one it reports for this attempt."""
+        node = self.nodes[name]
+        image = node.target if right_image and node.target else other
+        attempt = None if attempt_delta is None else max(0, node.attempt + attempt_delta)
+        report = InstallReport(image, state, attempt, None if state != "failed" else "disk error", True)
+        boot_id = node.boot_id if same_boot and node.boot_id else boot
+        self.hello[name] = ("installer", None)
+        s = self._apply(name, Connected(boot_id, "installer", None, report))
+        current = attempt in (None, node.attempt) and image == node.target
+        if node.state is State.INSTALLING and boot_id == node.boot_id and current and state == "running":
+            assert not any(isinstance(a, SendInstall) for a in s.actions), "install sent over a running one"
+        if node.state is State.INSTALLING and boot_id == node.boot_id and current and state == "ok":
+            assert s.node.state is not State.INSTALLING and not any(isinstance(a, SendInstall) for a in s.actions)
+
+    @rule(name=st.sampled_from(NAMES), current=st.booleans(), queued=st.booleans(),
+          delay=st.sampled_from([0.0, 10.0, 200.0]))
+    def set_deadline(self, name: str, current: bool, queued: bool, delay: float) -> None:
+        """The engine's reboot window: a reboot queued (no deadline) or issued (the rung's timeout from now),
+        for the node's current step or for a step it has already left."""
+        node = self.nodes[name]
+        state = node.state.value if current else State.TO_IMAGE.value
+        rung = node.rung if current else node.rung + 1
+        s = self._apply(name, SetDeadline(state, rung, None if queued else self.now + delay))
+        applies = node.state in WAITING and state == node.state.value and rung == node.rung
+        assert s.transition is None and s.actions == ()
+        if not applies:
+            assert s.node == node, "a SetDeadline for another step changed the node"
+
     @rule(name=st.sampled_from(NAMES))
     def disconnect(self, name: str) -> None:
         self.hello[name] = None
@@ -221,6 +281,14 @@ class Fleet(RuleBasedStateMachine):
     def installed(self, name: str, ok: bool, retry: bool, right_image: bool, other: str) -> None:
         image = self.nodes[name].target if right_image and self.nodes[name].target else other
         self._apply(name, Installed(image, ok, None if ok else "disk error", retry))
+
+    @rule(name=st.sampled_from(NAMES), ok=st.booleans())
+    def late_installed_of_an_earlier_attempt(self, name: str, ok: bool) -> None:
+        node = self.nodes[name]
+        if node.target is None or node.attempt < 1:
+            return
+        s = self._apply(name, Installed(node.target, ok, None if ok else "disk error", True, node.attempt - 1))
+        assert s == Step(node), "a report of an earlier attempt changed the node"
 
     @rule(name=st.sampled_from(NAMES))
     def rung_failed(self, name: str) -> None:
@@ -259,8 +327,13 @@ class Fleet(RuleBasedStateMachine):
         self.drain()
 
     def drain(self) -> None:
-        """Let time run past every deadline with no agent activity; every switch must end."""
-        for _ in range(DRAIN_ROUNDS):
+        """Let time run past every deadline with no agent activity; every switch must end. A reboot that waits
+        for the window (no deadline) gets its slot first, as the engine's window would give it."""
+        for _ in range(self.drain_rounds):
+            for name, node in self.nodes.items():
+                if node.state in WAITING and node.deadline is None:
+                    timeout = self.policy.ladder[node.rung].timeout
+                    self._apply(name, SetDeadline(node.state.value, node.rung, self.now + timeout))
             deadlines = [n.deadline for n in self.nodes.values() if n.deadline is not None]
             if not deadlines:
                 break
@@ -268,7 +341,7 @@ class Fleet(RuleBasedStateMachine):
             for name in NAMES:
                 self._apply(name, Tick())
         stuck = {n.name: n.state.value for n in self.nodes.values() if n.state in SWITCHING}
-        assert not stuck, f"nodes still switching after {DRAIN_ROUNDS} rounds of ticks: {stuck}"
+        assert not stuck, f"nodes still switching after {self.drain_rounds} rounds of ticks: {stuck}"
         self._settle_all()
         assert not self._running(), "a capture still runs though none of its nodes is switching"
 
@@ -283,7 +356,9 @@ class Fleet(RuleBasedStateMachine):
             hello = self.hello[name]
             assert node.online == (hello is not None)
             if node.state in SWITCHING:
-                assert node.deadline is not None and node.target is not None
+                assert node.target is not None
+                assert node.deadline is not None or node.state in WAITING, (
+                    f"{name} {node.state.value} without a deadline (only a reboot queued for a window may be)")
             else:
                 assert node.deadline is None
             if node.state is State.READY:

@@ -175,6 +175,7 @@ async def test_real_grub_reboot_writes_the_next_entry(tmp_path: Path, monkeypatc
     assert "next_entry=cid-installer" in env
 
 
+@pytest.mark.machine_safety
 @pytest_twisted.ensureDeferred
 async def test_real_efibootmgr_without_efi_variables_stops_before_the_reboot(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
