@@ -43,7 +43,7 @@ sysdeps:
 # Style, the import contracts of docs/architecture.md (.importlinter), no import cycles, and types of the
 # pure core and the wire modules.
 MYPY_STRICT ?= cidd/core cidcommon/wire.py cidcommon/errors.py cidcommon/hostlists.py \
-	cidd/client_session.py cidinstall/types.py
+	cidcommon/hostport.py cidcommon/requests.py cidd/client_session.py cidinstall/types.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -18,6 +18,8 @@ from typing import Any
 from cidcapt import __version__
 from cidcapt.errors import BadServerReply, ConnectionLost, Unreachable, error_from_wire
 from cidcommon.errors import ProtocolError
+from cidcommon.hostport import format_hostport, parse_hostport
+from cidcommon.requests import PendingRequests
 from cidcommon.tlsfiles import ClientTls, TlsError, untrusted_message
 from cidcommon.wire import DEFAULT_PORT, MAX_REPLY_LINE, PROTOCOL_VERSION, LineBuffer, Message, decode, encode
 
@@ -57,33 +59,11 @@ class Backoff:
 
 
 def parse_server(text: str) -> tuple[str, int]:
-    """Return ``(host, port)`` from ``HOST``, ``HOST:PORT``, ``[v6]``, ``[v6]:PORT`` or a bare IPv6 address.
-
-    Raises ValueError, with a sentence saying what is accepted, when ``text`` is none of these.
-    """
-    text = text.strip()
-    host, port_text = text, ""
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or (close + 1 < len(text) and text[close + 1] != ":"):
-            raise ValueError(f"bad server address {text!r}; write an IPv6 address as '[::1]:{DEFAULT_PORT}'")
-        host, port_text = text[1:close], text[close + 2:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    if not host or any(c.isspace() for c in host):
-        raise ValueError(f"bad server address {text!r}; expected HOST, HOST:PORT or [IPv6]:PORT")
-    if not port_text:
-        return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad port in server address {text!r}; expected a number from 1 to 65535")
-    return host, int(port_text)
+    """Return ``(host, port)`` of cidd's address (``cidcommon.hostport``; default port 38008). Raises ValueError."""
+    return parse_hostport(text, DEFAULT_PORT)
 
 
-def format_address(host: str, port: int) -> str:
-    """Return ``host:port`` as a person writes it (IPv6 hosts in brackets; a Unix socket path as it is)."""
-    if host.startswith("/"):
-        return host
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+format_address = format_hostport
 
 
 def _reason(exc: OSError) -> str:
@@ -166,7 +146,7 @@ class Connection:
         self.clock = clock
         self._buffer = LineBuffer(max_line)
         self._queue: collections.deque[Message] = collections.deque()
-        self._next_id = 1
+        self._requests: PendingRequests[None] = PendingRequests()  # ids and the one request waiting
         self._closed = False
 
     def __enter__(self) -> Connection:
@@ -244,24 +224,26 @@ class Connection:
         the code of an ``error`` answer (cidcapt.errors.error_from_wire), ConnectionLost when the session
         ends or no answer came within ``timeout`` (default: the request timeout), BadServerReply on garbage.
         """
-        request_id = self._next_id
-        self._next_id += 1
-        message = {**message, "id": request_id}
         limit = self.request_timeout if timeout is None else timeout
-        self.send(message)
         end = self.clock() + limit
+        request_id = self._requests.add(str(message["type"]), None, end).id
+        message = {**message, "id": request_id}
+        self.send(message)
         held: list[Message] = []
         try:
             while True:
                 incoming = self.next_message(end - self.clock())
                 if incoming is None:
+                    self._requests.expired(self.clock())
                     self.close()
                     reason = f"cidd did not answer '{message['type']}' within {limit:g} s"
                     raise ConnectionLost(f"{reason} (at {self.address})", reason=reason)
                 kind, answer_id = incoming.get("type"), incoming.get("id")
                 if kind == "error" and answer_id in (request_id, None):
+                    self._requests.take(request_id)
                     raise error_from_wire(incoming)
                 if kind == "reply" and answer_id == request_id:
+                    self._requests.take(request_id)
                     return incoming
                 if kind not in ("reply", "error"):
                     held.append(incoming)  # an event sent before the reply: keep it for the caller

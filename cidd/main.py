@@ -19,6 +19,7 @@ import structlog
 from cidcatalog.catalog import CatalogError
 from cidcommon import __version__, logs, twisted_logs
 from cidcommon.errors import BadHostlist, CidError, TokenFileError
+from cidcommon.hostport import parse_hostport
 from cidd.config import Config, ConfigError, load_config
 from cidd.core.boot import EthersError
 from cidd.engine import Engine
@@ -73,10 +74,12 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.catalog:
         config = replace(config, catalog=Path(args.catalog), catalog_required=True)
     if args.listen:
-        host, _, port = args.listen.rpartition(":")
-        if not port.isdigit():
-            raise ConfigError(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:38008")
-        config = replace(config, listen_host=host.strip("[]") or "0.0.0.0", listen_port=int(port))
+        try:
+            listen = "0.0.0.0" + args.listen if args.listen.startswith(":") else args.listen  # ":PORT": every address
+            host, port = parse_hostport(listen, config.listen_port, what="--listen address")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        config = replace(config, listen_host=host, listen_port=port)
     if args.log_format:
         config = replace(config, log_format=args.log_format)
     return config

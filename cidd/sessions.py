@@ -22,6 +22,8 @@ from zope.interface import implementer
 
 from cidcommon import wire
 from cidcommon.errors import AuthError, CidError, Forbidden, ProtocolError
+from cidcommon.requests import Pending
+from cidcommon.twisted_requests import DeferredRequests
 from cidcommon.wire import HELLO_TIMEOUT
 from cidd.agent_messages import installed_event, with_agent_token
 from cidd.client_api import ClientAPI
@@ -84,8 +86,7 @@ class PeerProtocol(HelloChecks, Protocol):
         self.session_id = f"s-{next(_session_ids)}"
         self.bad_lines = 0
         self.closed = False
-        self.pending: dict[str, tuple[Deferred[dict[str, Any]], IDelayedCall]] = {}
-        self._ids = itertools.count(1)
+        self.pending = DeferredRequests(self.clock, self._request_timed_out, prefix="c-")  # cidd's requests
         self._hello_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self.cleanups: list[Any] = []
@@ -160,11 +161,7 @@ class PeerProtocol(HelloChecks, Protocol):
             if self.factory.sessions.agents.get(self.node) is self:
                 del self.factory.sessions.agents[self.node]
                 lost_node = self.node
-        pending, self.pending = self.pending, {}
-        for deferred, timer in pending.values():
-            if timer.active():
-                timer.cancel()
-            deferred.errback(SessionClosed("the agent session closed before answering"))
+        self.pending.fail_all(lambda _pending: SessionClosed("the agent session closed before answering"))
         for cleanup in self.cleanups:
             cleanup()
         if lost_node is not None:
@@ -248,7 +245,7 @@ class PeerProtocol(HelloChecks, Protocol):
     def dispatch(self, message: wire.Message) -> None:
         """Route one decoded message. Raises CidError subclasses that become error replies."""
         kind = message["type"]
-        if kind in ("reply", "error") and "id" in message and str(message["id"]) in self.pending:
+        if kind in ("reply", "error") and self.pending.waits_for(message.get("id")):
             self._answer(message)
             return
         if self.role is None:
@@ -301,30 +298,22 @@ class PeerProtocol(HelloChecks, Protocol):
 
     def request(self, message: dict[str, Any]) -> Deferred[dict[str, Any]]:
         """Send a request with a fresh id; fire with the reply, fail with CommandError on error or timeout."""
-        request_id = f"c-{next(self._ids)}"
-        deferred: Deferred[dict[str, Any]] = Deferred()
-        timeout = self.factory.engine.config.request_timeout
-        timer = self.clock.callLater(timeout, self._timed_out, request_id, message["type"])
-        self.pending[request_id] = (deferred, timer)
+        request_id, deferred = self.pending.start(message["type"], self.factory.engine.config.request_timeout)
         self.send({**message, "id": request_id})
         return deferred
 
-    def _timed_out(self, request_id: str, kind: str) -> None:
-        entry = self.pending.pop(request_id, None)
-        if entry is not None:
-            log.warning("agent.request_timeout", node=self.node, type=kind, session=self.session_id)
-            entry[0].errback(TimeoutError(f"no answer to '{kind}' within the request timeout"))
-            if self.transport is not None:
-                self.transport.abortConnection()
+    def _request_timed_out(self, pending: Pending[Any]) -> BaseException:
+        """A request went unanswered: the session is half-open, abort it; return the request's error."""
+        log.warning("agent.request_timeout", node=self.node, type=pending.kind, session=self.session_id)
+        if self.transport is not None:
+            self.transport.abortConnection()
+        return TimeoutError(f"no answer to '{pending.kind}' within the request timeout")
 
     def _answer(self, message: wire.Message) -> None:
-        deferred, timer = self.pending.pop(str(message["id"]))
-        if timer.active():
-            timer.cancel()
         if message["type"] == "reply":
-            deferred.callback(message)
+            self.pending.answer(message["id"], message)
         else:
-            deferred.errback(CommandError(str(message.get("message") or message.get("code"))))
+            self.pending.fail(message["id"], CommandError(str(message.get("message") or message.get("code"))))
 
 
 class CiddFactory(Factory):

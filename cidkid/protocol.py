@@ -20,6 +20,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from cidcommon.errors import AuthError, BadRequest, CidError, ProtocolError
+from cidcommon.requests import Pending
+from cidcommon.twisted_requests import DeferredRequests
 from cidcommon.wire import (
     AGENT_ROLE,
     MAX_LINE,
@@ -141,8 +143,7 @@ class AgentProtocol(Protocol):
         self._installs = installs
         self._agent = agent
         self._on_superseded = on_superseded
-        self._pending: dict[Any, tuple[str, Deferred[Message], IDelayedCall]] = {}
-        self._next_id = 1
+        self._requests = DeferredRequests(clock, self._request_timed_out)  # the agent's requests (hello, beats)
         self._hello_id: Any = None
         self._waiters: list[Deferred[Message]] = []
         self._outcome: Message | Failure | None = None
@@ -169,12 +170,12 @@ class AgentProtocol(Protocol):
         self._last_received = self._clock.seconds()
         if self._installs is None:
             self._installs = InstallRunner(self._platform, self._clock, node=ident.node)
-        self._hello_id = self._next_id
         secret = self._token.hello_fields() if isinstance(self._token, InstallerCredentials) else {"token": self._token}
         install = self._installs.status()
         extra = {"install": install} if install is not None else {}
-        d = self.request("hello", proto=PROTOCOL_VERSION, role=AGENT_ROLE, node=ident.node, mode=ident.mode,
-                         image=ident.image, boot_id=ident.boot_id, agent=self._agent, **secret, **extra)
+        self._hello_id, d = self._start_request(
+            "hello", proto=PROTOCOL_VERSION, role=AGENT_ROLE, node=ident.node, mode=ident.mode, image=ident.image,
+            boot_id=ident.boot_id, agent=self._agent, **secret, **extra)
         d.addCallbacks(self._hello_ok, self._hello_failed)
 
     def when_ready(self) -> Deferred[Message]:
@@ -251,21 +252,20 @@ class AgentProtocol(Protocol):
         It fails with the server's error (AuthError, CidError...), RequestTimeout (the session is then aborted),
         or SessionLost.
         """
-        request_id = self._next_id
-        self._next_id += 1
-        d: Deferred[Message] = Deferred()
-        timer = self._clock.callLater(self.request_timeout, self._timed_out, request_id)
-        self._pending[request_id] = (kind, d, timer)
-        self.send({"type": kind, "id": request_id, **fields})
-        return d
+        return self._start_request(kind, **fields)[1]
 
-    def _timed_out(self, request_id: Any) -> None:
-        """Treat the session as half-open: log, abort the connection, fail the request."""
-        kind, d, _timer = self._pending.pop(request_id)
-        self._log.warning("agent.request_timeout", request=kind, id=request_id, timeout=self.request_timeout)
-        d.errback(RequestTimeout(f"cidd did not answer '{kind}' within {self.request_timeout:g} s; "
-                                 "the session was dropped and will be re-opened"))
+    def _start_request(self, kind: str, **fields: Any) -> tuple[Any, Deferred[Message]]:
+        """Send a ``kind`` request; return (its id, the Deferred of its answer)."""
+        request_id, d = self._requests.start(kind, self.request_timeout)
+        self.send({"type": kind, "id": request_id, **fields})
+        return request_id, d
+
+    def _request_timed_out(self, pending: Pending[Any]) -> BaseException:
+        """Treat the session as half-open: log, abort the connection; return the request's error."""
+        self._log.warning("agent.request_timeout", request=pending.kind, id=pending.id, timeout=self.request_timeout)
         self._abort()
+        return RequestTimeout(f"cidd did not answer '{pending.kind}' within {self.request_timeout:g} s; "
+                              "the session was dropped and will be re-opened")
 
     # -- heartbeats ------------------------------------------------------------------------------------------
 
@@ -325,13 +325,8 @@ class AgentProtocol(Protocol):
 
     def _on_reply(self, message: Message) -> None:
         """Fire the Deferred of the request this reply answers."""
-        entry = self._pending.pop(message.get("id"), None)
-        if entry is None:
+        if not self._requests.answer(message.get("id"), message):
             self._log.debug("agent.unexpected_reply", id=message.get("id"))
-            return
-        _kind, d, timer = entry
-        timer.cancel()
-        d.callback(message)
 
     def _on_error(self, message: Message) -> None:
         """Fail the request an ``error`` answers; ``superseded`` closes the session."""
@@ -343,15 +338,10 @@ class AgentProtocol(Protocol):
             self._close()
             return
         request_id = message.get("id")
-        if request_id is None and self._hello_id in self._pending:
+        if request_id is None and self._requests.waits_for(self._hello_id):
             request_id = self._hello_id  # an id-less error before the hello reply answers the hello
-        entry = self._pending.pop(request_id, None)
-        if entry is None:
+        if self._requests.fail(request_id, err) is None:
             self._log.warning("agent.server_error", code=err.code, message=err.message, id=request_id)
-            return
-        _kind, d, timer = entry
-        timer.cancel()
-        d.errback(err)
 
     def _on_request(self, kind: str, message: Message) -> None:
         """Answer a request from cidd: run its handler, or send the ``error`` it deserves."""
@@ -440,9 +430,6 @@ class AgentProtocol(Protocol):
             self._installs.detach(self.send)
         if self.established:
             self._log.info("agent.disconnected", reason=reason.getErrorMessage(), session=self.session)
-        pending, self._pending = self._pending, {}
-        for kind, d, timer in pending.values():
-            if timer.active():
-                timer.cancel()
-            d.errback(SessionLost(f"the session closed before cidd answered '{kind}'"))
+        self._requests.fail_all(lambda pending: SessionLost(f"the session closed before cidd answered "
+                                                            f"'{pending.kind}'"))
         self._settle(Failure(SessionLost(f"the session closed: {reason.getErrorMessage()}")))

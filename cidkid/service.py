@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cidcommon.errors import AuthError
+from cidcommon.hostport import parse_hostport
 from cidcommon.paths import check_private
 from cidcommon.tlsfiles import TlsError
 from cidcommon.wire import DEFAULT_PORT, Message
@@ -43,24 +44,8 @@ CONNECT_TIMEOUT = 30.0
 
 
 def parse_server(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """Return (host, port) from ``HOST:PORT``, ``[V6ADDR]:PORT``, ``HOST`` or ``V6ADDR``.
-
-    Raises ValueError with a sentence for the user when it cannot be read.
-    """
-    text = text.strip()
-    host, port = text, str(default_port)
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad server address {text!r}; expected HOST:PORT or [IPV6]:PORT")
-        port = rest[1:] or port
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not host:
-        raise ValueError(f"bad server address {text!r}: no host; expected HOST:PORT, e.g. head01:{default_port}")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port {port!r} in server address {text!r}; expected a number 1-65535")
-    return host, int(port)
+    """Return (host, port) of cidd's address (``cidcommon.hostport``). Raises ValueError with a sentence."""
+    return parse_hostport(text, default_port)
 
 
 def client_endpoint(reactor: Any, host: str, port: int, timeout: float = CONNECT_TIMEOUT,
