@@ -40,16 +40,17 @@ _debs:
 sysdeps:
 	@if [ -n "$(strip $(TEST_DEBS))" ]; then $(MAKE) --no-print-directory _debs DEBS="$(TEST_DEBS)"; fi
 
-# Style, the import contracts of docs/architecture.md (.importlinter), no import cycles, and types of the
-# pure core and the wire modules.
+# Style, the import contracts of docs/architecture.md (.importlinter), no import cycles, and types (mypy
+# --strict) of the pure core, the wire and request modules and the clients' protocol code.
 MYPY_STRICT ?= cidd/core cidcommon/wire.py cidcommon/errors.py cidcommon/hostlists.py \
-	cidcommon/hostport.py cidcommon/requests.py cidd/client_session.py cidinstall/types.py
+	cidcommon/hostport.py cidcommon/requests.py cidcommon/vocabulary.py cidd/client_session.py cidinstall/types.py \
+	cidd/agent_messages.py cidcapt/connection.py cidcapt/errors.py
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) tools/import_cycles.py
-	$(VENV)/bin/mypy --strict --ignore-missing-imports --no-incremental $(MYPY_STRICT)
+	$(VENV)/bin/mypy --strict --ignore-missing-imports --follow-imports=silent --no-incremental $(MYPY_STRICT)
 
 test: venv sysdeps lint
 	timeout --kill-after=30 $(TEST_TIME_LIMIT) $(PY) -m pytest $(PYTEST_ARGS)

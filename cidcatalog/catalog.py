@@ -17,6 +17,8 @@ from types import MappingProxyType
 
 import yaml
 
+from cidcommon.errors import CidError
+
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.]*")
 PART_RE = re.compile(r"[A-Za-z0-9_.]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -123,15 +125,17 @@ class CatalogProblem:
         return f"{where}: {self.message}"
 
 
-class CatalogError(Exception):
+class CatalogError(CidError):
     """Raised with every problem found at once; ``.problems`` is a tuple of CatalogProblem.
 
-    ``str()`` lists the problems one per line and ends with a hint on what to do.
+    ``str()`` (and ``message``) lists the problems one per line and ends with a hint on what to do.
     """
+
+    code = "bad_catalog"
 
     def __init__(self, problems: Iterable[CatalogProblem]) -> None:
         self.problems: tuple[CatalogProblem, ...] = tuple(problems)
-        super().__init__(self.problems)
+        super().__init__("\n".join([*(str(p) for p in self.problems), RELOAD_HINT]))
 
     def __str__(self) -> str:
         """Return the problems, one per line, then the reload hint."""

@@ -20,7 +20,7 @@ from cidd.netboot import IMAGE_BOOT_FILES, image_boot
 
 #: The files of an image's boot, as served and as stored next to the image by cid-mkimg.
 
-log = structlog.get_logger("cidd.core.boot")
+log = structlog.get_logger(__name__)
 
 
 class BootResource(Resource):

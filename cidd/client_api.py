@@ -24,7 +24,7 @@ from cidd.engine import Engine
 from cidd.power import bmc_address
 from cidd.user_directory import UserDirectory
 
-log = structlog.get_logger("cidd.client")
+log = structlog.get_logger(__name__)
 
 KEEPALIVE_S = 15.0
 #: Roles allowed to start captures; every client role may read.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from cidcommon.tlsfiles import PkiPaths, default_pki_paths
+from cidcommon.vocabulary import RebootMethod
 from cidcommon.wire import HELLO_TIMEOUT
 from cidd.core.machine_types import LADDER_METHODS, NEXT_BOOT_METHODS, Policy, Rung
 
@@ -306,7 +307,8 @@ def policy_section(reader: ConfigReader, name: str, data: Any) -> Policy:
         method = reader.text(item, "method", "reboot", spot)
         if method not in LADDER_METHODS:
             reader.problem(spot, f"unknown method '{method}' (known: {', '.join(sorted(LADDER_METHODS))})")
-        rungs.append(Rung(method, reader.number(item, "timeout", 300.0, spot, minimum=1.0)))
+            method = RebootMethod.REBOOT  # reported above; the configuration is refused
+        rungs.append(Rung(RebootMethod(method), reader.number(item, "timeout", 300.0, spot, minimum=1.0)))
     entries = _boot_entries(reader, where, data, {r.method for r in rungs})
     default = Policy()
     return Policy(

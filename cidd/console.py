@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("cidd.console")
+log = structlog.get_logger(__name__)
 
 #: ``factory(host, port, user, password, iohandler)`` returns an object with send_data, wait_for_rsp, close.
 ConsoleFactory = Callable[[str, int, bytes, bytes, Callable[[Any], None]], Any]

@@ -17,8 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from cidcatalog.catalog import Catalog, load_catalog
-from cidcommon.errors import UnknownImage, UnknownNode
+from cidcommon.errors import CidError, UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
+from cidcommon.vocabulary import Mode
 from cidd.agent_messages import install_command
 from cidd.config import Config
 from cidd.core import captures as caps
@@ -44,13 +45,15 @@ from cidd.power import PowerController
 from cidd.rebooter import Rebooter
 from cidd.store import Store
 
-log = structlog.get_logger("cidd.engine")
+log = structlog.get_logger(__name__)
 
 Watcher = Callable[[dict[str, Any]], None]
 
 
-class SessionClosed(Exception):
+class SessionClosed(CidError):
     """A command's session closed before the agent answered; not a failure of the command by itself."""
+
+    code = "session_closed"
 
 
 class AgentLink(Protocol):
@@ -147,7 +150,7 @@ class Engine:
                         install: InstallReport | None = None) -> None:
         """An agent's hello was accepted (``install``: what an installer holds in this boot)."""
         self.health[name] = (self.clock.seconds(), {})
-        self.handle(name, Connected(boot_id, mode, image, install))
+        self.handle(name, Connected(boot_id, Mode(mode), image, install))
 
     def agent_lost(self, name: str) -> None:
         """The current session of ``name`` closed."""

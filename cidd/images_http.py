@@ -41,7 +41,7 @@ from cidcatalog.catalog import Catalog, Image
 from cidd.config import Config
 from cidd.metrics import Metrics, MetricsResource
 
-log = structlog.get_logger("cidd.http")
+log = structlog.get_logger(__name__)
 
 CHUNK = 256 * 1024
 CONTENT_TYPES = {".zst": b"application/zstd", ".gz": b"application/gzip"}

@@ -25,7 +25,7 @@ from cidd.sessions import CiddFactory, Sessions
 from cidd.unix_peers import MAX_SOCKET_PATH
 from cidd.user_directory import UserDirectory
 
-log = structlog.get_logger("cidd.socket")
+log = structlog.get_logger(__name__)
 
 FLUSH_S = 10.0
 

@@ -26,7 +26,7 @@ from cidd.engine import Engine
 from cidd.pki import PkiError
 from cidd.service import build_service
 
-log = structlog.get_logger("cidd")
+log = structlog.get_logger(__name__)
 
 EPILOG = """\
 With no --config, cidd starts on working defaults: state (SQLite database, tokens) under $CID_STATE_DIR,

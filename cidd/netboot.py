@@ -21,7 +21,7 @@ from cidd.config import Config, ConfigError
 from cidd.core.boot import ImageBoot, macs_of, parse_ethers, pxelinux_config, pxelinux_name
 from cidd.store import Store
 
-log = structlog.get_logger("cidd.netboot")
+log = structlog.get_logger(__name__)
 
 
 class Netboot:

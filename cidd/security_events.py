@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("cidd.security")
+log = structlog.get_logger(__name__)
 
 #: Kinds of refusal (the ``kind`` label of the metric and the suffix of the event name).
 KINDS = ("auth_failed", "forbidden", "rights_refused", "peer_refused", "tls_refused", "node_mismatch",

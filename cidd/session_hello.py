@@ -17,11 +17,12 @@ from twisted.python.failure import Failure
 from cidcommon import __version__, wire
 from cidcommon.errors import AuthError, BadRequest, CidError
 from cidcommon.paths import node_token, tokens_equal
+from cidcommon.vocabulary import Mode
 from cidd.agent_messages import install_report
 from cidd.unix_peers import PeerIdentity, granted_role, socket_role
 from cidd.user_directory import UserDatabaseUnavailable
 
-log = structlog.get_logger("cidd.sessions")
+log = structlog.get_logger(__name__)
 
 
 class CertificateRefused(AuthError):
@@ -156,7 +157,7 @@ class HelloChecks:
     def _agent_hello(self, message: wire.Message) -> None:
         node = wire.get_str(message, "node")
         wire.get_str(message, "boot_id")
-        if message.get("mode") not in ("system", "installer"):
+        if message.get("mode") not in tuple(Mode):
             raise BadRequest("'mode' must be 'system' or 'installer'")
         image = message.get("image")
         if image is not None and not isinstance(image, str):

@@ -34,15 +34,17 @@ from cidd.session_hello import CertificateRefused, HelloChecks
 from cidd.unix_peers import PeerIdentity
 from cidd.user_directory import UserDirectory, thread_runner
 
-log = structlog.get_logger("cidd.sessions")
+log = structlog.get_logger(__name__)
 
 
 MAX_BAD_LINES = 10
 _session_ids = itertools.count(1)
 
 
-class CommandError(Exception):
+class CommandError(CidError):
     """An agent answered a command with an error, or did not answer in time, or is not connected."""
+
+    code = "command_failed"
 
 
 class Sessions:

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from cidcommon.errors import CidError
+from cidcommon.vocabulary import Mode
 from cidd.core.captures import Capture, CaptureState, NodeResult, Result
 from cidd.core.machine import Node, State, Transition
 
@@ -64,8 +66,10 @@ _NODE_COLUMNS = [f.name for f in fields(Node)]
 SYNCHRONOUS = ("full", "normal")
 
 
-class StoreError(Exception):
+class StoreError(CidError):
     """The database cannot be opened or is newer than this cidd understands."""
+
+    code = "store"
 
 
 class Store:
@@ -138,6 +142,7 @@ class Store:
             data = dict(zip(_NODE_COLUMNS, row, strict=True))
             data["state"] = State(data["state"])
             data["online"] = bool(data["online"])
+            data["mode"] = Mode(data["mode"]) if data["mode"] in tuple(Mode) else None
             nodes[data["name"]] = Node(**data)
         return nodes
 

@@ -16,7 +16,7 @@ from cidcommon.tlsfiles import PkiPaths
 from cidd.config import Config
 from cidd.pki import PkiError, init_pki
 
-log = structlog.get_logger("cidd.security")
+log = structlog.get_logger(__name__)
 
 WILDCARDS = ("", "0.0.0.0", "::", "*")
 

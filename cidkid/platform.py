@@ -26,14 +26,15 @@ import structlog
 from twisted.internet import defer, threads, utils
 from twisted.internet.defer import Deferred
 
+from cidcommon.vocabulary import BootTarget, Mode
 from cidinstall.marker import marker_root, read_marker
 from cidinstall.types import InstallRequest, InstallResult, ProgressCallback
 from cidkid.reboots import REBOOT_METHODS, RebootSpec, Stage, plan, redact
 
 log = structlog.get_logger(__name__)
 
-MODES = ("system", "installer")
-BOOT_TARGETS = ("installer", "disk")
+MODES = tuple(Mode)  # "system", "installer"
+BOOT_TARGETS = tuple(BootTarget)  # "installer", "disk"
 DEFAULT_MARKER = Path("/etc/cid-image")
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 REBOOT_COMMANDS: tuple[tuple[str, ...], ...] = (("systemctl", "reboot"), ("/sbin/reboot",))

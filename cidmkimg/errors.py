@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from cidcommon.errors import CidError
 
-class MkimgError(Exception):
+
+class MkimgError(CidError):
     """Base class; ``str()`` is the sentence printed after ``cid-mkimg: error:``."""
 
 
 class UsageError(MkimgError):
     """Bad arguments, an invalid name or version, or a broken catalog: nothing was written."""
+
+    code = "bad_request"
 
 
 class PackError(MkimgError):

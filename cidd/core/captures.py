@@ -100,8 +100,8 @@ def plan(job: str, image: str, names: list[str], user: str | None, requester: st
     Raises Conflict when the job id is in use with another image, or when another job holds a node for a
     different image; raises BadRequest when a running capture of the job names other nodes.
     """
-    if latest is not None and latest.image != image and (latest.running or now - (latest.ended or now)
-                                                         < JOB_MEMORY_S):
+    ended = latest.ended if latest is not None and latest.ended is not None else now
+    if latest is not None and latest.image != image and (latest.running or now - ended < JOB_MEMORY_S):
         raise Conflict(f"job {job} already asked for image {latest.image}; a job runs one image "
                        f"(use another job id, or wait for capture of {latest.image} to end)")
     if latest is not None and latest.running:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+from cidcommon.errors import CidError
+from cidcommon.vocabulary import BootTarget, Mode
 from cidd.core.machine_types import (
     AGENT_METHODS,
     Action,
@@ -50,8 +52,10 @@ class State(StrEnum):
 SWITCHING = frozenset({State.TO_INSTALLER, State.INSTALLING, State.TO_IMAGE})
 
 
-class AlreadySwitching(Exception):
+class AlreadySwitching(CidError):
     """Raised by ``apply`` for a Switch to another image while the node is switching (a caller bug)."""
+
+    code = "conflict"
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class Node:
     target: str | None = None  # image being (or last) switched to
     job: str | None = None  # job whose capture started the current switch
     online: bool = False
-    mode: str | None = None  # "system" or "installer" while online
+    mode: Mode | None = None  # the agent's mode while online
     boot_id: str | None = None  # boot id of the latest agent session
     reboot_from: str | None = None  # boot id when the current rung's reboot was sent; None = not sent yet
     attempt: int = 0  # install attempts in the current switch
@@ -139,7 +143,7 @@ def _idle_state(node: Node) -> State:
     """Return the non-switching state matching the node's session."""
     if not node.online:
         return State.OFFLINE
-    return State.IN_INSTALLER if node.mode == "installer" else State.READY
+    return State.IN_INSTALLER if node.mode == Mode.INSTALLER else State.READY
 
 
 def _fail(node: Node, now: float, reason: str) -> Step:
@@ -154,7 +158,7 @@ def _begin_wait(node: Node, state: State, rung: int, policy: Policy, now: float,
 
     ``old`` is the record before the event (default ``node``), against which the history row is written.
     """
-    boot = "installer" if state is State.TO_INSTALLER else "disk"
+    boot = BootTarget.INSTALLER if state is State.TO_INSTALLER else BootTarget.DISK
     rung_cfg = policy.ladder[rung]
     new = replace(node, state=state, rung=rung, deadline=now + rung_cfg.timeout, reason=None, reboot_from=None)
     actions: list[Action] = [SetBoot(boot)] if rung == 0 else []
@@ -207,9 +211,9 @@ def _on_switch(node: Node, event: Switch, policy: Policy, now: float) -> Step:
     if node.state is State.READY and node.image == event.image:
         return Step(node)  # already there, agent-verified
     fresh = replace(node, target=event.image, job=event.job, attempt=0, rung=0, reason=None)
-    if node.online and node.mode == "system" and node.image == event.image:  # a failed node, now fine
+    if node.online and node.mode == Mode.SYSTEM and node.image == event.image:  # a failed node, now fine
         return _ready(fresh, now, f"already runs {event.image}")
-    if node.online and node.mode == "installer":
+    if node.online and node.mode == Mode.INSTALLER:
         return _start_install(fresh, policy, now, f"switch to {event.image} for job {event.job}")
     return _begin_wait(fresh, State.TO_INSTALLER, 0, policy, now, f"switch to {event.image} for job {event.job}")
 
@@ -217,33 +221,33 @@ def _on_switch(node: Node, event: Switch, policy: Policy, now: float) -> Step:
 def _on_connected(node: Node, event: Connected, policy: Policy, now: float) -> Step:
     same_boot = node.reboot_from is not None and event.boot_id == node.reboot_from
     fresh = replace(node, online=True, mode=event.mode, boot_id=event.boot_id,
-                    image=event.image if event.mode == "system" else node.image)
+                    image=event.image if event.mode == Mode.SYSTEM else node.image)
     state = node.state
     if state not in SWITCHING:
         if state is State.FAILED:
             return Step(fresh)
         return _step(node, replace(fresh, state=_idle_state(fresh)), (), now, f"agent connected ({event.mode})")
     if state is State.TO_INSTALLER:
-        if event.mode == "installer":
+        if event.mode == Mode.INSTALLER:
             return _start_install(fresh, policy, now, "installer connected")
         if event.image == node.target:
             return _ready(fresh, now, f"already runs {node.target}")
         if node.reboot_from is None or same_boot:
-            return _resend(node, fresh, "installer", policy, now)
+            return _resend(node, fresh, BootTarget.INSTALLER, policy, now)
         return _climb(fresh, policy, now, f"node booted its disk ({event.image}) instead of the installer")
     if state is State.INSTALLING:
-        if event.mode == "installer":
+        if event.mode == Mode.INSTALLER:
             if event.boot_id == node.boot_id:  # same installer boot: same attempt and deadline
                 return _same_installer_boot(node, fresh, event.install, policy, now)
             return _start_install(fresh, policy, now, "installer restarted")
         return _begin_wait(fresh, State.TO_INSTALLER, 0, policy, now,
                            "node left the installer before the install ended", old=node)
     # TO_IMAGE
-    if event.mode == "system" and event.image == node.target:
+    if event.mode == Mode.SYSTEM and event.image == node.target:
         return _ready(fresh, now, f"booted {node.target}")
     if node.reboot_from is None or same_boot:
-        return _resend(node, fresh, "disk", policy, now)
-    if event.mode == "system":
+        return _resend(node, fresh, BootTarget.DISK, policy, now)
+    if event.mode == Mode.SYSTEM:
         return _fail(fresh, now, f"node booted image {event.image or 'unknown'} instead of {node.target}; "
                                  "check its boot order and the installed boot loader")
     return _climb(fresh, policy, now, "node booted the installer again instead of its disk")
@@ -265,7 +269,7 @@ def _same_installer_boot(node: Node, fresh: Node, report: InstallReport | None, 
     return Step(fresh, (SendInstall(node.target or "", node.attempt),))
 
 
-def _resend(old: Node, fresh: Node, boot: str, policy: Policy, now: float) -> Step:
+def _resend(old: Node, fresh: Node, boot: BootTarget, policy: Policy, now: float) -> Step:
     """Return the Step that (re)sends the current rung's agent reboot to a node that just connected."""
     method = policy.ladder[old.rung].method
     if method not in AGENT_METHODS:

@@ -5,21 +5,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from cidcommon.vocabulary import BootTarget, Mode, RebootMethod
+
 #: Ladder methods carried out by the node's agent (they need a live session).
-AGENT_METHODS = frozenset({"reboot", "kexec", "grub_reboot", "efi_bootnext"})
+AGENT_METHODS = frozenset({RebootMethod.REBOOT, RebootMethod.KEXEC, RebootMethod.GRUB_REBOOT,
+                           RebootMethod.EFI_BOOTNEXT})
 #: Agent methods that set the next boot (grub entry, EFI boot number) from the group's ``boot_entries``.
-NEXT_BOOT_METHODS = frozenset({"grub_reboot", "efi_bootnext"})
+NEXT_BOOT_METHODS = frozenset({RebootMethod.GRUB_REBOOT, RebootMethod.EFI_BOOTNEXT})
 #: Ladder methods carried out by cidd through the node's BMC (they work on a hung or powered-off node).
-POWER_METHODS = frozenset({"power_cycle"})
+POWER_METHODS = frozenset({RebootMethod.POWER_CYCLE})
 #: Every ladder method cidd knows.
-LADDER_METHODS = AGENT_METHODS | POWER_METHODS
+LADDER_METHODS = frozenset(RebootMethod)
 
 
 @dataclass(frozen=True)
 class Rung:
     """One rung of the escalation ladder: how to make the node reboot, and how long to wait for it."""
 
-    method: str
+    method: RebootMethod
     timeout: float
 
 
@@ -27,7 +30,7 @@ class Rung:
 class Policy:
     """Timeouts and ladder of a node group (from cidd.yaml)."""
 
-    ladder: tuple[Rung, ...] = field(default=(Rung("reboot", 300.0), Rung("reboot", 600.0)))
+    ladder: tuple[Rung, ...] = field(default=(Rung(RebootMethod.REBOOT, 300.0), Rung(RebootMethod.REBOOT, 600.0)))
     install_timeout: float = 3600.0
     install_attempts: int = 2
     #: seconds an installer resumes a dropped download for (None: the installer's own setting, else 300 s)
@@ -68,7 +71,7 @@ class Connected:
     ``install`` what an installer holds (running or finished) in this boot."""
 
     boot_id: str
-    mode: str
+    mode: Mode
     image: str | None
     install: InstallReport | None = None
 
@@ -127,17 +130,17 @@ Event = Switch | Connected | Disconnected | Installed | RungFailed | SetDeadline
 
 @dataclass(frozen=True)
 class SetBoot:
-    """Publish the node's next boot: "installer" or "disk" (boot profiles, iPXE)."""
+    """Publish the node's next boot: the installer or the disk (boot profiles, iPXE)."""
 
-    boot: str
+    boot: BootTarget
 
 
 @dataclass(frozen=True)
 class Reboot:
-    """Make the node boot ``boot`` ("installer" or "disk") using ladder ``method``."""
+    """Make the node boot ``boot`` (the installer or the disk) using ladder ``method``."""
 
-    boot: str
-    method: str
+    boot: BootTarget
+    method: RebootMethod
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ class SendInstall:
 class PowerOn:
     """The node has no agent session: power it on through its BMC if it is off (booting ``boot`` next)."""
 
-    boot: str
+    boot: BootTarget
 
 
 Action = SetBoot | Reboot | SendInstall | PowerOn
