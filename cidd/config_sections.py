@@ -38,6 +38,8 @@ class BmcConfig:
     credentials: Path | None = None  # user:password or YAML; mode 0600
     max_concurrent: int = 8
     timeout: float = 20.0
+    breaker_after: int = 3  # calls in a row without an answer after which a BMC's calls fail at once ...
+    breaker_cooldown: float = 60.0  # ... for this many seconds; then one call is tried again
 
 
 TLS_MODES = ("tls", "plain")
@@ -175,14 +177,19 @@ def bmc_section(reader: ConfigReader, data: Mapping[str, Any], groups: Mapping[s
                            "(address pattern and credentials file)")
         return None
     section = reader.mapping(data, "bmc", "top level")
-    reader.unknown(section, {"address", "credentials", "max_concurrent", "timeout"}, "bmc")
+    reader.unknown(section, {"address", "credentials", "max_concurrent", "timeout", "breaker_after",
+                             "breaker_cooldown"}, "bmc")
     credentials = reader.optional_text(section, "credentials", "bmc")
     if not credentials:
         reader.problem("bmc", "'credentials' (a file holding user:password, mode 0600) is required")
+    default = BmcConfig()
     return BmcConfig(address=reader.text(section, "address", "{name}-bmc", "bmc"),
                      credentials=Path(credentials) if credentials else None,
                      max_concurrent=int(reader.number(section, "max_concurrent", 8, "bmc", minimum=1)),
-                     timeout=reader.number(section, "timeout", 20.0, "bmc", minimum=1))
+                     timeout=reader.number(section, "timeout", 20.0, "bmc", minimum=1),
+                     breaker_after=reader.whole(section, "breaker_after", default.breaker_after, "bmc"),
+                     breaker_cooldown=reader.number(section, "breaker_cooldown", default.breaker_cooldown, "bmc",
+                                                    minimum=1))
 
 
 def windows_section(reader: ConfigReader, data: Mapping[str, Any]) -> WindowsConfig:

@@ -1,12 +1,19 @@
 """BMC power for cidd: status, on, off, cycle, reset and next boot device over IPMI (pyghmi), off the reactor.
 
-Every BMC call runs on a small dedicated thread pool (never the reactor thread, never Twisted's shared pool), at
-most ``max_concurrent`` at once (a DeferredSemaphore), and the caller's Deferred fails after ``call_timeout``
-seconds whatever the BMC does. A BMC that hangs keeps its pool thread (and its slot) until pyghmi itself gives
-up, so one dead BMC costs one slot, never the other BMCs' calls. Calls to the same BMC run one at a time. A call
-still waiting for a slot when its Deferred fails (timed out or cancelled) is never sent: a power cycle the
-ladder has given up on must not reach the node later. (A call already sent cannot be taken back: IPMI has no
-cancel.)
+Every BMC call runs on a small dedicated thread pool (never the reactor thread, never Twisted's shared pool), and
+the caller's Deferred fails after ``call_timeout`` seconds whatever the BMC does. A scheduler on the reactor thread
+decides which call goes next, so that dead BMCs fail only their own nodes (docs/power.md):
+
+- at most ``max_concurrent`` calls hold a slot, and at most one call per BMC runs at a time (pyghmi's trap below
+  needs that too); BMCs take turns (round robin), and BMCs whose last call got no answer come after the others;
+- a running call gives up its slot when its caller gives up, or after ``YIELD_AFTER`` s without an answer (a
+  live BMC answers in milliseconds, a dead one keeps pyghmi busy for about 5 s): it goes on in its thread, as IPMI
+  has no cancel, and ``OVERDUE_FACTOR × max_concurrent`` such calls at most run at once;
+- a per-BMC circuit breaker: after ``breaker_after`` calls in a row without an answer, calls to that BMC fail at
+  once for ``breaker_cooldown`` s; then one call is tried (half-open) and its answer closes the breaker;
+- a call still waiting when its caller gives up (timed out or cancelled) is never sent (a power cycle the ladder
+  has given up on must not reach the node later), and its reason says it was never contacted and what it waited
+  for, apart from "did not answer within S s" for a call that was sent.
 
 Every call logs in, does its work and logs out (as ipmitool does). A session kept open between calls goes
 stale when the BMC restarts or expires idle sessions (pyghmi only keeps a session alive while some thread is
@@ -18,8 +25,9 @@ pyghmi trap (see notes/real-components.md): a second ``Command`` to the same BMC
 when user and password are ``str``. Here credentials are always ``bytes``, and the previous session to that BMC
 is logged out before the next one starts (calls to the same BMC run one at a time).
 
-pyghmi's shared I/O loop loses wake-ups when several threads wait at once (up to about a second per login step)
-and can stall on a socket left blocking; ``cidd.pyghmi_io.apply()`` fixes both before the first call.
+pyghmi's shared I/O loop dies at the first socket numbered 1024 or more (``select()``), stays dead, loses wake-ups
+when several threads wait at once (up to about a second per login step) and can stall on a socket left blocking;
+``cidd.pyghmi_io.apply()`` replaces it before the first call.
 
 The password never appears in a log event, an error message or a ``repr``.
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,21 +44,27 @@ from typing import Any, TypeVar
 
 import structlog
 import yaml
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from cidcommon.errors import CidError, TokenFileError
+from cidcommon.hostport import parse_hostport
 from cidcommon.paths import check_private
 from cidd import pyghmi_io
+from cidd.config_sections import BmcConfig
 
-log = structlog.get_logger("cidd.power")
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_IPMI_PORT = 623
 BOOT_DEVICES = ("network", "default")
+BREAKER_AFTER = BmcConfig.breaker_after  # calls in a row without an answer that open a BMC's breaker
+BREAKER_COOLDOWN = BmcConfig.breaker_cooldown  # seconds an open breaker refuses calls, then one is tried again
+YIELD_AFTER = 2.0  # seconds after which a running call that has not answered stops holding its slot
+OVERDUE_FACTOR = 3  # calls that gave up their slot and still run: at most this many times max_concurrent
 
 
 class PowerError(CidError):
@@ -163,51 +178,91 @@ def bmc_address(node: str, pattern: str) -> str:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """Return (host, port) of ``host``, ``host:port`` or ``[v6]:port``; raise PowerError on a bad port."""
-    host, port = address, DEFAULT_IPMI_PORT
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        if rest.startswith(":"):
-            port = _port(address, rest[1:])
-    elif address.count(":") == 1:
-        host, _, text = address.partition(":")
-        port = _port(address, text)
-    return host, port
-
-
-def _port(address: str, text: str) -> int:
+    """Return (host, port) of a BMC address (``cidcommon.hostport``; default port 623). Raises PowerError."""
     try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 < port < 65536:
-        raise PowerError(f"BMC address {address!r} has an invalid port {text!r}")
-    return port
+        return parse_hostport(address, DEFAULT_IPMI_PORT, what="BMC address")
+    except ValueError as exc:
+        raise PowerError(str(exc)) from None
+
+
+@dataclass(eq=False)
+class _Call:
+    """One BMC call, from the moment it is asked for until its thread returns (reactor thread only)."""
+
+    node: str
+    address: str
+    action: str
+    key: tuple[str, int]
+    body: Callable[[Any], Any]
+    asked: float
+    timeout: float  # the caller gives up at asked + timeout
+    result: Deferred[Any] = field(init=False)
+    state: str = "queued"  # queued -> running -> ended; dropped: its caller gave up before it was sent
+    holds_slot: bool = False
+    timer: Any = None  # the caller's deadline
+    slot_timer: Any = None  # when a running call stops holding its slot (yield_after)
+
+
+@dataclass(eq=False)
+class _Bmc:
+    """What the scheduler knows about one BMC address (reactor thread only)."""
+
+    queue: deque[_Call] = field(default_factory=deque)  # calls not sent yet, in order
+    busy: bool = False  # one of its calls runs in a thread (never more than one)
+    has_turn: bool = False  # it is in one of the turn queues
+    silent: int = 0  # calls in a row that got no answer
+    open_until: float | None = None  # breaker open (calls refused) until then; None: closed
 
 
 class PowerController:
     """BMC calls for cidd on a dedicated thread pool; every method returns a Deferred and never blocks.
 
-    ``credentials`` are used for every BMC; ``reactor`` provides the clock and the thread hand-off. Failures
-    (no answer within ``call_timeout`` s, login refused, IPMI error) fail the Deferred with PowerError.
-    ``command_factory(host, port, user, password)`` makes the pyghmi ``Command`` (tests may pass another).
-    ``in_flight`` is the number of BMC calls running now (never more than ``max_concurrent``).
+    ``credentials`` are used for every BMC; ``reactor`` provides the clock and the thread hand-off. Failures fail the
+    Deferred with PowerError, whose message tells them apart: the BMC was never contacted (every slot busy, or an
+    earlier call to it still running, until ``call_timeout``), it did not answer within ``call_timeout`` s, it is not
+    called (its last ``breaker_after`` calls got no answer; for ``breaker_cooldown`` s), or it answered with an error
+    (login refused, IPMI error).
+
+    Scheduling: at most ``max_concurrent`` calls hold a slot, at most one call per BMC runs at a time, and BMCs take
+    turns (round robin), those whose last call got no answer after the others. A running call gives up its slot when
+    its caller gives up or after ``yield_after`` s without an answer; it goes on in its thread (IPMI has no cancel),
+    with at most ``OVERDUE_FACTOR × max_concurrent`` such calls at once. ``command_factory(host, port, user,
+    password)`` makes the pyghmi ``Command``; ``runner(key, body)`` runs one call and returns its Deferred (default:
+    ``body(command)`` in a pool thread); tests may pass either. ``in_flight`` is the number of calls holding a slot,
+    ``running`` the number running in a thread, ``waiting`` the number not sent yet.
     """
 
     def __init__(self, credentials: BmcCredentials, reactor: Any, *, max_concurrent: int = 8,
-                 call_timeout: float = 20, command_factory: Callable[[str, int, bytes, bytes], Any] | None = None
-                 ) -> None:
+                 call_timeout: float = 20, breaker_after: int = BREAKER_AFTER,
+                 breaker_cooldown: float = BREAKER_COOLDOWN, yield_after: float | None = YIELD_AFTER,
+                 command_factory: Callable[[str, int, bytes, bytes], Any] | None = None,
+                 runner: Callable[[tuple[str, int], Callable[[Any], Any]], Deferred[Any]] | None = None) -> None:
         self._credentials = credentials
         self._reactor = reactor
         self.max_concurrent = max(1, max_concurrent)
         self.call_timeout = call_timeout
+        self.breaker_after = max(1, breaker_after)
+        self.breaker_cooldown = breaker_cooldown
+        self.yield_after = yield_after
+        self.max_threads = self.max_concurrent * (1 + OVERDUE_FACTOR)
         self._factory = command_factory or _pyghmi_command
-        self._semaphore = DeferredSemaphore(self.max_concurrent)
-        self._pool = _DaemonThreadPool(minthreads=0, maxthreads=self.max_concurrent, name="cidd-power")
-        self._locks: dict[tuple[str, int], threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._runner = runner or self._run_on_pool
+        self._pool = _DaemonThreadPool(minthreads=0, maxthreads=self.max_threads, name="cidd-power")
+        self._bmcs: dict[tuple[str, int], _Bmc] = {}
+        self._turns: deque[tuple[str, int]] = deque()  # BMCs with a call waiting and none running, in turn
+        self._late_turns: deque[tuple[str, int]] = deque()  # the same, for BMCs whose last call got no answer
+        self._dispatching = False
+        self._again = False
         self._started = False
         self.in_flight = 0
+        self.running = 0
+        self.waiting = 0
+
+    @classmethod
+    def from_config(cls, credentials: BmcCredentials, reactor: Any, bmc: BmcConfig) -> PowerController:
+        """Return a PowerController with the bounds of cidd.yaml's ``bmc`` section (docs/configuration.md)."""
+        return cls(credentials, reactor, max_concurrent=bmc.max_concurrent, call_timeout=bmc.timeout,
+                   breaker_after=bmc.breaker_after, breaker_cooldown=bmc.breaker_cooldown)
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -230,7 +285,7 @@ class PowerController:
         stopper.start()
         stopper.join(wait)
         if stopper.is_alive():
-            log.warning("power.stop_abandoned", in_flight=self.in_flight, waited=wait)
+            log.warning("power.stop_abandoned", in_flight=self.in_flight, running=self.running, waited=wait)
 
     # -- public calls -------------------------------------------------------------------------------------------
 
@@ -279,86 +334,267 @@ class PowerController:
         relay.start()
         return relay
 
-    # -- machinery ----------------------------------------------------------------------------------------------
+    def breaker_open(self, address: str) -> bool:
+        """Return True while calls to the BMC at ``address`` are refused (its breaker is open, not cooled down).
+
+        Raises PowerError for a malformed address.
+        """
+        bmc = self._bmcs.get(split_address(address))
+        return bmc is not None and bmc.open_until is not None and self._reactor.seconds() < bmc.open_until
+
+    # -- scheduling (reactor thread) ----------------------------------------------------------------------------
 
     def _call(self, node: str, address: str, action: str, body: Callable[[Any], T]) -> Deferred[T]:
-        """Run ``body(command)`` for ``address`` on the pool under the semaphore; return its bounded Deferred."""
+        """Queue ``body(command)`` for the BMC at ``address``; return its Deferred, bounded by ``call_timeout``."""
         try:
             key = split_address(address)
         except PowerError as exc:
             return _failed(PowerError(f"{exc.message} for {node}; fix the BMC address pattern"))
         self.start()
-        result: Deferred[T] = Deferred()
-        started = self._reactor.seconds()
+        now = self._reactor.seconds()
+        bmc = self._bmcs.setdefault(key, _Bmc())
+        if bmc.open_until is not None and now < bmc.open_until:
+            log.info("power.refused", node=node, bmc=address, action=action, silent=bmc.silent,
+                     retry_in=round(bmc.open_until - now, 1))
+            return _failed(self._refusal(node, address, bmc, now))
+        call = _Call(node, address, action, key, body, now, self.call_timeout)
+        call.result = Deferred(lambda _: self._gave_up(call, "the caller cancelled it before it was sent"))
+        call.timer = self._reactor.callLater(self.call_timeout, self._timed_out, call)
+        bmc.queue.append(call)
+        self.waiting += 1
+        self._offer_turn(key, bmc)
+        self._dispatch()
+        return call.result
 
-        def run(_: object) -> Deferred[T] | None:
-            if result.called:  # the caller gave up (timeout, cancel) while this call waited for a slot
-                log.info("power.skipped", node=node, bmc=address, action=action,
-                         reason="the caller gave up before a BMC slot was free")
-                self._semaphore.release()
-                return None
-            self.in_flight += 1
-            d = deferToThreadPool(self._reactor, self._pool, self._in_thread, key, body)
+    def _offer_turn(self, key: tuple[str, int], bmc: _Bmc) -> None:
+        """Put ``bmc`` at the end of its turn queue if it has a call waiting and none running."""
+        if bmc.queue and not bmc.busy and not bmc.has_turn:
+            bmc.has_turn = True
+            (self._late_turns if bmc.silent else self._turns).append(key)
 
-            def done(outcome: Any) -> None:
-                self.in_flight -= 1
-                self._semaphore.release()
-                if result.called:
-                    return
-                if isinstance(outcome, Failure):
-                    err = self._as_power_error(node, address, outcome)
-                    log.warning("power.failed", node=node, bmc=address, action=action, error=err.message)
-                    result.errback(err)
-                else:
-                    log.info("power.done", node=node, bmc=address, action=action,
-                             seconds=round(self._reactor.seconds() - started, 3))
-                    result.callback(outcome)
+    def _next_turn(self) -> _Bmc | None:
+        """Return the next BMC whose call may start (answering BMCs first), or None; forget idle ones met."""
+        for turns in (self._turns, self._late_turns):
+            while turns:
+                key = turns.popleft()
+                bmc = self._bmcs.get(key)
+                if bmc is None or not bmc.has_turn:
+                    continue
+                bmc.has_turn = False
+                if bmc.queue and not bmc.busy:
+                    return bmc
+                self._forget_if_idle(key, bmc)
+        return None
 
-            d.addBoth(done)
-            return d
+    def _dispatch(self) -> None:
+        """Start waiting calls while a slot and a thread are free (never re-entered: a nested call loops again)."""
+        if self._dispatching:
+            self._again = True
+            return
+        self._dispatching = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                while self.in_flight < self.max_concurrent and self.running < self.max_threads:
+                    bmc = self._next_turn()
+                    if bmc is None:
+                        break
+                    call = bmc.queue[0]
+                    if self._reactor.seconds() >= call.asked + call.timeout:  # its deadline is now: not sent
+                        self._timed_out(call)
+                        self._offer_turn(call.key, bmc)
+                        self._forget_if_idle(call.key, bmc)
+                        continue
+                    self._start(bmc, bmc.queue.popleft())
+        finally:
+            self._dispatching = False
 
-        self._semaphore.acquire().addCallback(run)
+    def _start(self, bmc: _Bmc, call: _Call) -> None:
+        """Send ``call`` (its BMC's turn came and a slot is free): run it with the runner."""
+        self.waiting -= 1
+        self.in_flight += 1
+        self.running += 1
+        bmc.busy = True
+        call.state = "running"
+        call.holds_slot = True
+        if bmc.open_until is not None:
+            log.info("power.breaker_probe", node=call.node, bmc=call.address, action=call.action, silent=bmc.silent)
+        if self.yield_after is not None:
+            call.slot_timer = self._reactor.callLater(self.yield_after, self._overdue, call)
+        try:
+            d = self._runner(call.key, call.body)
+        except Exception:  # noqa: BLE001 - a runner that raises fails this call, never the scheduler
+            d = fail(Failure())
+        d.addBoth(self._finished, call)
 
-        def timed_out() -> None:
-            if not result.called:
-                err = PowerError(f"BMC of {node} ({address}) did not answer within {self.call_timeout:g} s; "
-                                 "check its network and credentials")
-                log.warning("power.timeout", node=node, bmc=address, action=action, timeout=self.call_timeout)
-                result.errback(err)
+    def _overdue(self, call: _Call) -> None:
+        """``yield_after`` s passed without an answer: ``call`` runs on but gives its slot to the next call."""
+        call.slot_timer = None
+        if call.state == "running" and call.holds_slot:
+            self._release_slot(call)
+            log.info("power.slow", node=call.node, bmc=call.address, action=call.action, seconds=self.yield_after,
+                     running=self.running)
+            self._dispatch()
 
-        timer = self._reactor.callLater(self.call_timeout, timed_out)
+    def _release_slot(self, call: _Call) -> None:
+        """Free the slot ``call`` holds, if it holds one."""
+        if call.slot_timer is not None and call.slot_timer.active():
+            call.slot_timer.cancel()
+        call.slot_timer = None
+        if call.holds_slot:
+            call.holds_slot = False
+            self.in_flight -= 1
 
-        def cancel_timer(value: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return value
+    def _timed_out(self, call: _Call) -> None:
+        """The caller's ``call_timeout`` passed: fail ``call`` with why (never sent, or sent and unanswered)."""
+        call.timer = None
+        if call.result.called:
+            return
+        if call.state == "queued":
+            err = self._never_contacted(call)
+            self._gave_up(call, err.message)
+        else:
+            err = PowerError(f"BMC of {call.node} ({call.address}) did not answer within {call.timeout:g} s; "
+                             "check its network and credentials")
+            log.warning("power.timeout", node=call.node, bmc=call.address, action=call.action, timeout=call.timeout)
+            self._gave_up(call, err.message)
+        call.result.errback(err)
 
-        result.addBoth(cancel_timer)
-        return result
+    def _gave_up(self, call: _Call, reason: str) -> None:
+        """The caller gave up on ``call`` (deadline or cancel): drop it if not sent yet, else free its slot."""
+        if call.timer is not None and call.timer.active():
+            call.timer.cancel()
+        call.timer = None
+        if call.state == "queued":
+            call.state = "dropped"
+            bmc = self._bmcs[call.key]
+            bmc.queue.remove(call)
+            self.waiting -= 1
+            log.info("power.skipped", node=call.node, bmc=call.address, action=call.action, reason=reason)
+            self._forget_if_idle(call.key, bmc)
+        elif call.state == "running" and call.holds_slot:
+            self._release_slot(call)
+            self._dispatch()
+
+    def _never_contacted(self, call: _Call) -> PowerError:
+        """Return the PowerError of a call still waiting at its deadline: what it waited for."""
+        where = f"BMC of {call.node} ({call.address}) was never contacted"
+        bmc = self._bmcs[call.key]
+        if bmc.busy:
+            return PowerError(f"{where}: an earlier call to this BMC had not ended after {call.timeout:g} s "
+                              f"({_count(len(bmc.queue), 'call')} waiting for it); check the BMC's network")
+        waiting = _count(self.waiting, "call")
+        if self.running >= self.max_threads:
+            return PowerError(f"{where}: BMC queue full ({waiting} waiting) for {call.timeout:g} s; all "
+                              f"{self.running} BMC threads held by calls to BMCs that did not answer")
+        return PowerError(f"{where}: BMC queue full ({waiting} waiting for {_count(self.max_concurrent, 'slot')}) "
+                          f"for {call.timeout:g} s; raise bmc.max_concurrent or bmc.timeout")
+
+    def _refusal(self, node: str, address: str, bmc: _Bmc, now: float) -> PowerError:
+        """Return the PowerError of a call refused by ``bmc``'s open breaker."""
+        left = (bmc.open_until or now) - now
+        return PowerError(f"BMC of {node} ({address}) was not called: its last {bmc.silent} calls got no answer, "
+                          f"so it is left alone for {self.breaker_cooldown:g} s (next try in {left:.0f} s); "
+                          "check its network and power")
+
+    def _finished(self, outcome: Any, call: _Call) -> None:
+        """``call``'s thread returned ``outcome`` (a value or a Failure): settle the breaker, the caller, the queue."""
+        now = self._reactor.seconds()
+        seconds = round(now - call.asked, 3)
+        call.state = "ended"
+        self.running -= 1
+        self._release_slot(call)
+        bmc = self._bmcs[call.key]
+        bmc.busy = False
+        answered = not (isinstance(outcome, Failure) and _no_answer(outcome))
+        refused = self._record(call, bmc, answered, now)
+        self._offer_turn(call.key, bmc)
+        self._forget_if_idle(call.key, bmc)
+        if call.timer is not None and call.timer.active():
+            call.timer.cancel()
+        call.timer = None
+        if call.result.called:
+            log.info("power.late_answer", node=call.node, bmc=call.address, action=call.action, answered=answered,
+                     seconds=seconds)
+        elif isinstance(outcome, Failure):
+            err = self._as_power_error(call.node, call.address, outcome, seconds)
+            log.warning("power.failed", node=call.node, bmc=call.address, action=call.action, error=err.message)
+            call.result.errback(err)
+        else:
+            log.info("power.done", node=call.node, bmc=call.address, action=call.action, seconds=seconds)
+            call.result.callback(outcome)
+        for waiting in refused:
+            waiting.result.errback(self._refusal(waiting.node, waiting.address, bmc, now))
+        self._dispatch()
+
+    def _record(self, call: _Call, bmc: _Bmc, answered: bool, now: float) -> list[_Call]:
+        """Count ``call``'s outcome for its BMC's breaker; return the waiting calls to refuse when it opened."""
+        if answered:
+            if bmc.open_until is not None:
+                log.info("power.breaker_closed", node=call.node, bmc=call.address, silent=bmc.silent)
+            bmc.silent = 0
+            bmc.open_until = None
+            return []
+        bmc.silent += 1
+        if bmc.silent < self.breaker_after:
+            return []
+        bmc.open_until = now + self.breaker_cooldown
+        log.warning("power.breaker_open", node=call.node, bmc=call.address, silent=bmc.silent,
+                    cooldown=self.breaker_cooldown, refused=len(bmc.queue))
+        refused = list(bmc.queue)
+        bmc.queue.clear()
+        for waiting in refused:
+            waiting.state = "dropped"
+            self.waiting -= 1
+            if waiting.timer is not None and waiting.timer.active():
+                waiting.timer.cancel()
+            waiting.timer = None
+            log.info("power.refused", node=waiting.node, bmc=waiting.address, action=waiting.action,
+                     silent=bmc.silent, retry_in=self.breaker_cooldown)
+        return refused
+
+    def _forget_if_idle(self, key: tuple[str, int], bmc: _Bmc) -> None:
+        """Drop what is known of a BMC with nothing waiting, nothing running and a clean record."""
+        if not (bmc.queue or bmc.busy or bmc.has_turn or bmc.silent or bmc.open_until is not None):
+            self._bmcs.pop(key, None)
+
+    # -- in the pool --------------------------------------------------------------------------------------------
+
+    def _run_on_pool(self, key: tuple[str, int], body: Callable[[Any], T]) -> Deferred[T]:
+        """Return the Deferred of ``body(command)`` for the BMC at ``key``, run in a pool thread."""
+        return deferToThreadPool(self._reactor, self._pool, self._in_thread, key, body)
 
     def _in_thread(self, key: tuple[str, int], body: Callable[[Any], T]) -> T:
-        """In a pool thread: log in to the BMC at ``key``, return ``body(command)``, log out (always)."""
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            command = self._factory(key[0], key[1], self._credentials.user.encode(),
-                                    self._credentials.password.encode())
-            try:
-                return body(command)
-            finally:
-                _logout(command)
+        """In a pool thread: log in to the BMC at ``key``, return ``body(command)``, log out (always).
 
-    def _as_power_error(self, node: str, address: str, failure: Failure) -> PowerError:
-        """Return the PowerError for a failed BMC call (the password never appears in it)."""
-        if failure.check(CancelledError, TimeoutError):
-            detail = None
-        else:
-            detail = str(failure.value) if str(failure.value) not in ("", "None") else None
-            if detail is not None:
-                detail = detail.replace(self._credentials.password, "***") if self._credentials.password else detail
-        if detail is None or "timeout" in detail.lower() or "no longer connected" in detail.lower():
-            return PowerError(f"BMC of {node} ({address}) did not answer; check its network and credentials")
+        The scheduler runs one call per BMC at a time, which also keeps clear of pyghmi's trap of two ``Command``
+        objects for one BMC at once.
+        """
+        command = self._factory(key[0], key[1], self._credentials.user.encode(),
+                                self._credentials.password.encode())
+        try:
+            return body(command)
+        finally:
+            _logout(command)
+
+    def _as_power_error(self, node: str, address: str, failure: Failure, seconds: float) -> PowerError:
+        """Return the PowerError for a BMC call that failed after ``seconds`` (the password never appears in it)."""
+        if _no_answer(failure):
+            return PowerError(f"BMC of {node} ({address}) did not answer (no reply in {seconds:.1f} s); "
+                              "check its network and credentials")
+        detail = str(failure.value)
+        if self._credentials.password:
+            detail = detail.replace(self._credentials.password, "***")
         return PowerError(f"BMC of {node} ({address}) failed: {detail}; check the BMC credentials and its state")
+
+
+def _no_answer(failure: Failure) -> bool:
+    """Return True when ``failure`` means the BMC did not answer (pyghmi gave up), not that it answered an error."""
+    if failure.check(CancelledError, TimeoutError):
+        return True
+    detail = str(failure.value)
+    return detail in ("", "None") or "timeout" in detail.lower() or "no longer connected" in detail.lower()
 
 
 class _DaemonThreadPool(ThreadPool):
@@ -398,6 +634,11 @@ def _cycle(command: Any) -> None:
     response = command.raw_command(netfn=0, command=2, data=[2])
     if "error" in response:
         raise RuntimeError(f"power cycle refused: {response['error']}")
+
+
+def _count(number: int, noun: str) -> str:
+    """Return ``'1 call'``, ``'3 calls'``: ``number`` and ``noun``, plural when it is not 1."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _none(_: object) -> None:

@@ -149,8 +149,7 @@ class Cidd:
         """Start the BMC thread pool when the configuration gives BMC credentials."""
         bmc = self.config.bmc
         if bmc is not None and bmc.credentials is not None:
-            self.power = PowerController(BmcCredentials.load(bmc.credentials), self.reactor,
-                                         max_concurrent=bmc.max_concurrent, call_timeout=bmc.timeout)
+            self.power = PowerController.from_config(BmcCredentials.load(bmc.credentials), self.reactor, bmc)
             self.power.start()
 
     def stop_power(self) -> None:

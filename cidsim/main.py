@@ -117,10 +117,7 @@ def start_bmcs(args: argparse.Namespace, fleet: Any, reactor: Any) -> None:
         raise ValueError(f"{args.bmc_credentials}: expected one line 'user:password'")
     bmcs = SimBmcs(fleet.nodes, args.bmc_base_port, user, password, reactor=reactor)
     bmcs.start()
-    for name in _names(args.bmc_dead):
-        bmc = bmcs.bmcs.pop(name, None)
-        if bmc is not None:
-            bmc.close()  # the port closes: calls to this BMC go unanswered
+    bmcs.drop(_names(args.bmc_dead))  # their ports close: calls to these BMCs go unanswered
     reactor.addSystemEventTrigger("before", "shutdown", bmcs.stop)
 
 
