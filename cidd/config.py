@@ -69,6 +69,7 @@ class Config:
     http_port: int = DEFAULT_HTTP_PORT
     public_http_url: str | None = None  # how nodes reach the HTTP port; default http://<http_host>:<port>
     db_synchronous: str = "full"  # SQLite durability: "full" (survives a power loss) or "normal" (a crash)
+    restart_grace: float = 90.0  # after a restart, waiting deadlines are at least this far away (agents reconnect)
     heartbeat: float = 10.0
     request_timeout: float = 30.0
     capture_timeout: float = 3600.0
@@ -124,7 +125,7 @@ class Config:
         return self.groups.get(group) or self.groups["default"]
 
 
-_TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout",
+_TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat", "request_timeout", "restart_grace",
              "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc",
              "windows", "users"}
 _TOP_KEYS |= {"rights", "socket", "tls", "database"}  # cidd/core/rights.py, cidd/unix_peers.py, cidd/tls.py
@@ -184,6 +185,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         heartbeat=reader.number(data, "heartbeat", 10.0, "top level", minimum=0.1),
         request_timeout=reader.number(data, "request_timeout", 30.0, "top level", minimum=0.1),
         capture_timeout=reader.number(data, "capture_timeout", 3600.0, "top level", minimum=1.0),
+        restart_grace=reader.number(data, "restart_grace", 90.0, "top level"),
         max_line=int(reader.number(data, "max_line", MAX_LINE, "top level", minimum=1024)),
         auto_register=reader.flag(data, "auto_register", not specs, "top level"),
         log_format=reader.text(log, "format", "json", "log", ("json", "console")),

@@ -97,11 +97,12 @@ class Engine:
     def start(self) -> None:
         """Load nodes and running captures, collapse live-only states, re-arm every deadline."""
         stored = self.store.load_nodes()
+        now = self.clock.seconds()
         with self.store.transaction():
             for name in self.groups:
                 stored.setdefault(name, Node(name))
             for name, node in stored.items():
-                self.nodes[name] = restore(node)
+                self.nodes[name] = restore(node, now, self.config.restart_grace)
                 self.store.save_node(self.nodes[name])
         for name, node in self.nodes.items():
             self._arm(name, node)

@@ -208,13 +208,18 @@ class SimNode(Platform):
         return self._shut_down()
 
     def power_cycle(self, boot: str = "disk") -> Deferred[None]:
-        """Power off then on into ``boot`` (``installer`` or ``disk``), even when hung (a BMC's cycle)."""
-        d = self.stop()
+        """Power off then on into ``boot`` (``installer`` or ``disk``), even when hung (a BMC's cycle).
+
+        As on real hardware, an install running at that moment ends without a word: the agent dies with it.
+        """
+        self.state = "off"
+        d = self._shut_down(report=False)
         d.addCallback(lambda _: self._boot("installer" if boot == "installer" else "system"))
         return d
 
-    def _shut_down(self) -> Deferred[None]:
-        """Cancel a pending boot and a running install, stop the service; return its stop Deferred."""
+    def _shut_down(self, report: bool = True) -> Deferred[None]:
+        """Cancel a pending boot and a running install (reporting it as interrupted when ``report``: an orderly
+        reboot), stop the service; return its stop Deferred."""
         if self._pending_boot is not None:
             pending, self._pending_boot = self._pending_boot, None
             pending.cancel()
@@ -223,7 +228,7 @@ class SimNode(Platform):
             self._install = None
             if call is not None and call.active():
                 call.cancel()
-            if not result.called:
+            if report and not result.called:
                 result.callback(InstallResult(ok=False, reason="the node rebooted during the install", retry=True))
         self.announced = False
         service, self.service = self.service, None

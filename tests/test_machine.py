@@ -652,6 +652,16 @@ def test_restored_switch_past_its_deadline_climbs_on_the_first_tick():
     assert (s.node.rung, s.node.deadline) == (1, 5200.0)
 
 
+def test_a_restart_gives_waiting_nodes_a_grace_before_a_passed_deadline_climbs():
+    """cidd was down while the node did what it was told: its agent gets time to reconnect and say so."""
+    restored = restore(to_installer(deadline=1100.0), now=5000.0, grace=90.0)
+    assert restored.deadline == 5090.0
+    assert step(restored, Tick(), 5000.0) == Step(restored)  # no climb at once
+    assert step(restored, Connected("i9", "installer", None), 5010.0).node.state is State.INSTALLING
+    assert restore(to_installer(deadline=9000.0), now=5000.0, grace=90.0).deadline == 9000.0  # later: kept
+    assert restore(failed(), now=5000.0, grace=90.0).deadline is None
+
+
 # --- failed ---------------------------------------------------------------------------------------------------
 
 
@@ -776,3 +786,13 @@ def test_set_deadline_for_a_step_the_node_has_left_changes_nothing(event):
 def test_set_deadline_outside_the_reboot_states_changes_nothing():
     for node in (installing(), Node("n1", state=State.READY, image=A, online=True, mode="system")):
         assert step(node, SetDeadline(node.state.value, 0, None), 1050.0) == Step(node)
+
+
+def test_a_node_that_boots_its_disk_with_the_target_after_an_unreported_install_is_ready():
+    """The installer finished (the marker is written only once verified) while cidd was down, and the node
+    then booted its disk: it runs the target, so it is ready, not sent back to install it again."""
+    node = replace(installing(attempt=1, boot="i1"), online=False, mode=None)
+    s = step(node, Connected("b7", "system", B), 2500.0)
+    assert s.node.state is State.READY and s.node.image == B and s.actions == ()
+    other = step(node, Connected("b7", "system", A), 2500.0)  # its old image: the install did not end
+    assert other.node.state is State.TO_INSTALLER

@@ -102,12 +102,20 @@ class Step:
     transition: Transition | None = None
 
 
-def restore(node: Node) -> Node:
-    """Return ``node`` as loaded after a cidd restart: sessions are gone, so live-only states collapse."""
+def restore(node: Node, now: float | None = None, grace: float = 0.0) -> Node:
+    """Return ``node`` as loaded after a cidd restart at ``now``: sessions are gone, so live-only states collapse,
+    and a waiting node's deadline is at least ``now + grace``.
+
+    The grace lets the agents that did what they were told while cidd was down reconnect and say so (their
+    reconnect pause grows to about 90 s) before a deadline that passed meanwhile climbs the ladder.
+    """
     state = node.state
     if state in (State.READY, State.IN_INSTALLER):
         state = State.OFFLINE
-    return replace(node, state=state, online=False, mode=None)
+    deadline = node.deadline
+    if now is not None and deadline is not None and state in SWITCHING:
+        deadline = max(deadline, now + grace)
+    return replace(node, state=state, online=False, mode=None, deadline=deadline)
 
 
 def apply(node: Node, event: Event, policy: Policy, now: float) -> Step:
@@ -240,6 +248,9 @@ def _on_connected(node: Node, event: Connected, policy: Policy, now: float) -> S
             if event.boot_id == node.boot_id:  # same installer boot: same attempt and deadline
                 return _same_installer_boot(node, fresh, event.install, policy, now)
             return _start_install(fresh, policy, now, "installer restarted")
+        if event.image == node.target:  # the install ended (the marker is written only once verified), then the
+            # node booted it before cidd heard the result (cidd or the link was down): it runs the target
+            return _ready(fresh, now, f"booted {node.target}, installed while cidd was not told")
         return _begin_wait(fresh, State.TO_INSTALLER, 0, policy, now,
                            "node left the installer before the install ended", old=node)
     # TO_IMAGE
