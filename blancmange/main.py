@@ -37,7 +37,7 @@ def default_cache() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser of blancmange."""
-    p = argparse.ArgumentParser(prog="blancmange", description=DESCRIPTION,
+    p = argparse.ArgumentParser(prog="blancmange", description=DESCRIPTION, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="blancmange config (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=None,

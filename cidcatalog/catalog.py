@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import MappingProxyType
 
 import yaml
@@ -144,9 +145,14 @@ class CatalogError(CidError):
 
 @dataclass(frozen=True)
 class Catalog:
-    """An immutable set of images keyed by id (iteration yields ids in sorted order)."""
+    """An immutable set of images keyed by id (iteration yields ids in sorted order).
+
+    ``unavailable`` maps the ids of entries left out because they cannot be installed (their file is missing
+    or of the wrong size) to the reason, so that a request for one says why.
+    """
 
     images: Mapping[str, Image] = field(default_factory=dict)
+    unavailable: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for key, image in self.images.items():
@@ -334,6 +340,39 @@ def parse_catalog(text: str, path: str = "images.yaml") -> Catalog:
     if problems:
         raise CatalogError(sorted(problems, key=lambda p: p.line or 0))
     return Catalog(images)
+
+
+def file_issue(image: Image, image_dir: Path) -> str | None:
+    """Return why ``image`` cannot be installed from ``image_dir`` (its file missing, unreadable, not a regular
+    file, or of another size than its entry says), or None when its file is there."""
+    path = image_dir / image.file
+    try:
+        info = path.stat()
+    except OSError as exc:
+        reason = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc.strerror})"
+        return f"its file {path} {reason}; copy it there (cid-mkimg writes it) or remove the entry"
+    if not path.is_file():
+        return f"{path} is not a regular file"
+    if image.size is not None and info.st_size != image.size:
+        return f"{path} holds {info.st_size} bytes, the entry says {image.size}; copy the right file or fix 'size'"
+    return None
+
+
+def file_problems(catalog: Catalog, image_dir: Path, source: str) -> list[CatalogProblem]:
+    """Return a problem (against the catalog file ``source``) for every image that ``file_issue`` finds."""
+    issues = ((image_id, file_issue(catalog.images[image_id], image_dir)) for image_id in catalog)
+    return [CatalogProblem(source, None, f"image {image_id}: {issue}") for image_id, issue in issues if issue]
+
+
+def without_missing_files(catalog: Catalog, image_dir: Path, source: str) -> tuple[Catalog, list[CatalogProblem]]:
+    """Return ``catalog`` without the images ``file_issue`` finds (kept in ``unavailable`` with the reason), and
+    the problems found (see ``file_problems``)."""
+    bad = {image_id: issue for image_id in catalog if (issue := file_issue(catalog.images[image_id], image_dir))}
+    if not bad:
+        return catalog, []
+    kept = {key: image for key, image in catalog.images.items() if key not in bad}
+    problems = [CatalogProblem(source, None, f"image {image_id}: {issue}") for image_id, issue in bad.items()]
+    return Catalog(kept, unavailable=bad), problems
 
 
 def load_catalog(path: str | os.PathLike) -> Catalog:

@@ -29,7 +29,7 @@ exit codes: 0 written · 2 bad usage or configuration · 4 unsafe or unreadable 
 def main(argv: list[str]) -> int:
     """Run ``cidd agent-token``; return the exit code (see EPILOG)."""
     parser = argparse.ArgumentParser(prog="cidd agent-token", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                      description="Produce the agent token of one node (or of a hostlist).")
     parser.add_argument("nodes", metavar="NODE", help="node name, or a hostlist like 'node[001-064]'")
     parser.add_argument("--out", type=Path, metavar="FILE", help="write the token file (mode 0600) instead of "

@@ -16,7 +16,7 @@ import structlog
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from cidcatalog.catalog import Catalog, load_catalog
+from cidcatalog.catalog import Catalog, load_catalog, without_missing_files
 from cidcommon.errors import CidError, UnknownImage, UnknownNode
 from cidcommon.hostlists import collect
 from cidcommon.vocabulary import Mode
@@ -39,7 +39,7 @@ from cidd.core.machine_types import (
     Switch,
     Tick,
 )
-from cidd.images_http import image_path
+from cidd.images_http import image_dir_of, image_path
 from cidd.netboot import Netboot
 from cidd.power import PowerController
 from cidd.rebooter import Rebooter
@@ -295,6 +295,9 @@ class Engine:
 
         Raises UnknownImage, UnknownNode, Conflict or BadRequest (nothing was started in that case).
         """
+        if image in self.catalog.unavailable:
+            raise UnknownImage(f"image '{image}' cannot be installed: {self.catalog.unavailable[image]}; "
+                               "nothing was started")
         if image not in self.catalog:
             hint = ", ".join(self.catalog.suggestions(image)) or "none"
             raise UnknownImage(f"unknown image '{image}'; close matches: {hint}; "
@@ -433,11 +436,19 @@ class Engine:
 
 
 def read_catalog(config: Config) -> Catalog:
-    """Return the catalog named by ``config``; an absent default catalog is an empty one.
+    """Return the catalog named by ``config``: an absent one is empty (logged as a warning, so that cidd can
+    start before the first image is made). An entry whose file is missing from the image directory, or has
+    another size, is left out (logged as an error; ``catalog.unavailable`` says why), so that no node is ever
+    told to install it; ``cidd check-config`` reports it as an error.
 
     Raises CatalogError with every problem when the file cannot be read or is wrong.
     """
-    if not config.catalog.exists() and not config.catalog_required:
-        log.warning("catalog.missing", path=str(config.catalog), hint="captures need images; see images.yaml")
+    if not config.catalog.exists():
+        log.warning("catalog.missing", path=str(config.catalog), configured=config.catalog_required,
+                    hint="no images yet: cid-mkimg writes the catalog and its first image")
         return Catalog({})
-    return load_catalog(config.catalog)
+    catalog, problems = without_missing_files(load_catalog(config.catalog), image_dir_of(config),
+                                              str(config.catalog))
+    for problem in problems:
+        log.error("catalog.image_unavailable", path=str(config.catalog), problem=problem.message)
+    return catalog

@@ -32,7 +32,7 @@ exit codes: 0 done · 2 bad configuration or unreadable files · 4 unsafe key fi
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Return the parsed ``init`` or ``issue-cert`` command line (``argv[0]`` is the command)."""
     parser = argparse.ArgumentParser(prog="cidd", description="cidd's TLS set-up commands.", epilog=INIT_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create the cluster CA and cidd's server certificate",
                                epilog=INIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

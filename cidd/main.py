@@ -42,6 +42,8 @@ The agent/client port speaks TLS only. At first start cidd creates a cluster CA 
 <state>/secrets/ca.key) and its server certificate, unless the 'tls' section names other files; copy ca.pem
 to every node and client. Plain TCP only with 'tls: {mode: plain}' in cidd.yaml (logged as a warning).
 
+  cidd check-config [--config FILE]                            check configuration, catalog and image files
+                                                               (exit 0, or 2 with every problem); starts nothing
   cidd init [--san NAME]... [--agent-cert NODE]... [--force]   create the CA and certificates now
   cidd issue-cert NODE...                                      agent certificates for mutual TLS
 
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Return the parsed command line."""
     parser = argparse.ArgumentParser(prog="cidd", description="cid head-node daemon: switches node images "
                                      "on demand for batch jobs.", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", "-c", help="YAML configuration file (default: built-in defaults)")
     parser.add_argument("--state-dir", help="override state_dir (database, tokens)")
     parser.add_argument("--catalog", help="override the image catalog path (images.yaml)")
@@ -138,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         return agent_tokens.main(argv[1:])
     if argv and argv[0] in ("init", "issue-cert"):
         return run_init(argv)
+    if argv[:1] == ["check-config"]:
+        from cidd import check_config
+
+        return check_config.run(parse_args(argv[1:]), build_config, print,
+                                lambda text: print(f"cidd: {text}", file=sys.stderr))
     args = parse_args(argv)
     try:
         config = build_config(args)

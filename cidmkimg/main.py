@@ -75,7 +75,7 @@ def reload_cidd(server: str, token: str) -> object:
                                tls=tls)
     except CidError as exc:
         raise ReloadError(f"image and catalog are written, but cidd did not reload its catalog: {exc}; "
-                          "reload it with 'kill -HUP $(pidof cidd)' or 'cidcapt --reload'")
+                          "reload it with 'cidcapt --reload' (or 'systemctl reload cidd')")
     return reply.get("images")
 
 
@@ -97,7 +97,8 @@ def _human(size: float) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser (argparse exits with code 2 on bad usage)."""
-    p = argparse.ArgumentParser(prog="cid-mkimg", description="Pack a root filesystem into a cid image "
+    p = argparse.ArgumentParser(prog="cid-mkimg", allow_abbrev=False,
+                                description="Pack a root filesystem into a cid image "
                                 "(<image-dir>/<name>-<version>-<subversion>.tar.zst) and its catalog entry.",
                                 epilog="exit codes: 0 ok, 1 capture or catalog write failed, 2 bad usage, "
                                 "invalid name or broken catalog (nothing written), 4 cidd did not reload")

@@ -15,6 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from cidsim import placeholder_images
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / ".demo"
 PY = sys.executable
@@ -33,16 +37,20 @@ def show(argv: list[str]) -> None:
     print("\n$ " + " ".join(shlex.quote(names.get(a, a)) for a in argv), flush=True)
 
 
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    """Return once cidd accepts connections; raise SystemExit after ``timeout``."""
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Return once cidd accepts connections; raise SystemExit with the reason from cidd's log when it exited or
+    did not start within ``timeout``."""
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    while time.monotonic() < end and proc.poll() is None:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.1)
-    raise SystemExit(f"demo: cidd did not start within {timeout:g}s; see {DEMO / 'cidd.log'}")
+    lines = (DEMO / "cidd.log").read_text(errors="replace").splitlines()
+    reason = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "no log")
+    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"did not start within {timeout:g}s"
+    raise SystemExit(f"demo: cidd {state}: {reason}\n(whole log: {DEMO / 'cidd.log'})")
 
 
 def run(argv: list[str], env: dict[str, str], expect: int = 0) -> None:
@@ -65,11 +73,16 @@ def main() -> int:
     started = time.monotonic()
     try:
         print("== cid demo: one cidd, 16 simulated nodes, two image switches ==")
-        cidd = [PY, "-m", "cidd.main", "--catalog", str(REPO / "images.yaml"), "--listen", server]
+        placeholder_images(REPO / "images.yaml", DEMO / "state" / "images")  # the simulated images' files
+        config = DEMO / "cidd.yaml"  # free ports, so that the demo runs beside a real cidd or another demo
+        config.write_text(yaml.safe_dump({"state_dir": str(DEMO / "state"), "catalog": str(REPO / "images.yaml"),
+                                          "listen": {"host": "127.0.0.1", "port": port},
+                                          "http": {"host": "127.0.0.1", "port": free_port()}}))
+        cidd = [PY, "-m", "cidd.main", "--config", str(config)]
         show(cidd + [f"2> {DEMO / 'cidd.log'}", "&"])
         with open(DEMO / "cidd.log", "wb") as log:
             procs.append(subprocess.Popen(cidd, env=env, stderr=log, stdout=log))
-        wait_port(port)
+        wait_port(port, procs[-1])
         fleet = [PY, "-m", "cidsim.main", "node[01-16]", "--sim-dir", str(DEMO / "sim"),
                  "--reboot-delay", "1", "--install-time", "2"]
         show(fleet + [f"2> {DEMO / 'fleet.log'}", "&"])

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from cidsim import placeholder_images
+
 REPO = Path(__file__).resolve().parent.parent
 CATALOG = REPO / "images.yaml"
 
@@ -101,6 +103,7 @@ class Cluster:
         """Write cidd.yaml (and the catalog copy, once) for this cluster and return its path."""
         if not self.catalog.exists():
             self.catalog.write_text(CATALOG.read_text())
+        placeholder_images(self.catalog, self.state_dir / "images")  # cidd offers only images whose file it has
         config = {
             "state_dir": str(self.state_dir), "catalog": str(self.catalog),
             "listen": {"host": "127.0.0.1", "port": self.port},
