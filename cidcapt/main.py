@@ -124,32 +124,35 @@ def _reload(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer
 
 def _slurm_prolog(args: argparse.Namespace, env: Mapping[str, str], renderer: slurm.SummaryRecorder,
                   timing: Timing, clock: Clock, sleep: Sleep) -> int:
-    """--slurm: run the capture a PrologSlurmctld needs, drain the nodes that failed or stayed pending.
+    """--slurm: run the capture a PrologSlurmctld needs, then do what Slurm needs after a bad end
+    (slurm.after_capture: drain failed, pending or unknown nodes, or end a job that can never run).
 
-    Returns the exit code of the capture (0 also when the job asks for no cid image). Raises CidError
-    subclasses for problems before the capture (environment, constraint, cidd's feature map); the caller maps them.
+    Returns the exit code of the capture (0 also when the job asks for no cid image). Raises SlurmUsageError
+    when the environment names no job; every other CidError is reported here, as the prolog must act on it.
     """
     job = slurm.SlurmJob.from_env(env)
+    host, port = args.server
+
+    def ask(message: dict[str, Any]) -> dict[str, Any]:
+        return simple_request(host, port, args.role, role_token(args, env), message,
+                              connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep,
+                              tls=tls_settings(args, env))
+
     image = (args.image or "").strip()
-    if not image:
-        host, port = args.server
-        reply = simple_request(host, port, args.role, role_token(args, env), {"type": "features"},
-                               connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep,
-                               tls=tls_settings(args, env))
-        features = reply.get("features") if isinstance(reply.get("features"), dict) else {}
-        default = reply.get("default_image") if isinstance(reply.get("default_image"), str) else None
-        image = slurm.choose_image(job.constraints, features, default) or ""
+    try:
+        image = image or slurm.image_from_features(job, ask({"type": "features"})) or ""
         if not image:
             asked = f"constraint {job.constraints!r} names no cid feature" if job.constraints else "no constraint"
             renderer.say(f"job {job.job_id}: {asked}, and cidd has no default_image: nodes {job.nodes} left as "
                          "they are", always=True)
             return EXIT_OK
-    args.job, args.nodes, args.image = job.job_id, [job.nodes], image
-    args.user = args.user or job.user
-    code = _capture(args, env, renderer, timing, clock, sleep)
-    if renderer.state in ("failed", "deadline"):
-        commands = slurm.drain_commands(job.job_id, image, renderer.nodes)
-        slurm.run_drains(commands, env, lambda text: renderer.say(text, always=True))
+        args.job, args.nodes, args.image = job.job_id, [job.nodes], image
+        args.user = args.user or job.user
+        code = _capture(args, env, renderer, timing, clock, sleep)
+    except CidError as exc:
+        renderer.error(exc.message)
+        code = exit_code(exc)
+    slurm.after_capture(job, image, renderer, env, ask)
     return code
 
 

@@ -1,21 +1,24 @@
 """Slurm integration of cidcapt: the job from a PrologSlurmctld/EpilogSlurmctld environment, the image from the
-job's constraint expression, and the drain of the nodes a failed switch leaves behind.
+job's constraint expression, and what the prolog does when the capture did not end well: drain the nodes a
+failed switch leaves behind, drain the nodes cidd does not know, or end a job whose request can never succeed.
 
-Pure functions except ``run_drains`` (runs scontrol) and ``release`` (one request through a callable).
-cidcapt.main wires them to the command line; exit codes stay in cidcapt.exit_codes.exit_code.
+Pure functions except ``run_scontrol``/``run_drains`` (run scontrol), ``after_capture`` (runs them, and asks
+cidd through a callable) and ``release`` (requests through a callable). cidcapt.main wires them to the command
+line; exit codes stay in cidcapt.exit_codes.exit_code.
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from cidcapt.render import Renderer
-from cidcommon.errors import BadRequest, CidError
-from cidcommon.hostlists import collect
+from cidcommon.errors import BAD_REQUEST_CODES, BadRequest, CidError
+from cidcommon.hostlists import collect, expand
 
 #: Longest drain reason we hand to scontrol. Slurm 22.05 itself stored 5,000 characters without complaint, but
 #: ``sinfo -R`` and ``scontrol show node`` are read by people: keep the reason one readable line.
@@ -26,6 +29,14 @@ SCONTROL = "scontrol"
 #: --release never blocks an epilog for long: seconds to reach cidd, and for each of its two answers.
 RELEASE_CONNECT_S = 5.0
 RELEASE_REQUEST_S = 5.0
+#: Wire codes of a request that can never succeed for this job, whatever nodes it gets: a bad request (two
+#: images, a bad constraint, an unknown image) or a refusal by the rights rules. Requeueing such a job would
+#: only retry it every two minutes forever, so the prolog ends it instead. Left out: ``unknown_node`` (the job
+#: is fine, the node is not cid's: it is drained and the job requeued) and ``conflict`` (another job holds a
+#: node for a while: requeueing is right).
+JOB_ERROR_CODES = (BAD_REQUEST_CODES - {"unknown_node"}) | {"forbidden"}
+#: Longest reason written into a job's AdminComment (``scontrol show job``, ``sacct -o AdminComment``).
+MAX_JOB_REASON = 400
 
 
 class SlurmUsageError(BadRequest):
@@ -220,39 +231,124 @@ def run_drains(commands: list[list[str]], env: Mapping[str, str], say: Callable[
     """
     failures = 0
     for argv in commands:
-        try:
-            result = runner(argv, env=dict(env), capture_output=True, text=True, timeout=SCONTROL_TIMEOUT)
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = run_scontrol(argv, env, runner)
+        if problem:
             failures += 1
-            say(f"warning: could not drain {argv[2][9:]}: {exc}")
-            continue
-        if result.returncode != 0:
-            failures += 1
-            say(f"warning: could not drain {argv[2][9:]}: scontrol exited {result.returncode}: "
-                f"{(result.stderr or '').strip()}")
+            say(f"warning: could not drain {argv[2][9:]}: {problem}")
         else:
             say(f"drained {argv[2][9:]}: {argv[4][7:]}")
     return failures
 
 
+def run_scontrol(argv: list[str], env: Mapping[str, str], runner: Runner = subprocess.run) -> str | None:
+    """Run one scontrol command with ``env``; return None when it worked, else why it did not (never raises)."""
+    try:
+        result = runner(argv, env=dict(env), capture_output=True, text=True, timeout=SCONTROL_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if result.returncode != 0:
+        return f"scontrol exited {result.returncode}: {(result.stderr or '').strip()}"
+    return None
+
+
+# A job whose request can never succeed -----------------------------------------------------------------------
+
+def ends_job(failure: CidError) -> bool:
+    """Return whether ``failure`` means the job can never run as asked (see JOB_ERROR_CODES)."""
+    return failure.code in JOB_ERROR_CODES
+
+
+def end_job_command(job: str, message: str, scontrol: str = SCONTROL) -> list[str]:
+    """Return the scontrol argv that turns requeueing off for ``job`` and says why in its AdminComment.
+
+    Slurm cannot requeue the job when the prolog then exits non-zero, so it ends it (CANCELLED); the
+    comment is what ``scontrol show job`` and ``sacct -o AdminComment`` show the user.
+    """
+    reason = clean_reason(f"cid: job not run: {message}", MAX_JOB_REASON)
+    return [scontrol, "update", f"JobId={job}", "Requeue=0", f"AdminComment={reason}"]
+
+
+def unknown_node_drains(job: str, nodes: str, known: set[str], scontrol: str = SCONTROL) -> list[list[str]]:
+    """Return the scontrol argv draining the nodes of ``nodes`` (a hostlist) that cidd does not know, if any."""
+    unknown = [name for name in expand(nodes) if name not in known]
+    if not unknown:
+        return []
+    reason = clean_reason(f"cid: job {job}: cidd does not know this node (not in cidd.yaml's nodes, and its agent "
+                          "never connected)")
+    return [[scontrol, "update", f"NodeName={collect(unknown)}", "State=DRAIN", f"Reason={reason}"]]
+
+
 class SummaryRecorder(Renderer):
-    """A Renderer that also keeps the final summary (state and node states) for the drain decision."""
+    """A Renderer that also keeps how the capture ended: the final summary (state and node states) for the drain
+    decision, and the error that stopped the prolog, if any (``failure``)."""
 
     def __init__(self, stdout: TextIO, stderr: TextIO, *, quiet: bool = False, json_lines: bool = False) -> None:
         super().__init__(stdout, stderr, quiet=quiet, json_lines=json_lines)
         self.state: str | None = None
         self.nodes: dict[str, dict[str, Any]] = {}
+        self.failure: CidError | None = None
 
     def summary(self, job: str, image: str, state: str, nodes: dict[str, dict[str, Any]], note: str = "") -> None:
         """Remember the end of the capture, then write it like Renderer.summary."""
         self.state, self.nodes = state, {name: dict(info) for name, info in nodes.items()}
         super().summary(job, image, state, nodes, note=note)
 
+    def error(self, message: str) -> None:
+        """Write ``message`` like Renderer.error, and keep the CidError being handled, if any, as ``failure``.
 
-# Release (epilog) -------------------------------------------------------------------------------------------
+        cidcapt.main reports every CidError from inside the ``except`` block that caught it, so the error in
+        flight is the one ``message`` describes; the prolog needs its wire code, not only its text.
+        """
+        handled = sys.exc_info()[1]
+        if isinstance(handled, CidError):
+            self.failure = handled
+        super().error(message)
+
 
 Request = Callable[[dict[str, Any]], dict[str, Any]]
 
+
+def image_from_features(job: SlurmJob, reply: Mapping[str, Any]) -> str | None:
+    """Return the image of ``job`` from cidd's ``features`` reply (see choose_image); raises its errors."""
+    features = reply.get("features") if isinstance(reply.get("features"), dict) else {}
+    default = reply.get("default_image") if isinstance(reply.get("default_image"), str) else None
+    return choose_image(job.constraints, features or {}, default)
+
+
+def after_capture(job: SlurmJob, image: str, recorder: SummaryRecorder, env: Mapping[str, str], ask: Request,
+                  runner: Runner = subprocess.run) -> None:
+    """Do what the prolog owes Slurm once the capture (or the request before it) ended badly.
+
+    - nodes failed, or were still pending at the deadline: drain exactly those (the job is requeued elsewhere);
+    - the request can never succeed (ends_job): end the job, saying why in its AdminComment;
+    - cidd does not know some of the job's nodes: drain those (the job is requeued elsewhere).
+    Every outcome is written to the recorder's stream; nothing here raises.
+    """
+    def say(text: str) -> None:
+        recorder.say(text, always=True)
+
+    failure = recorder.failure
+    if recorder.state in ("failed", "deadline"):
+        run_drains(drain_commands(job.job_id, image, recorder.nodes), env, say, runner)
+    elif failure is not None and ends_job(failure):
+        command = end_job_command(job.job_id, failure.message)
+        problem = run_scontrol(command, env, runner)
+        if problem:
+            say(f"warning: could not end job {job.job_id} (Slurm will requeue it): {problem}")
+        else:
+            say(f"job {job.job_id} ended, not requeued: this request can never succeed; the reason is in its "
+                f"AdminComment (scontrol show job {job.job_id}; sacct -j {job.job_id} -o JobID,State,AdminComment)")
+    elif failure is not None and failure.code == "unknown_node":
+        try:
+            rows = ask({"type": "status"}).get("nodes") or []
+        except CidError as exc:
+            say(f"warning: could not find which of {job.nodes} cidd does not know: {exc.message}")
+            return
+        known = {str(row.get("node")) for row in rows if isinstance(row, dict)}
+        run_drains(unknown_node_drains(job.job_id, job.nodes, known), env, say, runner)
+
+
+# Release (epilog) -------------------------------------------------------------------------------------------
 
 def release(job: str, nodes: str, user: str | None, request: Request, timeout: float = 3600.0) -> str:
     """Start the switch of the job's nodes back to cidd's default image, without waiting; return what was done.

@@ -1,15 +1,24 @@
 """cid-slurm-helper: the helper program of Slurm's ``node_features/helpers`` plugin, and a RebootProgram.
 
-Slurm (slurmd, on the node) calls the program named by ``Helper=`` in helpers.conf:
+What slurmd passes it (read in Slurm's sources: slurmd's ``_rpc_reboot`` and the helpers plugin, 22.05 to 25.11):
 
-- with no argument (``get_state``): print the node's active features, one per line. We ask cidd which image
-  the node runs and print every feature of cidd's ``scheduler.features`` that maps to it;
-- with one argument, a feature (``set_state``), before it reboots the node for a job that needs that feature:
-  we ask cidd to switch the node to the feature's image (a capture ``helper.<node>.<time>``, not waited for);
-  cid then reboots the node itself, into the installer and into the image.
+- ``HELPER`` (no argument): the plugin's get_state, at every slurmd start and ``scontrol reconfigure``, once per
+  ``Feature=`` line. **Slurm 22.05 also runs RebootProgram with no argument after a feature change** (it drops
+  RebootProgram's own arguments and clears the feature list), and 23.02/23.11 do so when the change failed.
+  So without arguments the helper only prints the node's active features and never reboots: the features of
+  the image cidd says the node runs, or ``cid_other`` when the node runs no image of ``scheduler.features`` or
+  cid cannot say which (cidd unreachable, node switching): printing nothing would make slurmctld keep the
+  feature it set when it asked for the reboot, however wrong;
+- ``HELPER FEATURE`` (set_state), before slurmd reboots the node for a job: cid switches the node to the
+  feature's image (a capture ``helper.<node>.<time>`` with CID_TIMEOUT as its deadline, not waited for) and
+  reboots it itself. Slurm 23.02 and later then run RebootProgram as ``HELPER 'FEATURE[,FEATURE...]'``: the
+  same request again, which changes nothing (the node is already switching). When the node already runs the
+  image, the helper reboots it (CID_REBOOT_COMMAND), because slurmd waits for a reboot before the job starts;
+- ``HELPER --reboot``: only ``scontrol reboot`` runs RebootProgram with its own arguments. The node is rebooted
+  unless cid is switching it (cid reboots it then); when cidd cannot be reached it is rebooted all the same.
 
-With ``--reboot`` it is a RebootProgram that reboots the node only when cid is not already doing so.
-Exit codes are cidcapt's (cidcapt.exit_codes.exit_code); Slurm only looks at zero or not.
+Exit codes are cidcapt's (cidcapt.exit_codes.exit_code); Slurm only looks at zero or not (and, from 24.05, a
+failed set_state marks the node DOWN with "Failed to set node feature(s)").
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,6 +45,15 @@ from cidcommon.wire import DEFAULT_PORT
 QUICK = Timing(request_timeout=4.0, attempt_timeout=2.0, backoff_first=0.2, backoff_max=1.0)
 CONNECT_TIMEOUT = 4.0
 SWITCHING = frozenset({"to_installer", "installing", "to_image"})
+#: The feature reported when the node runs no image that a feature names, or cid cannot say which. Declare it
+#: in helpers.conf (rc/slurm/helpers.conf.example); undeclared, slurmd drops it and keeps stale features.
+OTHER_FEATURE = "cid_other"
+#: States in which a booting node's agent may not have said hello yet: get_state waits this long for it.
+SETTLE_STATES = frozenset({"offline", "to_image"})
+SETTLE_S = 5.0
+SETTLE_POLL_S = 0.5
+#: The capture deadline when neither --timeout nor CID_TIMEOUT is given (the prolog's default too).
+DEFAULT_TIMEOUT = 1800.0
 
 
 class UnknownFeature(BadRequest):
@@ -47,13 +65,19 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cid-slurm-helper", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Slurm node_features/helpers helper for cid (see docs/slurm.md).\n"
-                    "  cid-slurm-helper            print the node's active cid features (get_state)\n"
-                    "  cid-slurm-helper FEATURE    switch the node to FEATURE's image at its reboot (set_state)\n"
-                    "  cid-slurm-helper --reboot   RebootProgram: reboot unless cid is switching the node",
+                    "  cid-slurm-helper            print the node's active cid features, or cid_other (get_state;\n"
+                    "                              also Slurm 22.05's RebootProgram call after a feature change:\n"
+                    "                              never reboots)\n"
+                    "  cid-slurm-helper FEATURE    switch the node to FEATURE's image, cid reboots it (set_state;\n"
+                    "                              FEATURE may be a comma list, as RebootProgram gets it from 23.02)\n"
+                    "  cid-slurm-helper --reboot   RebootProgram for 'scontrol reboot': reboot unless cid is\n"
+                    "                              switching the node",
         epilog="exit codes (cidcapt's): 0 done, 2 bad request (unknown feature or node), 4 cidd unreachable, "
                "authentication failed, or the head node's user database did not answer, 5 refused (another job "
                "holds the node); --reboot: the reboot command's code")
-    parser.add_argument("feature", nargs="*", help="the feature to activate (set_state); ignored with --reboot")
+    parser.add_argument("feature", nargs="*",
+                        help="the feature to activate (set_state), or a comma list of features (RebootProgram from "
+                        "Slurm 23.02); features that are not cid's are ignored; ignored with --reboot")
     parser.add_argument("--reboot", action="store_true",
                         help="reboot the node with --reboot-command unless cid is switching it (cid reboots it then)")
     parser.add_argument("--node", default=env.get("CID_NODE") or socket.gethostname().split(".")[0],
@@ -67,25 +91,32 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--ca", type=Path, default=None,
                         help="cluster CA certificate that signed cidd's (default $CID_CA_FILE or "
                         "<state_dir>/tls/ca.pem); $CID_PLAIN_TCP=1 talks without TLS to a cidd in tls mode plain")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="deadline of the switch in seconds")
+    parser.add_argument("--timeout", type=float, default=env.get("CID_TIMEOUT") or DEFAULT_TIMEOUT,
+                        help="deadline of the switch in seconds (default $CID_TIMEOUT or %(default)s); Slurm's "
+                        "ResumeTimeout must be longer")
     parser.add_argument("--reboot-command", default=env.get("CID_REBOOT_COMMAND") or "/sbin/reboot",
-                        help="what --reboot runs (default $CID_REBOOT_COMMAND or %(default)s)")
+                        help="how the helper reboots the node, for --reboot and for a feature the node already "
+                        "runs (default $CID_REBOOT_COMMAND or %(default)s)")
     return parser
 
 
 class Helper:
     """One run of the helper: talks to cidd about ``node``."""
 
-    def __init__(self, args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> None:
+    def __init__(self, args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO, *,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.args = args
         self.env = env
         self.out = out
         self.err = err
         self.node = args.node
+        self.clock = clock
+        self.sleep = sleep
 
     def say(self, text: str) -> None:
         """Write a timestamped line to stderr (slurmd drops it; rc/slurm/cid-slurm-helper.sh appends it to a log)."""
         self.err.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} cid-slurm-helper: {self.node}: {text}\n")
+        self.err.flush()
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Return cidd's reply to ``message``; raises CidError subclasses (unreachable, auth, ...)."""
@@ -110,39 +141,93 @@ class Helper:
                 return row
         raise UnknownNode(f"cidd does not know node {self.node!r}; pass --node or set CID_NODE")
 
+    def settled_row(self) -> dict[str, Any]:
+        """Return the node's status row, after waiting up to SETTLE_S for a booting node's agent to say hello.
+
+        slurmd and cidkid start together when a node boots: cidd may still say ``offline`` or ``to_image``
+        when slurmd asks for the features.
+        """
+        end = self.clock() + SETTLE_S
+        row = self.node_row()
+        while row.get("state") in SETTLE_STATES and self.clock() < end:
+            self.sleep(SETTLE_POLL_S)
+            row = self.node_row()
+        return row
+
     def features(self) -> dict[str, str]:
         """Return cidd's feature -> image map."""
         features = self.request({"type": "features"}).get("features")
         return {str(k): str(v) for k, v in features.items()} if isinstance(features, dict) else {}
 
     def report(self) -> int:
-        """get_state: print the features whose image the node runs; return 0."""
-        features = self.features()
-        image = self.node_row().get("image")
-        for feature in sorted(f for f, img in features.items() if img == image):
+        """get_state: print the features of the image the node runs, else OTHER_FEATURE; return 0.
+
+        Never fails and never reboots: with Slurm 22.05 this is also the RebootProgram call after a feature
+        change, and a helper that exits non-zero or prints nothing leaves slurmctld with stale features.
+        """
+        active: list[str] = []
+        try:
+            features = self.features()
+            row = self.settled_row()
+        except CidError as exc:
+            why = f"cannot tell which image the node runs ({exc.message})"
+        else:
+            state, image = row.get("state"), row.get("image")
+            if state != "ready":
+                why = f"the node is {state}" + (f" (to {row['target']})" if row.get("target") else "")
+            else:
+                active = sorted(f for f, img in features.items() if img == image)
+                why = f"runs {image}, which no feature of cidd's scheduler.features names"
+        if active:
+            self.say(f"runs {image}: active {', '.join(active)}")
+        else:
+            self.say(f"{why}: reporting {OTHER_FEATURE}, so that Slurm keeps no stale image feature")
+        for feature in active or [OTHER_FEATURE]:
             self.out.write(feature + "\n")
+        self.out.flush()
         return EXIT_OK
 
-    def activate(self, feature: str) -> int:
-        """set_state: start switching the node to ``feature``'s image (not waited for); return 0."""
+    def activate(self, words: list[str]) -> int:
+        """set_state: have cid switch the node to the image of the cid feature among ``words``; return 0.
+
+        ``words`` may hold several features (comma lists included): the others are not cid's and are left to
+        their own helpers. Raises UnknownFeature or BadRequest (no cid feature, two images, OTHER_FEATURE).
+        """
+        asked = [w for word in words for w in word.split(",") if w]
         features = self.features()
-        if feature not in features:
-            raise UnknownFeature(f"feature {feature!r} is not in cidd's scheduler.features "
+        mine = sorted({w for w in asked if w in features})
+        if not mine:
+            if OTHER_FEATURE in asked:
+                raise BadRequest(f"{OTHER_FEATURE} means 'no image cid can name' and cannot be activated; ask for "
+                                 f"one of {', '.join(sorted(features)) or '(none configured)'}")
+            raise UnknownFeature(f"feature {','.join(asked)!r} is not in cidd's scheduler.features "
                                  f"({', '.join(sorted(features)) or 'empty'}); check helpers.conf")
-        image = features[feature]
+        images = sorted({features[w] for w in mine})
+        if len(images) > 1:
+            raise BadRequest(f"features {', '.join(mine)} name {len(images)} images ({', '.join(images)}); a node "
+                             "runs one image")
+        if others := [w for w in asked if w not in features]:
+            self.say(f"ignoring {', '.join(others)}: not cid features")
+        image, feature = images[0], ",".join(mine)
         row = self.node_row()
         if row.get("state") == "ready" and row.get("image") == image:
-            self.say(f"already runs {image} ({feature})")
+            self.say(f"already runs {image} ({feature}); slurmd waits for a reboot before the job starts: "
+                     "rebooting into it")
+            return self.reboot_now()
+        if row.get("state") in SWITCHING and row.get("target") == image:
+            self.say(f"already switching to {image} ({feature}) as job {row.get('job')}; cid reboots the node")
             return EXIT_OK
         job = f"helper.{self.node}.{int(time.time())}"
         reply = self.request({"type": "capture", "job": job, "nodes": self.node, "image": image,
                               "timeout": int(self.args.timeout), "user": "slurm", "watch": False})
         state = (reply.get("capture") or {}).get("state")
-        self.say(f"switching to {image} ({feature}) as job {job} (capture {state}); cid reboots the node")
+        self.say(f"switching to {image} ({feature}) as job {job} (capture {state}, deadline "
+                 f"{int(self.args.timeout)} s); cid reboots the node")
         return EXIT_OK
 
     def reboot(self) -> int:
-        """RebootProgram: reboot unless cid is switching the node; return the reboot command's exit code or 0."""
+        """RebootProgram of ``scontrol reboot``: reboot unless cid is switching the node; return 0 or the
+        reboot command's exit code. When cidd cannot be reached the node is rebooted: an admin asked for it."""
         try:
             row = self.node_row()
         except CidError as exc:
@@ -152,8 +237,11 @@ class Helper:
             self.say(f"cid is switching the node to {row.get('target')} (job {row.get('job')}) and reboots it; "
                      "not rebooting a second time")
             return EXIT_OK
+        return self.reboot_now()
+
+    def reboot_now(self) -> int:
+        """Run the reboot command; return its exit code."""
         self.say(f"rebooting: {self.args.reboot_command}")
-        self.err.flush()
         return subprocess.run(shlex.split(self.args.reboot_command), check=False).returncode
 
 
@@ -168,14 +256,11 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_REQUEST
-    if len(args.feature) > 1 and not args.reboot:
-        err.write(f"cid-slurm-helper: one feature at a time, not {' '.join(args.feature)}\n")
-        return EXIT_BAD_REQUEST
     helper = Helper(args, env, out, err)
     try:
-        if args.reboot:  # a RebootProgram may be given the features being activated: they change nothing here
+        if args.reboot:  # only `scontrol reboot` passes RebootProgram's own arguments; extra words change nothing
             return helper.reboot()
-        return helper.activate(args.feature[0]) if args.feature else helper.report()
+        return helper.activate(args.feature) if args.feature else helper.report()
     except CidError as exc:
         helper.say(f"error: {exc.message}")
         return exit_code(exc)

@@ -70,7 +70,8 @@ class Slurm:
     """slurmctld + one slurmd per node + munged, all under ``root``.
 
     ``node_lines`` adds words to every NodeName line (e.g. ``Features=a,b``); ``conf`` adds whole lines to
-    slurm.conf; ``node_env`` adds variables to the environment of every slurmd (``{node}`` is replaced).
+    slurm.conf (a key given there replaces the fixture's own line for it, e.g. ``ReturnToService=``);
+    ``node_env`` adds variables to the environment of every slurmd (``{node}`` is replaced).
     """
 
     root: Path
@@ -120,8 +121,9 @@ class Slurm:
             "SchedulerType=sched/builtin", "SchedulerParameters=sched_interval=2", "SelectType=select/linear",
             "ReturnToService=2", "SlurmctldTimeout=30", "SlurmdTimeout=60", "InactiveLimit=0", "KillWait=2",
             "MinJobAge=600", "MailProg=/bin/true", "SlurmctldDebug=info", "SlurmdDebug=info",
-            *self.conf,
         ]
+        overridden = {line.split("=", 1)[0].lower() for line in self.conf if "=" in line}
+        lines = [line for line in lines if line.split("=", 1)[0].lower() not in overridden] + self.conf
         for node in self.nodes:
             lines.append(f"NodeName={node} NodeHostname=localhost NodeAddr=127.0.0.1 Port={self.node_ports[node]} "
                          f"CPUs=1 RealMemory=100 State=UNKNOWN {self.node_lines}".rstrip())
@@ -283,15 +285,17 @@ def capture_ends(cluster: Cluster, job_prefix: str) -> list[tuple[float, dict[st
     return ends
 
 
-def captures(cluster: Cluster, job: str) -> list[dict[str, Any]]:
-    """Return cidd's records of the captures of ``job`` (``cidcapt --captures --json``), oldest first.
+def captures(cluster: Cluster, job: str | None) -> list[dict[str, Any]]:
+    """Return cidd's records of the captures of ``job`` (of every job for None) (``cidcapt --captures --json``),
+    oldest first.
 
     A capture that is over at once (every node already runs the image) has an ``ended`` time here but no
     ``capture.ended`` log event.
     """
     result = cluster.cidcapt("--captures", "--json")
     assert result.returncode == 0, result.stderr
-    return sorted((c for c in json.loads(result.stdout) if c["job"] == job), key=lambda c: c["created"])
+    return sorted((c for c in json.loads(result.stdout) if job is None or c["job"] == job),
+                  key=lambda c: c["created"])
 
 
 def job_transitions(cluster: Cluster, job: str) -> list[tuple[str, str, str]]:

@@ -2,11 +2,13 @@
 
 The shipped rc/slurm/prolog_slurmctld.sh is Slurm's PrologSlurmctld; it runs ``cidcapt --slurm`` against a real
 cidd whose simulated fleet is node[01-04] (node04 fails every install). Each batch script writes the time it
-started, so the tests check the order: cidd ended the job's capture before the job ran.
+started, so the tests check the order: cidd ended the job's capture before the job ran. cidd's rights rules
+allow everyone debian-12-1 and rocky-9-3 only, so a job asking for img_deb122 (debian-12-2) is refused.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,10 @@ from tests.slurm import (
 pytestmark = pytest.mark.slow
 
 NODES = ["node01", "node02", "node03", "node04"]
-FEATURES = {"img_deb121": "debian-12-1", "img_rocky93": "rocky-9-3"}
+FEATURES = {"img_deb121": "debian-12-1", "img_rocky93": "rocky-9-3", "img_deb122": "debian-12-2"}
+RIGHTS = [{"name": "everyone-but-deb122", "users": ["*"], "images": ["debian-12-1", "rocky-*"], "nodes": "*"}]
+#: A line of the prolog log: time stamp, job, seconds since that prolog started, then the text.
+STAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} job=\d+ \+\d+s .")
 
 
 class Site:
@@ -37,7 +42,8 @@ class Site:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.cid = CidCluster(root / "cid", scheduler={"features": FEATURES}, groups={
-            "default": {"ladder": [{"method": "reboot", "timeout": 5}], "install_timeout": 10, "install_attempts": 1}})
+            "default": {"ladder": [{"method": "reboot", "timeout": 5}], "install_timeout": 10, "install_attempts": 1}},
+            extra_config={"rights": RIGHTS})
         self.slurm = Slurm(root / "slurm", NODES, node_lines="Features=" + ",".join(FEATURES))
         self.prolog_log = root / "prolog.log"
 
@@ -47,9 +53,9 @@ class Site:
                              "--initial-image", "debian-12-1", "--fail-install", "node04")
         self.cid.wait_online(4)
         bindir = write_shims(self.root / "bin")
-        defaults = write_defaults(self.root / "cid-slurm.default", self.cid, self.slurm.conf_path, bindir,
-                                  CID_TIMEOUT="40", CID_LOG=str(self.prolog_log))
-        prolog = write_hook(self.root / "prolog.sh", "prolog_slurmctld.sh", defaults)
+        self.defaults = write_defaults(self.root / "cid-slurm.default", self.cid, self.slurm.conf_path, bindir,
+                                       CID_TIMEOUT="40", CID_LOG=str(self.prolog_log))
+        prolog = write_hook(self.root / "prolog.sh", "prolog_slurmctld.sh", self.defaults)
         self.slurm.conf += [f"PrologSlurmctld={prolog}", "PrologEpilogTimeout=120"]
         self.slurm.start()
 
@@ -91,7 +97,7 @@ def test_batch_job_runs_only_after_its_nodes_switched(site: Site) -> None:
     (ended, event), = capture_ends(site.cid, job)
     (script_start,) = site.started(job)
     assert event["state"] == "ok" and submitted < ended < script_start, (submitted, ended, script_start)
-    assert f"job={job} nodes=node[01-02]" in site.prolog_log.read_text()
+    assert f"job={job} +0s prolog nodes=node[01-02]" in site.prolog_log.read_text()
 
 
 def test_nodes_already_in_the_image_start_without_a_switch(site: Site) -> None:
@@ -154,3 +160,72 @@ def test_moab_style_host_list_works_unchanged(site: Site) -> None:
     (record,) = captures(site.cid, "Moab.7")
     assert record["state"] == "ok" and record["nodes"] == "node[01-02]"
     assert {row["image"] for row in site.cid.status("node[01-02]").values()} == {"debian-12-1"}
+
+
+def wait_ended(site: Site, job: str, timeout: float = 40) -> dict[str, str]:
+    """Return the job's fields once it has ended; fail if Slurm requeued it instead."""
+    end = time.monotonic() + timeout
+    info: dict[str, str] = {}
+    while time.monotonic() < end:
+        info = site.slurm.show("job", job)
+        assert info.get("Restarts") == "0", f"job {job} was requeued: {info}"
+        if info.get("JobState") in ("CANCELLED", "FAILED", "COMPLETED"):
+            return info
+        time.sleep(0.3)
+    raise AssertionError(f"job {job} not ended after {timeout} s: {info}")
+
+
+@pytest.mark.parametrize("constraint, why", [
+    ("img_deb121|img_rocky93", "asks for 2 different images (img_deb121 -> debian-12-1; img_rocky93 -> rocky-9-3)"),
+    ("img_deb122", "rights: user root may not put image debian-12-2 on node"),
+])
+def test_a_job_that_can_never_run_is_ended_with_its_reason_not_requeued(site: Site, constraint: str,
+                                                                        why: str) -> None:
+    """Exit 2 (two images) and exit 5 from the rights rules: before, Slurm requeued these jobs every ~2 minutes."""
+    job = site.batch(f"--constraint={constraint}", "-w", "node03")
+    info = wait_ended(site, job)
+    assert info["JobState"] == "CANCELLED" and info["Requeue"] == "0", info
+    comment = site.slurm.run("scontrol", "show", "job", job).stdout
+    assert "AdminComment=cid: job not run: " in comment and why in comment, comment
+    site.slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)  # nothing left to requeue
+    time.sleep(3)
+    info = site.slurm.show("job", job)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0") and site.started(job) == [], info
+    assert f"job {job} ended, not requeued" in site.prolog_log.read_text()
+
+
+def test_a_prolog_that_cannot_run_cidcapt_drains_the_nodes_saying_why(site: Site) -> None:
+    """SlurmUser cannot execute cidcapt's interpreter (a virtualenv under a private home): exit 126."""
+    broken = site.root / "private-venv" / "bin"
+    broken.mkdir(parents=True)
+    python = broken / "python3"
+    python.write_text("#!/bin/sh\nexit 0\n")
+    python.chmod(0o644)  # not executable, even by root
+    (broken / "cidcapt").write_text(f"#!{python}\n")
+    (broken / "cidcapt").chmod(0o755)
+    good = site.defaults.read_text()
+    site.defaults.write_text(good + f"CID_BIN={broken}\n")  # the later assignment wins
+    job = ""
+    try:
+        job = site.batch("--constraint=img_deb121", "-w", "node03")
+        end = time.monotonic() + 40
+        while time.monotonic() < end and "DRAIN" not in site.slurm.node_state("node03").upper():
+            time.sleep(0.3)
+        node = site.slurm.show("node", "node03")
+        assert "DRAIN" in node["State"], node
+        assert node["Reason"].startswith("cid: prolog cannot run cidcapt (exit 126), see "), node
+        log = site.prolog_log.read_text()
+        assert f"error: cannot run cidcapt (exit 126): its interpreter {python} is not executable by root" in log
+        assert site.started(job) == []
+    finally:
+        site.defaults.write_text(good)
+        if job:
+            site.slurm.run("scancel", job, check=False)
+        site.slurm.run("scontrol", "update", "NodeName=node03", "State=RESUME", check=False)
+
+
+def test_every_line_of_the_prolog_log_has_a_time_stamp_and_the_seconds_since_the_start(site: Site) -> None:
+    lines = site.prolog_log.read_text().splitlines()
+    assert len(lines) > 20 and [line for line in lines if not STAMPED.match(line)] == []
+    done = [line for line in lines if " prolog done: exit " in line]
+    assert done and all(re.search(r"prolog done: exit \d+ after \d+ s$", line) for line in done), done

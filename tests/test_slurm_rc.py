@@ -30,8 +30,19 @@ def test_shell_scripts_parse_and_are_executable(script: Path) -> None:
 
 def test_hooks_export_slurm_conf_before_anything_calls_scontrol() -> None:
     for name in ("prolog_slurmctld.sh", "epilog_slurmctld.sh"):
-        text = (RC / "slurm" / name).read_text()
-        assert "export SLURM_CONF" in text and text.index("export SLURM_CONF") < text.index("exec cidcapt --slurm")
+        code = [line for line in (RC / "slurm" / name).read_text().splitlines() if not line.lstrip().startswith("#")]
+        first = {word: next(i for i, line in enumerate(code) if word in line)
+                 for word in ("export SLURM_CONF", "cidcapt --slurm")}
+        assert first["export SLURM_CONF"] < first["cidcapt --slurm"], name
+        scontrol = [i for i, line in enumerate(code) if "scontrol " in line]
+        assert all(first["export SLURM_CONF"] < i for i in scontrol), name
+
+
+def test_every_hook_reads_the_fixed_defaults_file_and_the_helper_passes_cid_timeout_on() -> None:
+    for script in sorted((RC / "slurm").glob("*.sh")):
+        assert "${CID_SLURM_DEFAULTS:-/etc/default/cid-slurm}" in script.read_text(), script.name
+    helper = (RC / "slurm" / "cid-slurm-helper.sh").read_text()
+    assert re.search(r"^export .*\bCID_TIMEOUT\b", helper, re.MULTILINE)
 
 
 def test_moab_snippet_keeps_notp_jobprolog_line() -> None:

@@ -4,6 +4,7 @@ cidd, Moab host lists, and cid-slurm-helper's three modes."""
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,8 +116,10 @@ def test_run_drains_passes_slurm_conf_and_reports_failures() -> None:
 # --slurm and --release against a fake cidd -----------------------------------------------------------------
 
 def serve(*, features: dict[str, Any] | None = None, default: str | None = None, release: bool = False,
-          capture: Callable[[FakeSession, dict[str, Any]], None] | None = None) -> Callable[[FakeSession], None]:
-    """Return a FakeCidd script answering features, status and capture requests until the client closes."""
+          capture: Callable[[FakeSession, dict[str, Any]], None] | None = None,
+          status: list[dict[str, Any]] | None = None) -> Callable[[FakeSession], None]:
+    """Return a FakeCidd script answering features, capture and (given ``status`` rows) status requests until
+    the client closes."""
     def script(session: FakeSession) -> None:
         session.hello()
         while True:
@@ -132,6 +135,8 @@ def serve(*, features: dict[str, Any] | None = None, default: str | None = None,
                 capture(session, message)
             elif kind == "capture":
                 session.accept(message, {n: "to_installer" for n in ("node01", "node02")})
+            elif kind == "status" and status is not None:
+                session.reply(message, nodes=status)
             else:
                 session.error(message, "unknown_type", f"not scripted: {kind}")
     return script
@@ -160,7 +165,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     return {"PATH": f"{bindir}:/usr/bin:/bin", "SLURM_CONF": "/etc/slurm-test/slurm.conf", "CID_ROLE": "scheduler",
             "CID_TOKEN_FILE": str(token), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[01-02]",
             "SLURM_JOB_USER": "alice", "SLURM_JOB_CONSTRAINTS": "img_rocky93&gpu", "TMP": str(tmp_path),
-            "CID_CA_FILE": test_ca_file()}
+            "CID_CA_FILE": test_ca_file(), "CID_REBOOT_COMMAND": f"touch {tmp_path}/rebooted"}
 
 
 def run(cidd: FakeCidd | str, env: dict[str, str], *args: str) -> tuple[int, str]:
@@ -233,19 +238,63 @@ def test_no_cid_feature_uses_the_default_image(env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("change, args, text", [
-    ({"SLURM_JOB_CONSTRAINTS": "img_deb121|img_rocky93"}, [], "2 different images"),
-    ({"SLURM_JOB_CONSTRAINTS": "img_deb121&("}, [], "bad constraint"),
     ({"SLURM_JOB_ID": ""}, [], "needs SLURM_JOB_ID"),
     ({}, ["-j", "7"], "drop -j/-n"),
     ({}, ["--release", "-i", "x-1-1"], "takes no -i"),
 ])
-def test_slurm_bad_requests_exit_2_and_start_nothing(env: dict[str, str], change: dict[str, str],
+def test_slurm_usage_errors_exit_2_and_touch_nothing(env: dict[str, str], change: dict[str, str],
                                                      args: list[str], text: str) -> None:
     env.update(change)
     with FakeCidd(serve(), token=TOKEN) as cidd:
         code, err = run(cidd, env, "--slurm", *args)
     assert code == 2 and text in err, err
     assert cidd.messages("capture") == [] and scontrol_calls(env) == []
+
+
+@pytest.mark.parametrize("constraint, text", [
+    ("img_deb121|img_rocky93", "2 different images"),
+    ("img_deb121&(", "bad constraint"),
+])
+def test_a_request_that_can_never_succeed_ends_the_job_instead_of_a_requeue(env: dict[str, str], constraint: str,
+                                                                            text: str) -> None:
+    env["SLURM_JOB_CONSTRAINTS"] = constraint
+    with FakeCidd(serve(), token=TOKEN) as cidd:
+        code, err = run(cidd, env, "--slurm")
+    assert code == 2 and text in err, err
+    assert cidd.messages("capture") == []
+    (call,) = scontrol_calls(env)
+    arguments, slurm_conf = call.rsplit("|", 1)
+    assert arguments.startswith("update|JobId=42|Requeue=0|AdminComment=cid: job not run: "), call
+    assert text in arguments and slurm_conf == "/etc/slurm-test/slurm.conf", call  # one argument; SLURM_CONF
+    assert "job 42 ended, not requeued" in err
+
+
+@pytest.mark.parametrize("code_name, ends", [("forbidden", True), ("unknown_image", True), ("conflict", False)])
+def test_refusals_end_the_job_only_when_no_retry_can_help(env: dict[str, str], code_name: str, ends: bool) -> None:
+    def refuse(session: FakeSession, cap: dict[str, Any]) -> None:
+        session.error(cap, code_name, f"refused for the test ({code_name})")
+
+    with FakeCidd(serve(capture=refuse), token=TOKEN) as cidd:
+        code, err = run(cidd, env, "--slurm")
+    assert code in (2, 5) and f"refused for the test ({code_name})" in err, err
+    calls = scontrol_calls(env)
+    if ends:
+        assert len(calls) == 1 and f"AdminComment=cid: job not run: refused for the test ({code_name})" in calls[0]
+    else:
+        assert calls == []  # another job holds a node for a while: Slurm's requeue is the right answer
+
+
+def test_unknown_nodes_are_drained_and_the_job_requeued(env: dict[str, str]) -> None:
+    def unknown(session: FakeSession, cap: dict[str, Any]) -> None:
+        session.error(cap, "unknown_node", "unknown node(s) node02: not in the inventory and never connected")
+
+    rows = [{"node": "node01", "state": "ready", "image": "debian-12-1"}]
+    with FakeCidd(serve(capture=unknown, status=rows), token=TOKEN) as cidd:
+        code, err = run(cidd, env, "--slurm")
+    assert code == 2, err
+    (call,) = scontrol_calls(env)
+    assert call.startswith("update|NodeName=node02|State=DRAIN|Reason=cid: job 42: cidd does not know this node"), call
+    assert "drained node02" in err
 
 
 def test_slurm_prolog_with_cidd_unreachable_exits_4_without_draining(env: dict[str, str]) -> None:
@@ -315,9 +364,10 @@ def helper_script(rows: dict[str, dict[str, Any]]) -> Callable[[FakeSession], No
     return script
 
 
-def helper(cidd: FakeCidd, env: dict[str, str], *args: str) -> tuple[int, str, str]:
+def helper(cidd: FakeCidd | str, env: dict[str, str], *args: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = slurm_helper.main(["--server", cidd.address, "--node", "node01", *args], stdout=out, stderr=err, env=env)
+    server = cidd if isinstance(cidd, str) else cidd.address
+    code = slurm_helper.main(["--server", server, "--node", "node01", *args], stdout=out, stderr=err, env=env)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -327,21 +377,74 @@ def test_helper_reports_the_features_of_the_running_image(env: dict[str, str]) -
     assert (code, out) == (0, "img_rocky93\nrocky\n"), err
 
 
+@pytest.mark.parametrize("row, why", [
+    ({"state": "ready", "image": "debian-12-2"}, "runs debian-12-2, which no feature of cidd's scheduler.features"),
+    ({"state": "installing", "image": None, "target": "rocky-9-3"}, "the node is installing (to rocky-9-3)"),
+    ({"state": "failed", "image": None, "target": "rocky-9-3"}, "the node is failed"),
+])
+def test_helper_reports_cid_other_when_no_image_feature_is_active(env: dict[str, str], row: dict[str, Any],
+                                                                  why: str) -> None:
+    with FakeCidd(helper_script({"node01": row}), token=TOKEN) as cidd:
+        code, out, err = helper(cidd, env)
+    assert (code, out) == (0, "cid_other\n"), err
+    assert why in err and not Path(env["TMP"], "rebooted").exists()
+
+
+def test_helper_without_cidd_reports_cid_other_and_never_reboots(env: dict[str, str]) -> None:
+    code, out, err = helper("127.0.0.1:1", env)
+    assert (code, out) == (0, "cid_other\n")
+    assert "cannot tell which image the node runs (cannot reach cidd" in err
+    assert not Path(env["TMP"], "rebooted").exists()  # Slurm 22.05's RebootProgram call after a feature change
+
+
+def test_helper_waits_for_a_booting_node_to_say_hello(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slurm_helper, "SETTLE_POLL_S", 0.05)
+    rows = {"node01": {"state": "to_image", "image": None, "target": "rocky-9-3"}}
+    with FakeCidd(helper_script(rows), token=TOKEN) as cidd:
+        def hello_later() -> None:
+            time.sleep(0.3)
+            rows["node01"] = {"state": "ready", "image": "rocky-9-3"}
+        threading.Thread(target=hello_later, daemon=True).start()
+        code, out, err = helper(cidd, env)
+    assert (code, out) == (0, "img_rocky93\nrocky\n"), err
+
+
 def test_helper_activates_by_starting_a_switch_it_does_not_wait_for(env: dict[str, str]) -> None:
+    env["CID_TIMEOUT"] = "45"
     with FakeCidd(helper_script({"node01": {"state": "ready", "image": "debian-12-1"}}), token=TOKEN) as cidd:
         code, out, err = helper(cidd, env, "img_rocky93")
         assert code == 0, err
         (cap,) = cidd.messages("capture")
         assert cap["job"].startswith("helper.node01.") and cap["watch"] is False and cap["image"] == "rocky-9-3"
-        code, _, err = helper(cidd, env, "img_deb121")  # already runs it: nothing to do
-        assert code == 0 and "already runs debian-12-1" in err and len(cidd.messages("capture")) == 1
+        assert cap["timeout"] == 45 and "deadline 45 s" in err  # CID_TIMEOUT, as the prolog's captures
         code, _, err = helper(cidd, env, "nosuch")
         assert code == 2 and "not in cidd's scheduler.features" in err
+        code, _, err = helper(cidd, env, "cid_other")
+        assert code == 2 and "cannot be activated" in err
+        code, _, err = helper(cidd, env, "img_deb121,img_rocky93")
+        assert code == 2 and "a node runs one image" in err
+    assert len(cidd.messages("capture")) == 1
+
+
+def test_helper_reboots_a_node_that_already_runs_the_image(env: dict[str, str]) -> None:
+    """Slurm waits for a reboot after set_state: without one the job would wait until ResumeTimeout."""
+    with FakeCidd(helper_script({"node01": {"state": "ready", "image": "debian-12-1"}}), token=TOKEN) as cidd:
+        code, _, err = helper(cidd, env, "img_deb121")
+    assert code == 0 and "already runs debian-12-1" in err and "rebooting: touch" in err
+    assert Path(env["TMP"], "rebooted").exists() and cidd.messages("capture") == []
+
+
+def test_helper_as_reboot_program_of_slurm_23_changes_nothing_while_the_node_switches(env: dict[str, str]) -> None:
+    """From Slurm 23.02 RebootProgram gets the features as one comma list, after set_state started the switch."""
+    row = {"state": "to_installer", "image": "debian-12-1", "target": "rocky-9-3", "job": "helper.node01.1"}
+    with FakeCidd(helper_script({"node01": row}), token=TOKEN) as cidd:
+        code, _, err = helper(cidd, env, "img_rocky93,gpu_mode2")
+    assert code == 0 and "already switching to rocky-9-3" in err and "ignoring gpu_mode2" in err
+    assert cidd.messages("capture") == [] and not Path(env["TMP"], "rebooted").exists()
 
 
 def test_helper_reboot_only_when_cid_is_not_switching(env: dict[str, str]) -> None:
     marker = Path(env["TMP"]) / "rebooted"
-    env["CID_REBOOT_COMMAND"] = f"touch {marker}"
     with FakeCidd(helper_script({"node01": {"state": "installing", "target": "rocky-9-3", "job": "j"}}),
                   token=TOKEN) as cidd:
         code, _, err = helper(cidd, env, "--reboot")

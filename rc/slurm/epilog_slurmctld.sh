@@ -5,7 +5,8 @@
 #
 #   slurm.conf:  EpilogSlurmctld=/usr/local/lib/cid/epilog_slurmctld.sh
 #
-# Like the prolog, it runs with a clean environment: settings come from /etc/default/cid-slurm.
+# Like the prolog, it runs with a clean environment: settings come from /etc/default/cid-slurm (a fixed path:
+# Slurm cannot pass CID_SLURM_DEFAULTS).
 
 CID_SLURM_DEFAULTS=${CID_SLURM_DEFAULTS:-/etc/default/cid-slurm}
 # shellcheck disable=SC1090
