@@ -94,6 +94,7 @@ class Chaos:
     fleet_procs: dict[int, subprocess.Popen] = field(default_factory=dict)
     base: int = 0
     creds: Path | None = None
+    faulty: set[str] = field(default_factory=set)  # the nodes started with faults by the last capture
 
     # --- set-up -------------------------------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class Chaos:
         self.cluster.start_cidd()
         for index in range(len(self.slices)):
             self.start_fleet(index, set(), set())
-        self.cluster.wait_online(len(self.nodes), timeout=120)
+        self.wait_online()
 
     def start_fleet(self, index: int, hang: set[str], dead: set[str]) -> None:
         """Start fleet process ``index`` (its slice of nodes) with the given hung and dead-BMC nodes."""
@@ -136,6 +137,21 @@ class Chaos:
         if mine_dead:
             extra += ["--bmc-dead", collect(mine_dead)]
         self.fleet_procs[index] = self.cluster.start_fleet(collect(names), *extra)
+
+    def wait_online(self, timeout: float = 180.0) -> None:
+        """Return once every node is online (status calls that time out while agents reconnect are retried)."""
+        assert self.cluster is not None
+        end = time.monotonic() + timeout
+        online = 0
+        while time.monotonic() < end:
+            try:
+                online = sum(1 for row in self.cluster.status().values() if row["online"])
+            except AssertionError:  # cidd busy with a reconnect storm: ask again
+                online = 0
+            if online >= len(self.nodes):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"only {online} of {len(self.nodes)} nodes online after {timeout:g} s")
 
     def kill_fleet(self, index: int) -> None:
         """kill -9 fleet process ``index`` (its nodes lose power at once)."""
@@ -154,9 +170,13 @@ class Chaos:
     # --- one capture ----------------------------------------------------------------------------------------
 
     def plan(self, number: int) -> Plan:
-        """Return the faults of capture ``number`` (drawn from the seeded generator)."""
+        """Return the faults of capture ``number`` (drawn from the seeded generator); hung reboots and dead BMCs
+        fall in two fleets, so that only those (and last capture's) are restarted with them."""
         rng = self.rng
-        hang = set(rng.sample(self.nodes, max(1, len(self.nodes) * self.args.hang_pct // 100)))
+        fault_fleets = rng.sample(range(len(self.slices)), min(2, len(self.slices)))
+        pool = [name for index in fault_fleets for name in self.slices[index]]
+        count = max(1, len(self.nodes) * self.args.hang_pct // 100)
+        hang = set(rng.sample(pool, min(len(pool), count)))
         dead = set(rng.sample(sorted(hang), max(1, len(hang) // 4)))
         return Plan(image=IMAGES[number % len(IMAGES)], hang=hang, dead=dead,
                     cidd_kill_at=rng.uniform(1.0, 6.0), cidd_down_for=rng.choice([0.5, 2.0, CONNECT_TIMEOUT + 3]),
@@ -171,10 +191,13 @@ class Chaos:
         print(f"capture {job}: image={plan.image} hang={len(plan.hang)} dead_bmc={len(plan.dead)} "
               f"cidd_kill_at={plan.cidd_kill_at:.1f}s down={plan.cidd_down_for:.1f}s "
               f"fleet_kill={plan.fleet_kill} at={plan.fleet_kill_at:.1f}s down={plan.fleet_down_for:.1f}s", flush=True)
-        for index in range(len(self.slices)):  # the nodes of this capture's faults boot with them
+        touched = {index for index, names in enumerate(self.slices)
+                   if set(names) & (plan.hang | plan.dead | self.faulty)}
+        for index in sorted(touched):  # the fleets with this (or last) capture's faults boot again with them
             self.kill_fleet(index)
             self.start_fleet(index, plan.hang, plan.dead)
-        self.cluster.wait_online(len(self.nodes), timeout=120)
+        self.faulty = plan.hang | plan.dead
+        self.wait_online()
         start_wall = time.time()
         timeout = self.args.capture_timeout
         prolog = subprocess.Popen(
