@@ -103,7 +103,8 @@ class Cluster:
         """Write cidd.yaml (and the catalog copy, once) for this cluster and return its path."""
         if not self.catalog.exists():
             self.catalog.write_text(CATALOG.read_text())
-        placeholder_images(self.catalog, self.state_dir / "images")  # cidd offers only images whose file it has
+        image_dir = Path(self.extra_config.get("image_dir") or self.state_dir / "images")
+        placeholder_images(self.catalog, image_dir)  # cidd offers only the images whose file it has
         config = {
             "state_dir": str(self.state_dir), "catalog": str(self.catalog),
             "listen": {"host": "127.0.0.1", "port": self.port},
