@@ -56,6 +56,13 @@ class SessionClosed(CidError):
     code = "session_closed"
 
 
+class CommandTimeout(SessionClosed):
+    """An agent did not answer a command in time; its session was dropped as half-open. Not a refusal: the
+    agent's next hello says what it holds (an install running or done), and the step's deadline still applies."""
+
+    code = "command_timeout"
+
+
 class AgentLink(Protocol):
     """How the engine reaches agents (implemented by cidd.sessions.Sessions)."""
 
@@ -280,6 +287,10 @@ class Engine:
         report = self.step_failed(name, what)
 
         def failed(failure: Any) -> None:
+            if failure.check(CommandTimeout):  # not a refusal: the session was dropped; the agent's next hello
+                log.warning("node.command_unanswered", node=name, command=message["type"],  # says where it is
+                            reason=failure.getErrorMessage())
+                return
             if failure.check(SessionClosed):
                 return  # the node went down (to reboot, as asked); the step's deadline still applies
             log.warning("node.command_failed", node=name, command=message["type"], reason=failure.getErrorMessage())

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from twisted.internet.defer import Deferred, TimeoutError, fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -28,7 +28,7 @@ from cidcommon.wire import HELLO_TIMEOUT
 from cidd.agent_messages import installed_event, with_agent_token
 from cidd.client_api import ClientAPI
 from cidd.core.rights import RightsRefused
-from cidd.engine import Engine, SessionClosed
+from cidd.engine import CommandTimeout, Engine, SessionClosed
 from cidd.security_events import SecurityEvents, peer_host
 from cidd.session_hello import CertificateRefused, HelloChecks
 from cidd.unix_peers import PeerIdentity
@@ -309,7 +309,7 @@ class PeerProtocol(HelloChecks, Protocol):
         log.warning("agent.request_timeout", node=self.node, type=pending.kind, session=self.session_id)
         if self.transport is not None:
             self.transport.abortConnection()
-        return TimeoutError(f"no answer to '{pending.kind}' within the request timeout")
+        return CommandTimeout(f"no answer to '{pending.kind}' within the request timeout")
 
     def _answer(self, message: wire.Message) -> None:
         if message["type"] == "reply":

@@ -172,3 +172,41 @@ def test_sigterm_during_a_switch_stops_in_order_with_every_step_committed(tmp_pa
         assert prolog.returncode == 0, err[-3000:]
     finally:
         cluster.stop()
+
+
+class FailingLink:
+    """An AgentLink whose commands fail at once with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.sent: list[tuple[str, str]] = []
+
+    def command(self, node: str, message: dict) -> Deferred:
+        from twisted.internet.defer import fail
+
+        self.sent.append((node, message["type"]))
+        return fail(self.error)
+
+
+def test_an_unanswered_install_is_not_a_refusal_but_a_refused_one_fails_the_node(tmp_path: Path) -> None:
+    """Under load an agent may not answer within request_timeout: its session is dropped as half-open and its
+    next hello says whether it holds the install. That must not fail the node; a real refusal does."""
+    from cidd.engine import CommandTimeout
+    from cidd.sessions import CommandError
+
+    config = parse_config({"state_dir": str(tmp_path), "nodes": [{"hosts": "n1"}]}, "test.yaml")
+    catalog = Catalog({A: Image("alma", "9", "1", f"{A}.tar.zst", sha256="ab" * 32, size=10)})
+    outcomes = {}
+    for error in (CommandTimeout("no answer to 'install' within the request timeout"),
+                  CommandError("no space left on the target")):
+        clock = Clock()
+        clock.advance(1000)
+        engine = Engine(config, catalog, Store(":memory:"), clock, FailingLink(error))
+        engine.start()
+        engine.agent_connected("n1", "b1", "system", "debian-12-1")
+        engine.capture("j1", ["n1"], A, "alice", "slurm", 600.0)
+        engine.agent_connected("n1", "i1", "installer", None)  # the install is sent and fails at once
+        outcomes[type(error).__name__] = engine.nodes["n1"]
+        engine.stop()
+    assert outcomes["CommandTimeout"].state is State.INSTALLING and outcomes["CommandTimeout"].reason is None
+    assert outcomes["CommandError"].state is State.FAILED and "no space" in outcomes["CommandError"].reason
