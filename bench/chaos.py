@@ -217,14 +217,27 @@ class Chaos:
                 self.kill_fleet(plan.fleet_kill)
                 time.sleep(plan.fleet_down_for)
                 self.start_fleet(plan.fleet_kill, plan.hang, plan.dead)
+        argv = list(prolog.args)
         try:
             out, err = prolog.communicate(timeout=timeout + 120)
         except subprocess.TimeoutExpired:
             prolog.kill()
             out, err = prolog.communicate()
             self.violation(job, "-", f"cidcapt did not return within {timeout + 120} s")
+        code = prolog.returncode
+        for _ in range(5):
+            if code != 4 or "re-attach" in err:
+                break
+            # cidd died before cidcapt saw the capture accepted (or was still too busy to answer within the
+            # connect timeout): exit 4 ("unreachable, retry") is the contract, and Slurm runs the prolog again
+            # after a pause; the same job id re-attaches to the capture cidd may have started.
+            print(f"capture {job}: cidcapt exited 4 ({err.strip()[-160:]}); run again in 5 s", flush=True)
+            time.sleep(5)
+            again = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 120,
+                                   env=_env(self.cluster.state_dir))
+            code, out, err = again.returncode, again.stdout, again.stderr
         elapsed = time.monotonic() - begun
-        self.check(job, plan, prolog.returncode, out, err, elapsed, start_wall)
+        self.check(job, plan, code, out, err, elapsed, start_wall)
 
     # --- checks -----------------------------------------------------------------------------------------------
 
