@@ -46,11 +46,15 @@ MYPY_STRICT ?= cidd/core cidcommon/wire.py cidcommon/errors.py cidcommon/hostlis
 	cidcommon/hostport.py cidcommon/requests.py cidcommon/vocabulary.py cidd/client_session.py cidinstall/types.py \
 	cidd/agent_messages.py cidcapt/connection.py cidcapt/errors.py
 
+# The Twisted protocol modules of both daemons: typed, checked without --strict (Twisted's own hints are partial).
+MYPY_PROTOCOL ?= cidkid/protocol.py cidd/sessions.py cidd/session_hello.py cidcommon/twisted_requests.py
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) tools/import_cycles.py
 	$(VENV)/bin/mypy --strict --ignore-missing-imports --follow-imports=silent --no-incremental $(MYPY_STRICT)
+	$(VENV)/bin/mypy --no-incremental $(MYPY_PROTOCOL)
 
 test: venv sysdeps lint
 	timeout --kill-after=30 $(TEST_TIME_LIMIT) $(PY) -m pytest $(PYTEST_ARGS)

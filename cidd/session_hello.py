@@ -36,8 +36,41 @@ class CertificateRefused(AuthError):
 class HelloChecks:
     """The hello and authentication half of a cidd session (see the module docstring)."""
 
+    # What the session (cidd.sessions.PeerProtocol) provides to this half: declared here for the type checker.
     factory: Any
     transport: Any
+    session_id: str
+    peer_cert_node: str | None
+    closed: bool
+    role: str | None
+    node: str | None
+    user: str | None
+    agent_mode: str | None
+    local: PeerIdentity | None
+    _held: bytes
+    _identity_pending: bool
+    _hello_timer: Any
+
+    @property
+    def peer(self) -> str:
+        """Return the peer's address as logs show it (the session's)."""
+        raise NotImplementedError
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write one message to the peer (the session's)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the session (the session's)."""
+        raise NotImplementedError
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        """Take bytes from the peer (the session's)."""
+        raise NotImplementedError
+
+    def _touch(self) -> None:
+        """Note that the peer is alive (the session's)."""
+        raise NotImplementedError
 
     def _identity_known(self, peer: PeerIdentity) -> None:
         """The local peer's name and groups are known: go on with what it sent meanwhile."""

@@ -68,8 +68,9 @@ _SERVER_ERRORS: dict[str, type[CidError]] = {"auth": AuthError, "bad_request": B
 
 def server_error(message: Message) -> CidError:
     """Return the exception matching a received ``error`` message (AuthError for ``auth``, ...)."""
-    code = message.get("code") if isinstance(message.get("code"), str) else "internal"
-    text = message.get("message") if isinstance(message.get("message"), str) else f"cidd answered {code}"
+    raw_code, raw_text = message.get("code"), message.get("message")
+    code = raw_code if isinstance(raw_code, str) else "internal"
+    text = raw_text if isinstance(raw_text, str) else f"cidd answered {code}"
     return _SERVER_ERRORS.get(code, CidError)(text, code=code)
 
 
@@ -418,7 +419,7 @@ class AgentProtocol(Protocol):
         """Drop the session at once, without flushing."""
         self._closing = True
         if self.transport is not None:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport, not ITransport
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Stop the heartbeats, fail every pending request, and hand install events to the next session."""
