@@ -138,7 +138,7 @@ class Chaos:
             extra += ["--bmc-dead", collect(mine_dead)]
         self.fleet_procs[index] = self.cluster.start_fleet(collect(names), *extra)
 
-    def wait_online(self, timeout: float = 180.0) -> None:
+    def wait_online(self, timeout: float = 360.0) -> None:
         """Return once every node is online (status calls that time out while agents reconnect are retried)."""
         assert self.cluster is not None
         end = time.monotonic() + timeout
@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     print(f"seed={seed} nodes={args.nodes} fleets={args.fleets} captures={args.captures}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped bench still stops what it started
     work = Path(tempfile.mkdtemp(prefix="cid-chaos-"))
     chaos = Chaos(args, work, random.Random(seed))
     try:
