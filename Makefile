@@ -8,7 +8,13 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 # Debian packages needed by tests that use real components (added by later features).
 TEST_DEBS ?= slurmctld slurmd slurm-client munge busybox-static acl zstd e2fsprogs curl systemd openipmi ipmitool \
-	grub2-common efibootmgr kexec-tools qemu-system-x86 ipxe-qemu qemu-utils debootstrap cpio fdisk kmod gcc libc6-dev
+	grub2-common efibootmgr kexec-tools qemu-system-x86 ipxe-qemu qemu-utils debootstrap cpio fdisk kmod gcc libc6-dev \
+	chromium chromium-driver prometheus \
+	udpcast nftables iproute2 \
+	dpkg-dev build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel \
+	python3-argparse-manpage python3-shtab python3-twisted python3-yaml python3-psutil python3-structlog \
+	python3-cryptography python3-openssl python3-service-identity python3-zstandard python3-prometheus-client \
+	python3-requests python3-pyghmi
 PYTEST_ARGS ?=
 # Backstop for the whole suite (each test also has pytest-timeout's limit): CI allows 90 minutes.
 TEST_TIME_LIMIT ?= 2400
@@ -70,3 +76,13 @@ install:
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info .pytest_cache .ruff_cache
+
+# Debian packages cid-head, cid-node (and python3-hostlist, not in Debian 12) into build/deb/: docs/install.md.
+# Builds out of tree with dpkg-buildpackage (debian/, dh-python/pybuild); needs the Build-Depends of debian/control.
+.PHONY: deb
+deb:
+	@$(MAKE) --no-print-directory _debs DEBS="dpkg-dev build-essential debhelper dh-python pybuild-plugin-pyproject \
+	  python3-all python3-setuptools python3-wheel python3-argparse-manpage python3-shtab python3-twisted python3-yaml \
+	  python3-psutil python3-structlog python3-cryptography python3-openssl python3-service-identity python3-zstandard \
+	  python3-prometheus-client python3-requests python3-pip"
+	packaging/build-debs.sh build/deb

@@ -44,6 +44,15 @@ class InitReport:
     kept: list[Path] = field(default_factory=list)
 
 
+def not_valid_after(cert: x509.Certificate) -> datetime.datetime:
+    """Return the end of ``cert``'s validity as an aware UTC time (cryptography 42 has ``not_valid_after_utc``;
+    Debian 12's 38 only the naive ``not_valid_after``)."""
+    aware = getattr(cert, "not_valid_after_utc", None)
+    if aware is not None:
+        return aware
+    return cert.not_valid_after.replace(tzinfo=datetime.UTC)
+
+
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cid"),
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -94,7 +103,7 @@ def issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_
     builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(min(now + datetime.timedelta(CERT_DAYS), ca_cert.not_valid_after_utc))
+               .not_valid_after(min(now + datetime.timedelta(CERT_DAYS), not_valid_after(ca_cert)))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
                                             content_commitment=False, key_encipherment=False,
