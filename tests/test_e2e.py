@@ -170,7 +170,14 @@ def test_catalog_reload_is_live_and_a_broken_catalog_keeps_the_old_one(cluster: 
 
     dropped = others_dropped()
     try:
+        # An entry whose file is not in the image directory yet is left out, and a capture of it says why.
         cluster.catalog.write_text(upsert_entry_text(before, Image("alma", "9", "4", "alma-9-4.tar.zst")))
+        reloaded = cluster.cidcapt("--reload")
+        assert reloaded.returncode == 0 and "3 images" in reloaded.stderr, reloaded.stderr
+        missing = cluster.cidcapt("-j", "new0", "-n", "node07", "-i", "alma-9-4")
+        assert missing.returncode == 2 and "cannot be installed" in missing.stderr, missing.stderr
+        assert "alma-9-4.tar.zst does not exist" in missing.stderr, missing.stderr
+        (cluster.state_dir / "images" / "alma-9-4.tar.zst").write_bytes(b"alma")  # the file arrives
         reloaded = cluster.cidcapt("--reload")
         assert reloaded.returncode == 0 and "4 images" in reloaded.stderr, reloaded.stderr
         assert cluster.cidcapt("-j", "new1", "-n", "node07", "-i", "alma-9-4").returncode == 0
@@ -208,7 +215,7 @@ def test_http_status_metrics_and_image_refusals(cluster: Cluster) -> None:
     assert rows["node01"]["online"] is True and "debian-12-1" in status["images"]
     metrics = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
     assert 'cid_nodes{state="ready"}' in metrics and "cid_nodes_online" in metrics
-    for path in ("/images/debian-12-1.tar.zst", "/images/../cidd.sqlite", "/images/%2e%2e/state/cidd.sqlite"):
+    for path in ("/images/alma-7-7.tar.zst", "/images/../cidd.sqlite", "/images/%2e%2e/state/cidd.sqlite"):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(base + path, timeout=10)
-        assert refused.value.code == 404  # the sample's files do not exist; nothing outside is served
+        assert refused.value.code == 404  # not in the catalog; nothing outside the image directory is served
