@@ -1,6 +1,6 @@
 """BMC call latency with several calls at once: pyghmi as shipped against cidd's patched I/O loop, same run.
 
-    python bench/bmc_logins.py [--bmcs 4] [--dead 1] [--rounds 15]
+    python bench/bmc_logins.py [--bmcs 4] [--dead 1] [--rounds 15]     (IPMI and Redfish, same run)
 
 Starts --bmcs real BMC simulators (OpenIPMI's ``ipmi_sim``, one process and UDP port each, on 127.0.0.1) and
 reserves --dead UDP ports where nothing answers (a BMC that is down). Each round runs two fresh processes, in
@@ -12,9 +12,15 @@ dead ports only have to fail (they keep pyghmi's retransmit timers running, as a
 Then the cost of the fix: a process whose 8 threads (cidd's default ``bmc.max_concurrent``) all log in to dead
 BMCs at once, until pyghmi gives up (about 5 s); its CPU time as a share of one core, shipped and patched.
 
-Prints the median and maximum of each variant, the CPU shares, then ``bmc_batch_ratio=`` (patched median /
-shipped median) as its last line. Needs ``ipmi_sim`` and ``ipmitool`` (``make test`` installs them). Not part
-of the test suite.
+Then Redfish, beside it: one sushy-emulator (sushy-tools, fake driver, HTTPS with a test CA, X-Auth-Token
+sessions: cidsim.redfish_emulator) serving --bmcs systems; each round a fresh process runs cidd's own
+``RedfishSession`` (cidd/redfish.py) for every system at once, one thread each: log in, read the power state,
+log out. A round's figure is the time until the slowest of them was done.
+
+Prints the median and maximum of each variant, the CPU shares, the Redfish figures and
+``redfish_ipmi_ratio=`` (Redfish median / patched IPMI median), then ``bmc_batch_ratio=`` (patched median /
+shipped median) as its last line. Needs ``ipmi_sim`` and ``ipmitool`` (``make test`` installs them) and
+sushy-tools (the ``test`` extra). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -57,6 +63,51 @@ def child(ports: list[int], dead: list[int], patched: bool) -> None:
         thread.join(30)
     live = [results.get(port, "no answer within 30 s") for port in ports]
     print(json.dumps({"live": live}), flush=True)
+
+
+def redfish_child(url: str, ca: str, names: list[str]) -> None:
+    """In a fresh process: a Redfish session to every system at once (login, power state, logout); print the
+    per-system seconds as one JSON line."""
+    from cidd.bmc import BmcCredentials, redfish_target
+    from cidd.config_sections import BmcConfig
+    from cidd.redfish import RedfishSession
+    from tests.redfishemu import PASSWORD as RF_PASSWORD
+    from tests.redfishemu import USER as RF_USER
+
+    settings = BmcConfig(type="redfish", ca_bundle=Path(ca), timeout=30)
+    results: dict[str, float | str] = {}
+    start = time.monotonic()
+
+    def call(name: str) -> None:
+        target = redfish_target(name, f"{url}/redfish/v1/Systems/{name}", BmcCredentials(RF_USER, RF_PASSWORD),
+                                settings)
+        try:
+            session = RedfishSession(target, 30, threading.Event())
+            try:
+                state = session.power_state()
+            finally:
+                session.close()
+            results[name] = time.monotonic() - start if state in ("on", "off") else f"odd state {state}"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            results[name] = f"{type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=call, args=(name,), daemon=True) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    print(json.dumps({"live": [results.get(name, "no answer within 60 s") for name in names]}), flush=True)
+
+
+def redfish_round(url: str, ca: Path, names: list[str]) -> float:
+    """Run one Redfish child; return the seconds until its slowest system answered (raise on any failure)."""
+    args = [sys.executable, __file__, "--child-redfish", "--url", url, "--ca", str(ca), "--ports", ",".join(names)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+    live = json.loads(out.stdout.strip().splitlines()[-1])["live"]
+    failures = [value for value in live if isinstance(value, str)]
+    if failures:
+        raise RuntimeError(f"redfish: {failures}")
+    return max(live)
 
 
 def dead_cpu_child(patched: bool, threads: int = 8) -> None:
@@ -135,6 +186,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15, help="rounds per variant (default 15)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-dead-cpu", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-redfish", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--ca", default="", help=argparse.SUPPRESS)
     parser.add_argument("--patched", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ports", default="", help=argparse.SUPPRESS)
     parser.add_argument("--dead-ports", default="", help=argparse.SUPPRESS)
@@ -142,25 +196,36 @@ def main() -> int:
     if args.child_dead_cpu:
         dead_cpu_child(args.patched)
         return 0
+    if args.child_redfish:
+        redfish_child(args.url, args.ca, [n for n in args.ports.split(",") if n])
+        return 0
     if args.child:
         child([int(p) for p in args.ports.split(",") if p], [int(p) for p in args.dead_ports.split(",") if p],
               args.patched)
         return 0
+    from tests.redfishemu import RedfishEmulator, make_pki
+
     with tempfile.TemporaryDirectory(prefix="cid-bench-bmc-") as tmp:
         sims = [IpmiSim(Path(tmp) / f"bmc{i}") for i in range(args.bmcs)]
+        names = [f"rf{i:02d}" for i in range(1, args.bmcs + 1)]
+        emulator = RedfishEmulator(Path(tmp) / "redfish", ",".join(names), make_pki(Path(tmp) / "pki"))
         try:
             for sim in sims:
                 sim.start()
+            emulator.start()
             ports = [sim.port for sim in sims]
             dead = free_dead_ports(args.dead)
             times: dict[bool, list[float]] = {False: [], True: []}
+            redfish: list[float] = []
             for n in range(args.rounds):
                 order = (False, True) if n % 2 == 0 else (True, False)
                 for patched in order:
                     times[patched].append(one_round(ports, dead, patched))
+                redfish.append(redfish_round(emulator.url, emulator.pki.ca, names))
         finally:
             for sim in sims:
                 sim.stop()
+            emulator.stop()
     for patched, label in ((False, "shipped"), (True, "patched")):
         values = times[patched]
         print(f"{label}: slowest of {args.bmcs} concurrent logins+status, {args.dead} dead BMC(s): "
@@ -171,6 +236,10 @@ def main() -> int:
             shares[patched].append(dead_cpu(patched))
     print(f"8 logins to dead BMCs at once, CPU share of one core (median of 3): shipped "
           f"{100 * statistics.median(shares[False]):.1f} %, patched {100 * statistics.median(shares[True]):.1f} %")
+    print(f"redfish: slowest of {args.bmcs} concurrent sessions (login, power state, logout) to one "
+          f"sushy-emulator: median {statistics.median(redfish):.3f} s, max {max(redfish):.3f} s over "
+          f"{len(redfish)} rounds")
+    print(f"redfish_ipmi_ratio={statistics.median(redfish) / statistics.median(times[True]):.3f}")
     ratio = statistics.median(times[True]) / statistics.median(times[False])
     print(f"bmc_batch_ratio={ratio:.3f}")
     return 0

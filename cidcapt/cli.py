@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
+import re
 import sys
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -57,6 +59,44 @@ def _seconds(minimum: float) -> Any:
     return convert
 
 
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def when_arg(text: str) -> tuple[str, float]:
+    """argparse type of --since/--until: return ("ago", seconds) for ``7d``/``12h``/``30m``/``90s``/``2w``,
+    ("at", Unix time) for ``@1700000000`` or an ISO date/time (local time unless it names a zone).
+
+    Raises ArgumentTypeError with the forms accepted.
+    """
+    value = text.strip()
+    match = _AGO.match(value)
+    if match:
+        return "ago", float(match.group(1)) * _UNIT_S[match.group(2)]
+    try:
+        if value.startswith("@"):
+            return "at", float(value[1:])
+        return "at", datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time: use 7d, 12h, 30m (ago), 2026-11-21, "
+                                         "'2026-11-21 08:00' or @UNIXTIME") from None
+
+
+def resolve_when(spec: tuple[str, float] | None, now: float) -> float | None:
+    """Return the Unix time of a --since/--until value (None stays None)."""
+    if spec is None:
+        return None
+    kind, value = spec
+    return now - value if kind == "ago" else value
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number >= 1; raises ArgumentTypeError."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 1")
+    return int(text)
+
+
 def default_user(env: Mapping[str, str]) -> str:
     """Return the requester: $SLURM_JOB_USER, else $USER, else $LOGNAME, else the name of the process's user id."""
     for key in ("SLURM_JOB_USER", "USER", "LOGNAME"):
@@ -76,6 +116,7 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
                     "  cidcapt -j JOB -n HOSTLIST -i IMAGE     switch nodes, wait, exit 0 when all are ready\n"
                     "  cidcapt --status [HOSTLIST]             show cidd's view of the nodes\n"
                     "  cidcapt --captures                      list running and recent captures\n"
+                    "  cidcapt --stats [HOSTLIST] [--worst N]  switch statistics from cidd's event history\n"
                     "  cidcapt --console NODE                  the node's serial console (admin; ~. detaches)\n"
                     "  cidcapt --slurm [-i IMAGE]              PrologSlurmctld: switch the job's nodes, or drain them\n"
                     "  cidcapt --release --slurm               EpilogSlurmctld: back to cidd's default image, no wait",
@@ -88,6 +129,18 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
     parser.add_argument("--status", nargs="?", const="", metavar="HOSTLIST",
                         help="show the state of the nodes (all of them without HOSTLIST)")
     parser.add_argument("--captures", action="store_true", help="list running and recently ended captures")
+    parser.add_argument("--stats", nargs="?", const="", metavar="HOSTLIST",
+                        help="statistics of the switches in cidd's event history (every node, or HOSTLIST's): "
+                        "switches, success rate, failures by kind, ladder rungs, median and 95th percentile of "
+                        "each phase, per node, image and group; select with --since, --until, -i IMAGE, -j JOB; "
+                        "--json for the whole report")
+    parser.add_argument("--since", type=when_arg, default=None, metavar="WHEN",
+                        help="--stats: from this time (7d, 12h, 30m ago; 2026-11-21; '2026-11-21 08:00'; @UNIXTIME)")
+    parser.add_argument("--until", type=when_arg, default=None, metavar="WHEN",
+                        help="--stats: up to this time (same forms as --since)")
+    parser.add_argument("--worst", type=_positive, default=None, metavar="N",
+                        help="--stats: only the N nodes with the highest failure rate (candidates to pull out "
+                        "of the pool)")
     parser.add_argument("--power", nargs=2, metavar=("ACTION", "HOSTLIST"),
                         help="BMC power for nodes (admin): ACTION is status, on, off, cycle or reset; exit 1 when "
                         "some node's BMC failed (each listed with the reason)")
@@ -146,8 +199,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.role not in CLIENT_ROLES:
         parser.error(f"unknown role {args.role!r}; use one of {', '.join(CLIENT_ROLES)}")
     if sum((args.status is not None, args.captures, args.reload, args.power is not None,
-            args.console is not None)) > 1:
-        parser.error("use only one of --status, --captures, --reload, --power and --console")
+            args.console is not None, args.stats is not None)) > 1:
+        parser.error("use only one of --status, --captures, --stats, --reload, --power and --console")
+    if args.stats is None and (args.since is not None or args.until is not None or args.worst is not None):
+        parser.error("--since, --until and --worst go with --stats")
+    if args.stats is not None:
+        if args.slurm or args.release:
+            parser.error("--stats does not go with --slurm or --release")
+        return
     if args.console is not None:
         if args.job or args.image or args.nodes or args.slurm or args.release:
             parser.error("--console NODE takes no -j, -n, -i, --slurm or --release")

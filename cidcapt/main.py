@@ -18,11 +18,31 @@ from typing import Any, TextIO
 
 from cidcapt import slurm
 from cidcapt.capture import CaptureRequest, CaptureRunner, Endpoint
-from cidcapt.cli import build_parser, check_args, choose_transport, default_user, role_token, tls_settings
+from cidcapt.cli import (
+    build_parser,
+    check_args,
+    choose_transport,
+    default_user,
+    resolve_when,
+    role_token,
+    tls_settings,
+)
 from cidcapt.connection import Clock, Sleep, Timing, open_session, simple_request
 from cidcapt.exit_codes import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, exit_code
-from cidcapt.render import CAPTURES_HEADERS, STATUS_HEADERS, Renderer, captures_rows, counts, status_rows
-from cidcommon.errors import CidError
+from cidcapt.render import (
+    CAPTURES_HEADERS,
+    NODE_STATS_HEADERS,
+    STATUS_HEADERS,
+    Renderer,
+    captures_rows,
+    counts,
+    group_stats_headers,
+    group_stats_rows,
+    node_stats_rows,
+    stats_summary,
+    status_rows,
+)
+from cidcommon.errors import CidError, UnknownNode
 from cidcommon.hostlists import collect, expand
 
 
@@ -46,6 +66,10 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
     env = os.environ if env is None else env
     try:
         return _main(argv, out, err, env, timing, clock, sleep, now)
+    except BrokenPipeError:  # the reader went away (``cidcapt --captures | head``): nothing more to say
+        if stdout is None:  # the process's own stdout: keep Python from failing again when it flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # a bug: say so, with the traceback, and never "unreachable, retry"
         print("".join(traceback.format_exception(exc)).rstrip(), file=err)
         print(f"cidcapt: internal error (a bug in cidcapt, not in cidd or the nodes): {type(exc).__name__}: "
@@ -77,6 +101,8 @@ def _main(argv: list[str] | None, out: TextIO, err: TextIO, env: Mapping[str, st
             return _power(args, env, renderer, timing, clock, sleep)
         if args.console is not None:
             return _console(args, env, timing, clock, sleep, err)
+        if args.stats is not None:
+            return _stats(args, env, renderer, timing, clock, sleep, now)
         if args.status is not None or args.captures:
             return _admin_view(args, env, renderer, timing, clock, sleep, now)
     except CidError as exc:
@@ -105,6 +131,44 @@ def _admin_view(args: argparse.Namespace, env: Mapping[str, str], renderer: Rend
         renderer.table(CAPTURES_HEADERS, captures_rows(items, now()))
     else:
         renderer.table(STATUS_HEADERS, status_rows(items, now()))
+    unknown = reply.get("unknown") if not args.captures else None
+    if unknown:
+        raise UnknownNode(f"unknown node(s) {unknown}: not in cidd's inventory and never connected; check the "
+                          "hostlist or the 'nodes' section of cidd.yaml")
+    return EXIT_OK
+
+
+def _stats(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,
+           clock: Clock, sleep: Sleep, now: Clock) -> int:
+    """Run --stats: ask cidd for the statistics and print them as tables (or JSON); return 0.
+
+    Raises CidError subclasses (mapped by the caller).
+    """
+    hostlist = args.stats or (" ".join(args.nodes) if args.nodes else "")
+    message: dict[str, Any] = {"type": "stats"}
+    if hostlist:
+        message["nodes"] = _compact(hostlist)[0]
+    for key, value in (("since", resolve_when(args.since, now())), ("until", resolve_when(args.until, now())),
+                       ("image", args.image), ("job", args.job), ("worst", args.worst)):
+        if value is not None:
+            message[key] = value
+    host, port = args.server
+    slow = replace(timing, request_timeout=max(timing.request_timeout, 120.0))  # a year of a large cluster
+    reply = simple_request(host, port, args.role, role_token(args, env), message, connect_timeout=args.connect_timeout,
+                           timing=slow, clock=clock, sleep=sleep, tls=tls_settings(args, env))
+    report = reply.get("stats") if isinstance(reply.get("stats"), dict) else {}
+    if args.json:
+        renderer.json(report)
+        return EXIT_OK
+    renderer.stdout.write(f"statistics: {stats_summary(report)}\n")
+    nodes = report.get("nodes") if isinstance(report.get("nodes"), list) else []
+    title = f"NODES (the {args.worst} with the highest failure rate)" if args.worst else "NODES"
+    renderer.stdout.write(f"\n{title}; phases as median/95th percentile\n")
+    renderer.table(NODE_STATS_HEADERS, node_stats_rows(nodes, now()))
+    for key, title in (("images", "IMAGES"), ("groups", "GROUPS")):
+        items = report.get(key) if isinstance(report.get(key), list) else []
+        renderer.stdout.write(f"\n{title}\n")
+        renderer.table(group_stats_headers(key[:-1]), group_stats_rows(items, key[:-1]))
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ the last line is the result object (``{"type": "result", ..., "exit": N}``).
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, TextIO
 
 from cidcapt.capture import CaptureRequest
@@ -101,21 +102,31 @@ def status_rows(nodes: list[dict[str, Any]], now: float) -> list[list[str]]:
 
 
 STATUS_HEADERS = ["NODE", "STATE", "IMAGE", "TARGET", "JOB", "ONLINE", "LAST-SEEN", "REASON"]
-CAPTURES_HEADERS = ["JOB", "IMAGE", "STATE", "NODES", "USER", "CREATED", "DEADLINE", "ENDED"]
+CAPTURES_HEADERS = ["JOB", "IMAGE", "STATE", "NODES", "USER", "CREATED", "DEADLINE", "ENDED", "RUNS"]
 
 
 def captures_rows(captures: list[dict[str, Any]], now: float) -> list[list[str]]:
-    """Return the ``--captures`` rows: JOB IMAGE STATE NODES USER CREATED DEADLINE ENDED."""
-    rows = []
+    """Return the ``--captures`` rows, one per job (its latest capture; RUNS counts them all: a retried prolog
+    that re-attached is one run, a job id asked again after its capture ended is another): JOB IMAGE STATE
+    NODES USER CREATED DEADLINE ENDED RUNS. An ended capture shows no deadline."""
+    latest: dict[str, dict[str, Any]] = {}
+    runs: dict[str, int] = {}
     for cap in captures:
         if not isinstance(cap, dict):
             continue
+        job = str(cap.get("job"))
+        runs[job] = runs.get(job, 0) + 1
+        if job not in latest or (cap.get("created") or 0) > (latest[job].get("created") or 0):
+            latest[job] = cap
+    rows = []
+    for job, cap in latest.items():
         nodes = cap.get("nodes")
         if isinstance(nodes, dict | list):
             nodes = collect(list(nodes)) if nodes else ""
+        deadline = "-" if cap.get("ended") else format_when(cap.get("deadline"), now)
         rows.append([cell(cap.get("job")), cell(cap.get("image")), cell(cap.get("state")), cell(nodes),
-                     cell(cap.get("user")), format_when(cap.get("created"), now),
-                     format_when(cap.get("deadline"), now), format_when(cap.get("ended"), now)])
+                     cell(cap.get("user")), format_when(cap.get("created"), now), deadline,
+                     format_when(cap.get("ended"), now), str(runs[job])])
     return rows
 
 
@@ -194,3 +205,103 @@ class Renderer:
         for line in format_table(headers, rows):
             self.stdout.write(line + "\n")
         self.stdout.flush()
+
+
+# --- cidcapt --stats (docs/operations.md) ---
+
+STATS_PHASES = ("to_installer", "installing", "to_image")
+NODE_STATS_HEADERS = ["NODE", "SWITCHES", "OK%", "FAILED", "FAILURES", "RUNGS", "TO_INSTALLER", "INSTALLING",
+                      "TO_IMAGE", "LAST-FAILURE"]
+REASON_WIDTH = 60
+
+
+def format_seconds(seconds: Any) -> str:
+    """Return a duration for a statistics cell: ``4.2s``, ``42s``, ``12m05s``, ``3h20m``; ``-`` for none."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 90 * 60:
+        return f"{int(seconds // 60)}m{int(round(seconds % 60)):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def format_bytes(count: Any) -> str:
+    """Return a byte count such as ``512 B``, ``3.4 GiB``; ``-`` for none or zero."""
+    if not isinstance(count, int | float) or isinstance(count, bool) or count <= 0:
+        return "-"
+    value, units = float(count), ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    unit = 0
+    while value >= 1024 and unit < len(units) - 1:
+        value /= 1024
+        unit += 1
+    return f"{value:.0f} {units[unit]}" if unit == 0 or value >= 10 else f"{value:.1f} {units[unit]}"
+
+
+def _rate(figures: dict[str, Any]) -> str:
+    rate = figures.get("success_rate")
+    return f"{100 * rate:.1f}%" if isinstance(rate, int | float) else "-"
+
+
+def _phase(figures: dict[str, Any], phase: str) -> str:
+    """Return ``median/p95`` of a phase, or ``-`` when it was never timed."""
+    found = (figures.get("phases") or {}).get(phase) or {}
+    if not found.get("count"):
+        return "-"
+    return f"{format_seconds(found.get('median'))}/{format_seconds(found.get('p95'))}"
+
+
+def _short(text: str, width: int = REASON_WIDTH) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def node_stats_rows(nodes: list[dict[str, Any]], now: float) -> list[list[str]]:
+    """Return the per-node rows of ``--stats``: NODE SWITCHES OK% FAILED FAILURES RUNGS phases LAST-FAILURE."""
+    rows = []
+    for node in nodes:
+        if not isinstance(node, dict):
+            continue
+        failures = ", ".join(f"{kind} {count}" for kind, count in (node.get("failures") or {}).items())
+        rungs = " ".join(f"{rung}:{count}" for rung, count in (node.get("rungs") or {}).items())
+        last = node.get("last_failure") or {}
+        when = f"{format_when(last.get('ts'), now)}: {_short(str(last.get('reason') or ''))}" if last else ""
+        rows.append([cell(node.get("node")), cell(node.get("switches")), _rate(node), cell(node.get("failed")),
+                     cell(failures), cell(rungs), *(_phase(node, phase) for phase in STATS_PHASES), cell(when)])
+    return rows
+
+
+def group_stats_rows(items: list[dict[str, Any]], key: str) -> list[list[str]]:
+    """Return the per-image or per-group rows of ``--stats`` (``key`` is ``image`` or ``group``)."""
+    rows = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        rate = item.get("install_rate")
+        rows.append([cell(item.get(key)), cell(item.get("switches")), _rate(item), cell(item.get("failed")),
+                     *(_phase(item, phase) for phase in STATS_PHASES), format_bytes(item.get("bytes")),
+                     f"{format_bytes(rate)}/s" if rate else "-"])
+    return rows
+
+
+def group_stats_headers(key: str) -> list[str]:
+    """Return the headers of the per-image or per-group table of ``--stats``."""
+    return [key.upper(), "SWITCHES", "OK%", "FAILED", "TO_INSTALLER", "INSTALLING", "TO_IMAGE", "INSTALLED", "RATE"]
+
+
+def stats_summary(report: dict[str, Any]) -> str:
+    """Return the one-line summary of a stats report (totals and what the history covers)."""
+    total = report.get("total") or {}
+    failures = ", ".join(f"{kind} {count}" for kind, count in (total.get("failures") or {}).items())
+    text = (f"{total.get('switches', 0)} switches, {_rate(total)} ok, {total.get('failed', 0)} failed"
+            + (f" ({failures})" if failures else "")
+            + f", {total.get('fallback_saves', 0)} saved by a fallback rung")
+    if total.get("bytes"):
+        text += f", {format_bytes(total.get('bytes'))} installed"
+    since, days = report.get("events_since"), report.get("rollup_days")
+    if isinstance(since, int | float):
+        text += f"; events kept since {time.strftime('%Y-%m-%d %H:%M', time.localtime(since))}"
+        if isinstance(days, int | float):
+            text += f", older history in roll-ups of {days:g} days"
+    return text

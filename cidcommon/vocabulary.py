@@ -31,3 +31,4 @@ class RebootMethod(StrEnum):
     GRUB_REBOOT = "grub_reboot"  # the agent sets grub's next entry, then reboots
     EFI_BOOTNEXT = "efi_bootnext"  # the agent sets EFI BootNext, then reboots
     POWER_CYCLE = "power_cycle"  # cidd power-cycles the node through its BMC (network boot next)
+    REDFISH_BOOT_INSTALLER = "redfish_boot_installer"  # cidd sets a one-time boot through Redfish, then resets

@@ -10,7 +10,7 @@ import base64
 from typing import Any
 
 import structlog
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
@@ -21,7 +21,7 @@ from cidd.client_session import ClientSession
 from cidd.core.rights import ImageFacts
 from cidd.core.rights import check as check_rights
 from cidd.engine import Engine
-from cidd.power import bmc_address
+from cidd.history import history_of, parse_query
 from cidd.user_directory import UserDirectory
 
 log = structlog.get_logger(__name__)
@@ -46,7 +46,7 @@ class ClientAPI:
         handlers = {"capture": self.capture, "status": self.status, "captures": self.captures,
                     "reload": self.reload, "features": self.features, "power": self.power,
                     "console": self.console, "console_data": self.console_data,
-                    "console_close": self.console_close}
+                    "console_close": self.console_close, "stats": self.stats}
         handler = handlers.get(message["type"])
         if handler is None:
             raise CidError(f"unknown request type {message['type']!r}; known: {', '.join(handlers)}",
@@ -156,6 +156,21 @@ class ClientAPI:
                          **current.counts()})
         session.send(wire.reply(message.get("id"), captures=rows))
 
+    def stats(self, session: ClientSession, message: wire.Message) -> None:
+        """Reply with the statistics of the event history (every client role; docs/protocol.md, ``stats``).
+
+        Computed off the reactor thread. Raises BadRequest for a wrong field, CidError(unavailable) when cidd
+        keeps no statistics.
+        """
+        history = history_of(self.engine)
+        if history is None:
+            raise CidError("cidd keeps no statistics (no history service)", code="unavailable")
+        query = parse_query(message)
+        history.stats(query).addCallback(
+            lambda report: session.send(wire.reply(message.get("id"), stats=report))
+        ).addErrback(session.request_failed, message)
+        log.info("client.stats", session=session.session_id, role=session.role)
+
     def reload(self, session: ClientSession, message: wire.Message) -> None:
         """Reload the image catalog (admin only); reply with the number of images, or every problem."""
         if session.role != "admin":
@@ -194,13 +209,8 @@ class ClientAPI:
         results: dict[str, dict[str, Any]] = {}
 
         def one(name: str) -> Deferred[None]:
-            try:
-                address = bmc_address(name, engine.config.bmc.address)  # type: ignore[union-attr]
-            except CidError as exc:
-                results[name] = {"ok": False, "error": exc.message}
-                return succeed(None)
-            call = getattr(engine.power, action)
-            d = call(name, address)
+            call = getattr(engine.power, action)  # the node's BMC (IPMI or Redfish) from its group's settings
+            d = call(name)
             d.addCallback(lambda state: results.__setitem__(name, {"ok": True, "state": state or action}))
             d.addErrback(lambda f: results.__setitem__(name, {"ok": False, "error": f.getErrorMessage()}))
             return d
@@ -228,7 +238,8 @@ class ClientAPI:
             raise BadRequest("cidd has no BMC access: configure the 'bmc' section of cidd.yaml")
         if id(session) in self.consoles:
             raise BadRequest("this session already has a console open; close it first (console_close)")
-        address = bmc_address(node, engine.config.bmc.address)
+        target = engine.power.target(node)  # its group's BMC; raises PowerError (a CidError)
+        address = target.address
 
         def on_data(chunk: bytes) -> None:
             session.send({"type": "console_data", "data": base64.b64encode(chunk).decode("ascii")})
@@ -237,7 +248,7 @@ class ClientAPI:
             self.consoles.pop(id(session), None)
             session.send({"type": "console_closed", "node": node, "reason": reason})
 
-        relay = engine.power.console(node, address, on_data, on_close)
+        relay = engine.power.console(node, target, on_data, on_close)
         self.consoles[id(session)] = relay
 
         def cleanup() -> None:

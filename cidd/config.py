@@ -1,7 +1,7 @@
 """cidd configuration: parsed once from YAML into frozen objects, every problem reported together.
 
-The sections below the top level (boot, bmc, tls, windows, users, scheduler, groups' policies) are in
-cidd.config_sections; this module holds Config and reads the top level.
+The sections below the top level (boot, bmc, tls, windows, users, scheduler, retention, groups' policies) are
+in cidd.config_sections; this module holds Config and reads the top level.
 
 Every key has a working default, so ``cidd`` with no file starts on a laptop: state under the default state
 directory (cidcommon.paths), listening on loopback. See docs/configuration.md for every key.
@@ -25,12 +25,16 @@ from cidd.config_sections import (
     BmcConfig,
     BootConfig,
     ConfigReader,
+    DistributionConfig,
+    RetentionConfig,
     TlsConfig,
     UsersConfig,
     WindowsConfig,
     bmc_section,
     boot_section,
+    distribution_section,
     policy_section,
+    retention_section,
     scheduler_section,
     tls_section,
     users_section,
@@ -89,6 +93,9 @@ class Config:
     windows: WindowsConfig = field(default_factory=lambda: WindowsConfig())
     users: UsersConfig = field(default_factory=lambda: UsersConfig())
     tls: TlsConfig = field(default_factory=lambda: TlsConfig())
+    #: group name -> how its installers get image bytes (cidd/distribution.py); absent groups use HTTP
+    distribution: Mapping[str, DistributionConfig] = field(default_factory=dict)
+    retention: RetentionConfig = field(default_factory=lambda: RetentionConfig())  # cidd/history.py
 
     @property
     def db_path(self) -> Path:
@@ -120,6 +127,10 @@ class Config:
                 names[name] = spec.group
         return names
 
+    def distribution_of(self, group: str) -> DistributionConfig:
+        """Return the distribution of ``group`` (the default group's when it sets none, else HTTP)."""
+        return self.distribution.get(group) or self.distribution.get("default") or DistributionConfig()
+
     def policy(self, group: str) -> Policy:
         """Return the policy of ``group`` (the default group's when unknown)."""
         return self.groups.get(group) or self.groups["default"]
@@ -129,6 +140,7 @@ _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat",
              "capture_timeout", "max_line", "auto_register", "log", "groups", "nodes", "scheduler", "boot", "bmc",
              "windows", "users"}
 _TOP_KEYS |= {"rights", "socket", "tls", "database"}  # cidd/core/rights.py, cidd/unix_peers.py, cidd/tls.py
+_TOP_KEYS |= {"retention"}  # the event history and its roll-ups: cidd/history.py
 
 
 def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None = None) -> Config:
@@ -149,8 +161,11 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
     reader.unknown(http, {"host", "port", "public_url"}, "http")
     reader.unknown(log, {"format", "level"}, "log")
     groups = {"default": Policy()}
+    distribution: dict[str, DistributionConfig] = {}
     for name, group in reader.mapping(data, "groups", "top level").items():
         groups[str(name)] = policy_section(reader, str(name), group)
+        if isinstance(group, Mapping) and "distribution" in group:
+            distribution[str(name)] = distribution_section(reader, str(name), group)
     specs: list[NodeSpec] = []
     node_items = data.get("nodes") or []
     if not isinstance(node_items, list):
@@ -203,6 +218,8 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         windows=windows_section(reader, data),
         users=users_section(reader, data),
         tls=tls_section(reader, data),
+        distribution=distribution,
+        retention=retention_section(reader, data),
     )
     if reader.problems:
         raise ConfigError("\n".join(reader.problems) + "\nfix these and start cidd again")

@@ -39,6 +39,7 @@ from cidd.core.machine_types import (
     Switch,
     Tick,
 )
+from cidd.distribution import Distributor
 from cidd.images_http import image_dir_of, image_path
 from cidd.netboot import Netboot
 from cidd.power import PowerController
@@ -73,6 +74,22 @@ class AgentLink(Protocol):
         """
 
 
+class EngineObserver(Protocol):
+    """Told of what the engine did, after it was committed (metrics, statistics: cidd/observe.py, cidd/history.py).
+
+    An observer must not call back into the engine; what it raises is logged and ignored.
+    """
+
+    def transition(self, step: Step, now: float) -> None:
+        """A step with a history row was committed (and logged)."""
+
+    def capture_ended(self, capture: Capture, now: float) -> None:
+        """A capture ended (ok, failed or deadline)."""
+
+    def progress(self, name: str, message: dict[str, Any]) -> None:
+        """The installer on node ``name`` reported progress."""
+
+
 class Engine:
     """Node machines, captures and timers of one cidd."""
 
@@ -98,6 +115,9 @@ class Engine:
         self._stopped = False
         self.reboots = Rebooter(self)  # reboot windows, agent reboots, BMC power (docs/power.md)
         self.reboot_window, self.power_window = self.reboots.window, self.reboots.power_window
+        self.observers: list[EngineObserver] = []  # added by the service tree (cidd/service.py)
+        # multicast image distribution of the groups that ask for it (docs/distribution.md)
+        self.distributor = Distributor(config, clock, image_dir_of(config), self._send_distributed)
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -134,6 +154,7 @@ class Engine:
                 timer.cancel()
         self._timers.clear()
         self._capture_timers.clear()
+        self.distributor.stop()
         log.info("engine.stopped", nodes=len(self.nodes), captures=len(self.captures), queued=len(self._inbox))
 
     # --- agents ------------------------------------------------------------------------------------
@@ -173,7 +194,8 @@ class Engine:
         self.handle(name, event)
 
     def progress(self, name: str, message: dict[str, Any]) -> None:
-        """Pass an installer's progress report to the watchers of the node's captures."""
+        """Pass an installer's progress report to the observers and to the watchers of the node's captures."""
+        self._observe("progress", name, message)
         for job in self._node_jobs.get(name, ()):
             self._notify(job, {"type": "progress", "job": job, "node": name, "step": message.get("step"),
                                "done": message.get("done"), "total": message.get("total"),
@@ -228,6 +250,7 @@ class Engine:
         for name, step in steps.items():
             if step.transition is not None:
                 self._log_transition(step, jobs_of[name])
+                self._observe("transition", step, now)
         for name in steps:  # after the log: a freed slot may issue another node's reboot at once
             self.reboots.leave(name, self.nodes[name])
         outer = not self._draining  # a commit of its own (a capture's plan): drain what its actions raise
@@ -271,11 +294,23 @@ class Engine:
             policy = self.config.policy(self.groups.get(name, "default"))
             message = install_command(self.catalog, self.config.http_base, action.image, action.attempt, image_path,
                                       policy.resume_for)
-            self.send_command(name, message, "installer refused the install")
+            if not self.distributor.take(name, self.groups.get(name, "default"), message,
+                                         self.catalog.get(action.image)):
+                self.send_command(name, message, "installer refused the install")
         elif isinstance(action, SetBoot):
             self.netboot.set_boot(name, action.boot)
         elif isinstance(action, PowerOn):
             self.reboots.power_on(name, action.boot)
+
+    def _send_distributed(self, name: str, message: dict[str, Any]) -> None:
+        """Send an ``install`` the distributor held back, unless the node no longer waits for that attempt."""
+        node = self.nodes.get(name)
+        waiting = node is not None and node.state is State.INSTALLING and node.attempt == message.get("attempt")
+        if self._stopped or not waiting:
+            log.info("dist.install_dropped", node=name, image=message.get("image"),
+                     state=node.state.value if node else None)
+            return
+        self.send_command(name, message, "installer refused the install")
 
     def step_failed(self, name: str, reason: str) -> Callable[[str], None]:
         """Return a function reporting a failure of the step ``name`` is in now (ignored once it moved on)."""
@@ -335,6 +370,7 @@ class Engine:
         if not capture.running:  # every node already ran the image: it ended as it began
             log.info("capture.ended", job=job, image=image, state=capture.state.value, elapsed=0.0,
                      **capture.counts())
+            self._observe("capture_ended", capture, now)
         return replace(plan, capture=capture)
 
     def _track(self, capture: Capture) -> None:
@@ -381,6 +417,7 @@ class Engine:
         counts = capture.counts()
         log.info("capture.ended", job=capture.job, image=capture.image, state=capture.state.value,
                  elapsed=round((capture.ended or 0) - capture.created, 3), **counts)
+        self._observe("capture_ended", capture, capture.ended or self.clock.seconds())
         self.clock.callLater(0, self._notify_done, capture)
 
     def _notify_done(self, capture: Capture) -> None:
@@ -397,6 +434,14 @@ class Engine:
                 watchers.remove(watcher)
 
         return unwatch
+
+    def _observe(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` of every observer with ``args``; log what one raises and go on."""
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:
+                log.exception("engine.observer_failed", hook=hook, observer=type(observer).__name__)
 
     def _notify(self, job: str, message: dict[str, Any]) -> None:
         for watcher in list(self._watchers.get(job, ())):
@@ -443,7 +488,7 @@ class Engine:
         return {"node": name, "state": node.state.value, "image": node.image, "target": node.target,
                 "job": node.job, "online": node.online, "mode": node.mode, "last_seen": seen,
                 "reason": node.reason, "attempt": node.attempt, "rung": node.rung, "deadline": node.deadline,
-                "health": figures, "reboot": self.reboots.state(name)}
+                "health": figures, "reboot": self.reboots.state(name), "distribution": self.distributor.view(name)}
 
 
 def read_catalog(config: Config) -> Catalog:

@@ -39,6 +39,7 @@ from zope.interface import implementer
 
 from cidcatalog.catalog import Catalog, Image
 from cidd.config import Config
+from cidd.distribution import report_fallback
 from cidd.metrics import Metrics, MetricsResource
 
 log = structlog.get_logger(__name__)
@@ -271,6 +272,11 @@ class ImagesResource(Resource):
             return _error(request, http.REQUESTED_RANGE_NOT_SATISFIABLE, f"range not satisfiable: size {size}\n",
                           head)
         first, last = wanted if wanted is not None else (0, size - 1)
+        fallback = request.getHeader(b"x-cid-fallback")
+        if fallback is not None and not head:  # an installer that gave cidd's multicast up (docs/distribution.md)
+            node = request.getHeader(b"x-cid-node")
+            report_fallback(node.decode("ascii", "replace")[:100] if node else None, image.id,
+                            fallback.decode("ascii", "replace")[:300], _client(request), first)
         if wanted is not None:
             request.setResponseCode(http.PARTIAL_CONTENT)
             request.setHeader(b"Content-Range", b"bytes %d-%d/%d" % (first, last, size))

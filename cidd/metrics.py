@@ -1,5 +1,8 @@
 """Prometheus metrics of one cidd instance, and the ``/metrics`` resource that exposes them.
 
+docs/operations.md lists every metric cidd exposes with its labels (a test checks the list against a real
+scrape). Labels are bounded: images of the catalog, node groups, states, reasons by kind; never a node name.
+
 Every :class:`Metrics` owns its own ``CollectorRegistry`` (never the process-global one), so several cidd
 instances in one process (tests, benchmarks) do not clash.  Metric objects are created once and cached by
 name; asking again for the same name returns the same object.
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -51,6 +54,10 @@ class Metrics:
     def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
         """Return the Gauge ``name`` with these label names. Raises ValueError on a clash (see ``_get``)."""
         return self._get(Gauge, name, doc, labels)
+
+    def histogram(self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
+        """Return the Histogram ``name`` with these label names and bucket bounds. Raises ValueError on a clash."""
+        return self._get(Histogram, name, doc, labels, buckets=tuple(buckets))
 
     def bytes_sent(self, image: str, count: int) -> None:
         """Add ``count`` bytes written to an HTTP client for the image id ``image``."""

@@ -121,6 +121,15 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def uefi_boot_uri(config: Config, node: str) -> str | None:
+    """Return the URL a UEFI HTTP boot of ``node`` loads (``<http base>/boot/uefi/<node>/ipxe.efi``: the EFI
+    binary, with the node's script beside it as ``autoexec.ipxe``), or None when cidd serves no EFI binary
+    (``boot.uefi_binary`` unset)."""
+    if config.boot.uefi_binary is None:
+        return None
+    return f"{config.http_base}/boot/uefi/{node}/ipxe.efi"
+
+
 #: The boot files cid-mkimg stores next to an image (``<image dir>/<id>.vmlinuz``), by their URL name.
 IMAGE_BOOT_FILES = {b"vmlinuz": "vmlinuz", b"initrd.img": "initrd.img"}
 

@@ -1,4 +1,8 @@
-"""BMC power for cidd: status, on, off, cycle, reset and next boot device over IPMI (pyghmi), off the reactor.
+"""BMC power for cidd: status, on, off, cycle, reset, next boot device and one-time boots, off the reactor.
+
+The BMC of a node is IPMI (pyghmi) or Redfish (sushy, cidd/redfish.py), per node group (cidd/bmc.py: the
+targets, the session interface). The callers (the ladder, the power windows, ``cidcapt --power``, the console)
+name a node; what is below is the same for both protocols.
 
 Every BMC call runs on a small dedicated thread pool (never the reactor thread, never Twisted's shared pool), and
 the caller's Deferred fails after ``call_timeout`` seconds whatever the BMC does. A scheduler on the reactor thread
@@ -39,150 +43,48 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import structlog
-import yaml
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from cidcommon.errors import CidError, TokenFileError
-from cidcommon.hostport import parse_hostport
-from cidcommon.paths import check_private
 from cidd import pyghmi_io
+from cidd.bmc import (
+    BOOT_DEVICES,
+    DEFAULT_IPMI_PORT,
+    REDFISH,
+    BmcCredentials,
+    BmcDirectory,
+    BmcNoAnswer,
+    BmcSession,
+    BmcTarget,
+    CallAbandoned,
+    CredentialsError,
+    IpmiSession,
+    PowerError,
+    bmc_address,
+    ipmi_target,
+    node_index,
+    split_address,
+)
 from cidd.config_sections import BmcConfig
+
+#: Re-exported: the BMC names callers and tests know from here (cidd/bmc.py defines them).
+__all__ = ["BOOT_DEVICES", "DEFAULT_IPMI_PORT", "BmcCredentials", "BmcDirectory", "BmcTarget", "CredentialsError",
+           "PowerController", "PowerError", "bmc_address", "node_index", "open_session", "split_address"]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_IPMI_PORT = 623
-BOOT_DEVICES = ("network", "default")
 BREAKER_AFTER = BmcConfig.breaker_after  # calls in a row without an answer that open a BMC's breaker
 BREAKER_COOLDOWN = BmcConfig.breaker_cooldown  # seconds an open breaker refuses calls, then one is tried again
 YIELD_AFTER = 2.0  # seconds after which a running call that has not answered stops holding its slot
 OVERDUE_FACTOR = 3  # calls that gave up their slot and still run: at most this many times max_concurrent
-
-
-class PowerError(CidError):
-    """A BMC call failed or did not answer; the message names the node and the BMC address."""
-
-    code = "power"
-
-
-class CredentialsError(CidError):
-    """The BMC credentials file is missing, unreadable, not private or malformed."""
-
-    code = "config"
-
-
-@dataclass(frozen=True)
-class BmcCredentials:
-    """The IPMI user and password shared by the BMCs (``repr`` hides the password)."""
-
-    user: str
-    password: str = field(repr=False)
-
-    @classmethod
-    def load(cls, path: Path | str) -> BmcCredentials:
-        """Return the credentials in ``path``.
-
-        The file is either YAML (``user: admin`` and ``password: ...``) or one line ``user:password`` (the
-        password may itself contain ``:``). It must not be readable or writable by group or others.
-
-        Raises CredentialsError (a message naming the file, and ``chmod 600`` when it is not private).
-        """
-        path = Path(path)
-        try:
-            check_private(path)
-            text = path.read_text(encoding="utf-8")
-        except TokenFileError as exc:
-            raise CredentialsError(f"BMC credentials file {exc.message}") from None
-        except FileNotFoundError:
-            raise CredentialsError(f"BMC credentials file {path} does not exist") from None
-        except OSError as exc:
-            raise CredentialsError(f"cannot read BMC credentials file {path}: {exc.strerror}; "
-                                   "check its owner and mode") from None
-        return cls.parse(text, str(path))
-
-    @classmethod
-    def parse(cls, text: str, source: str = "BMC credentials") -> BmcCredentials:
-        """Return the credentials in ``text`` (YAML mapping or ``user:password``); raise CredentialsError."""
-        data: Any = None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError:
-            data = None
-        if isinstance(data, dict):
-            user, password = data.get("user", data.get("username")), data.get("password")
-            if not isinstance(user, str) or not user or password is None:
-                raise CredentialsError(f"{source} needs both 'user' and 'password'")
-            return cls(user, str(password))
-        line = text.strip()
-        if "\n" in line or ":" not in line:
-            raise CredentialsError(f"{source} must hold 'user:password' on one line, "
-                                   "or YAML with 'user' and 'password'")
-        user, _, password = line.partition(":")
-        if not user:
-            raise CredentialsError(f"{source} names no user before ':'")
-        return cls(user, password)
-
-
-_FIELD = re.compile(r"\{([^{}]*)\}")
-
-
-def node_index(node: str) -> int | None:
-    """Return the number at the end of ``node`` (``node03`` -> 3), or None when it ends in no digit."""
-    match = re.search(r"(\d+)$", node)
-    return int(match.group(1)) if match else None
-
-
-def bmc_address(node: str, pattern: str) -> str:
-    """Return the BMC address of ``node`` from an inventory ``pattern``, as ``host`` or ``host:port``.
-
-    Fields: ``{name}`` is the node name, ``{index}`` the number its name ends with (``node03`` -> ``3``; a format
-    spec works: ``{index:02d}``), ``{port}`` is an alias of ``{index}`` for ports (``"127.0.0.1:{port}"`` gives
-    ``127.0.0.1:3``), and arithmetic is allowed only as ``{index+9000}`` / ``{port+9000}``. Examples:
-    ``"{name}-bmc"`` -> ``node03-bmc``; ``"10.1.0.{index}"`` -> ``10.1.0.3``; ``"127.0.0.1:{index+9000}"`` ->
-    ``127.0.0.1:9003``. A ``:port`` suffix is optional (default 623).
-
-    Raises PowerError when the pattern uses an unknown field or ``{index}`` for a name without a number.
-    """
-
-    def field_value(match: re.Match[str]) -> str:
-        spec = match.group(1)
-        key, _, fmt = spec.partition(":")
-        key = key.strip()
-        if key == "name":
-            return format(node, fmt)
-        base, plus, offset = key.partition("+")
-        if base.strip() in ("index", "port"):
-            index = node_index(node)
-            if index is None:
-                raise PowerError(f"BMC address pattern {pattern!r} uses {{{base.strip()}}} but node name "
-                                 f"{node!r} does not end with a number")
-            if plus:
-                try:
-                    index += int(offset)
-                except ValueError:
-                    raise PowerError(f"BMC address pattern {pattern!r}: {{{spec}}} must be "
-                                     f"{{{base.strip()}+NUMBER}}") from None
-            return format(index, fmt)
-        raise PowerError(f"BMC address pattern {pattern!r} uses unknown field {{{spec}}}; "
-                         "use {name}, {index} or {index+N}")
-
-    return _FIELD.sub(field_value, pattern)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """Return (host, port) of a BMC address (``cidcommon.hostport``; default port 623). Raises PowerError."""
-    try:
-        return parse_hostport(address, DEFAULT_IPMI_PORT, what="BMC address")
-    except ValueError as exc:
-        raise PowerError(str(exc)) from None
 
 
 @dataclass(eq=False)
@@ -190,17 +92,27 @@ class _Call:
     """One BMC call, from the moment it is asked for until its thread returns (reactor thread only)."""
 
     node: str
-    address: str
+    target: BmcTarget
     action: str
-    key: tuple[str, int]
-    body: Callable[[Any], Any]
+    body: Callable[[BmcSession], Any]
     asked: float
     timeout: float  # the caller gives up at asked + timeout
     result: Deferred[Any] = field(init=False)
+    abandoned: threading.Event = field(default_factory=threading.Event)  # set when the caller gave up
     state: str = "queued"  # queued -> running -> ended; dropped: its caller gave up before it was sent
     holds_slot: bool = False
     timer: Any = None  # the caller's deadline
     slot_timer: Any = None  # when a running call stops holding its slot (yield_after)
+
+    @property
+    def address(self) -> str:
+        """Return the BMC address messages show."""
+        return self.target.address
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Return the scheduler key of the call's BMC."""
+        return self.target.key
 
 
 @dataclass(eq=False)
@@ -217,7 +129,9 @@ class _Bmc:
 class PowerController:
     """BMC calls for cidd on a dedicated thread pool; every method returns a Deferred and never blocks.
 
-    ``credentials`` are used for every BMC; ``reactor`` provides the clock and the thread hand-off. Failures fail the
+    A node's BMC comes from ``directory`` (its group's settings: IPMI or Redfish, address pattern, credentials,
+    timeout); an IPMI address given as a string uses ``credentials`` and ``call_timeout``. ``reactor`` provides
+    the clock and the thread hand-off. Failures fail the
     Deferred with PowerError, whose message tells them apart: the BMC was never contacted (every slot busy, or an
     earlier call to it still running, until ``call_timeout``), it did not answer within ``call_timeout`` s, it is not
     called (its last ``breaker_after`` calls got no answer; for ``breaker_cooldown`` s), or it answered with an error
@@ -225,19 +139,22 @@ class PowerController:
 
     Scheduling: at most ``max_concurrent`` calls hold a slot, at most one call per BMC runs at a time, and BMCs take
     turns (round robin), those whose last call got no answer after the others. A running call gives up its slot when
-    its caller gives up or after ``yield_after`` s without an answer; it goes on in its thread (IPMI has no cancel),
-    with at most ``OVERDUE_FACTOR × max_concurrent`` such calls at once. ``command_factory(host, port, user,
-    password)`` makes the pyghmi ``Command``; ``runner(key, body)`` runs one call and returns its Deferred (default:
-    ``body(command)`` in a pool thread); tests may pass either. ``in_flight`` is the number of calls holding a slot,
+    its caller gives up or after ``yield_after`` s without an answer; it goes on in its thread (IPMI has no cancel;
+    a Redfish call sends no further request once its caller gave up), with at most ``OVERDUE_FACTOR ×
+    max_concurrent`` such calls at once. ``command_factory(host, port, user, password)`` makes the pyghmi
+    ``Command``; ``runner(key, work)`` runs one call's ``work()`` and returns its Deferred (default: in a pool
+    thread); tests may pass either. ``in_flight`` is the number of calls holding a slot,
     ``running`` the number running in a thread, ``waiting`` the number not sent yet.
     """
 
-    def __init__(self, credentials: BmcCredentials, reactor: Any, *, max_concurrent: int = 8,
+    def __init__(self, credentials: BmcCredentials | None, reactor: Any, *, max_concurrent: int = 8,
                  call_timeout: float = 20, breaker_after: int = BREAKER_AFTER,
                  breaker_cooldown: float = BREAKER_COOLDOWN, yield_after: float | None = YIELD_AFTER,
                  command_factory: Callable[[str, int, bytes, bytes], Any] | None = None,
-                 runner: Callable[[tuple[str, int], Callable[[Any], Any]], Deferred[Any]] | None = None) -> None:
+                 runner: Callable[[tuple[str, int], Callable[[], Any]], Deferred[Any]] | None = None,
+                 directory: BmcDirectory | None = None) -> None:
         self._credentials = credentials
+        self.directory = directory
         self._reactor = reactor
         self.max_concurrent = max(1, max_concurrent)
         self.call_timeout = call_timeout
@@ -259,10 +176,12 @@ class PowerController:
         self.waiting = 0
 
     @classmethod
-    def from_config(cls, credentials: BmcCredentials, reactor: Any, bmc: BmcConfig) -> PowerController:
-        """Return a PowerController with the bounds of cidd.yaml's ``bmc`` section (docs/configuration.md)."""
+    def from_config(cls, credentials: BmcCredentials | None, reactor: Any, bmc: BmcConfig,
+                    directory: BmcDirectory | None = None) -> PowerController:
+        """Return a PowerController with the bounds of cidd.yaml's ``bmc`` section (docs/configuration.md) and the
+        nodes' BMCs from ``directory`` (cidd.bmc.BmcDirectory.load)."""
         return cls(credentials, reactor, max_concurrent=bmc.max_concurrent, call_timeout=bmc.timeout,
-                   breaker_after=bmc.breaker_after, breaker_cooldown=bmc.breaker_cooldown)
+                   breaker_after=bmc.breaker_after, breaker_cooldown=bmc.breaker_cooldown, directory=directory)
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -289,67 +208,106 @@ class PowerController:
 
     # -- public calls -------------------------------------------------------------------------------------------
 
-    def status(self, node: str, address: str) -> Deferred[str]:
-        """Return a Deferred firing with ``'on'`` or ``'off'``; fails with PowerError."""
-        return self._call(node, address, "status", lambda c: str(c.get_power()["powerstate"]))
+    def target(self, node: str, address: str | BmcTarget | None = None) -> BmcTarget:
+        """Return the BMC of ``node``: ``address`` itself (a target, or an IPMI address with the controller's own
+        credentials), else the one its group's settings name. Raises PowerError (no BMC, bad address pattern)."""
+        if isinstance(address, BmcTarget):
+            return address
+        if address is not None:
+            if self._credentials is None:
+                raise PowerError(f"no BMC credentials for {node} at {address}")
+            return ipmi_target(node, address, self._credentials)
+        if self.directory is None:
+            raise PowerError(f"{node} has no BMC: cidd has no 'bmc' section")
+        return self.directory.target(node)
 
-    def on(self, node: str, address: str) -> Deferred[None]:
+    def status(self, node: str, address: str | BmcTarget | None = None) -> Deferred[str]:
+        """Return a Deferred firing with ``'on'`` or ``'off'`` (Redfish: also ``'powering on'``, ...); fails with
+        PowerError."""
+        return self._call(node, address, "status", lambda s: s.power_state())
+
+    def on(self, node: str, address: str | BmcTarget | None = None) -> Deferred[None]:
         """Power ``node`` on (no-op when on); the Deferred fires when the BMC accepted it, or fails with PowerError."""
-        return self._call(node, address, "on", lambda c: _none(c.set_power("on", wait=False)))
+        return self._call(node, address, "on", lambda s: s.power_on())
 
-    def off(self, node: str, address: str) -> Deferred[None]:
-        """Power ``node`` off hard (no OS shutdown); fires when the BMC accepted it; fails with PowerError."""
-        return self._call(node, address, "off", lambda c: _none(c.set_power("off", wait=False)))
+    def off(self, node: str, address: str | BmcTarget | None = None) -> Deferred[str]:
+        """Power ``node`` off; fires with how (IPMI ``off``: hard; Redfish ``graceful``, ``forced`` after
+        ``off_timeout`` s, or ``already off``); fails with PowerError. A Redfish off has ``timeout + off_timeout``."""
+        return self._call(node, address, "off", lambda s: s.power_off(), extra=_off_time)
 
-    def cycle(self, node: str, address: str) -> Deferred[None]:
+    def cycle(self, node: str, address: str | BmcTarget | None = None) -> Deferred[None]:
         """Power cycle ``node`` (off, then on; just on when off); fires when accepted; fails with PowerError."""
-        return self._call(node, address, "cycle", _cycle)
+        return self._call(node, address, "cycle", lambda s: s.power_cycle())
 
-    def reset(self, node: str, address: str) -> Deferred[None]:
+    def reset(self, node: str, address: str | BmcTarget | None = None) -> Deferred[None]:
         """Hard reset ``node`` (on when off); fires when the BMC accepted it; fails with PowerError."""
-        return self._call(node, address, "reset", lambda c: _none(c.set_power("boot", wait=False)))
+        return self._call(node, address, "reset", lambda s: s.reset())
 
-    def set_next_boot(self, node: str, address: str, device: str) -> Deferred[None]:
-        """Set ``node``'s next boot (once) to ``'network'`` or ``'default'``; fails with PowerError.
-
-        Raises PowerError at once (a failed Deferred) for any other device.
-        """
+    def set_next_boot(self, node: str, address: str | BmcTarget | None = None,
+                      device: str = "network") -> Deferred[str]:
+        """Set ``node``'s next boot (once) to ``'network'`` or ``'default'``; fires with what the BMC was told
+        (IPMI: the device; Redfish: ``Pxe`` or ``Hdd``); fails with PowerError (at once for another device)."""
         if device not in BOOT_DEVICES:
             return _failed(PowerError(f"unknown boot device {device!r} for {node}; use 'network' or 'default'"))
-        return self._call(node, address, f"next_boot_{device}",
-                          lambda c: _none(c.set_bootdev(device, persist=False)))
+        return self._call(node, address, f"next_boot_{device}", lambda s: s.set_next_boot(device))
 
-    def console(self, node: str, address: str, on_data: Callable[[bytes], None],
+    def boot_once(self, node: str, address: str | BmcTarget | None = None, boot: str = "installer",
+                  http_uri: str | None = None) -> Deferred[str]:
+        """Set a one-time boot into ``boot`` (``installer`` or ``disk``) and reset ``node``, in one call.
+
+        Redfish: ``UefiHttp`` with ``http_uri`` where the BMC offers it (and the group allows it), else ``Pxe``;
+        ``Hdd`` for the disk; ``BootSourceOverrideEnabled: Once``. IPMI: network (or default) boot, power cycle.
+        Fires with what was set; fails with PowerError. Nothing is sent after the caller gave up, not even the
+        reset once the override is set (Redfish).
+        """
+        return self._call(node, address, f"boot_once_{boot}", lambda s: s.boot_once(boot, http_uri))
+
+    def mac_addresses(self, node: str, address: str | BmcTarget | None = None) -> Deferred[list[str]]:
+        """Return a Deferred firing with the MAC addresses of ``node``'s NICs as its BMC lists them (Redfish
+        EthernetInterfaces; IPMI has none: PowerError)."""
+        return self._call(node, address, "mac_addresses", lambda s: s.mac_addresses())
+
+    def console(self, node: str, address: str | BmcTarget | None, on_data: Callable[[bytes], None],
                 on_close: Callable[[str | None], None], factory: Any = None) -> Any:
-        """Return a started ``cidd.console.ConsoleRelay`` to the SOL console of ``node``'s BMC at ``address``.
+        """Return a started ``cidd.console.ConsoleRelay`` to the serial console of ``node``'s BMC.
 
-        It runs on a thread of its own (not the pool: a console lasts as long as the admin stays). Raises
-        PowerError for a malformed address.
+        It runs on a thread of its own (not the pool: a console lasts as long as the admin stays). IPMI BMCs
+        only (SOL): Redfish has no standard serial console. Raises PowerError for a malformed address, a node
+        without BMC, or a Redfish BMC.
         """
         from cidd.console import ConsoleRelay
 
-        host, port = split_address(address)
-        relay = ConsoleRelay(self._reactor, node, host, port, self._credentials.user.encode(),
-                             self._credentials.password.encode(), on_data, on_close, factory=factory)
+        target = self.target(node, address)
+        if target.protocol == REDFISH:
+            raise PowerError(f"BMC of {node} ({target.address}) is Redfish, which has no standard serial console; "
+                             "use the BMC's own web or SSH console, or give the node's group an IPMI BMC for SOL")
+        relay = ConsoleRelay(self._reactor, node, target.host, target.port, target.credentials.user.encode(),
+                             target.credentials.password.encode(), on_data, on_close, factory=factory)
         relay.start()
         return relay
 
-    def breaker_open(self, address: str) -> bool:
+    def breaker_open(self, address: str | BmcTarget) -> bool:
         """Return True while calls to the BMC at ``address`` are refused (its breaker is open, not cooled down).
 
         Raises PowerError for a malformed address.
         """
-        bmc = self._bmcs.get(split_address(address))
+        bmc = self._bmcs.get(address.key if isinstance(address, BmcTarget) else split_address(address))
         return bmc is not None and bmc.open_until is not None and self._reactor.seconds() < bmc.open_until
 
     # -- scheduling (reactor thread) ----------------------------------------------------------------------------
 
-    def _call(self, node: str, address: str, action: str, body: Callable[[Any], T]) -> Deferred[T]:
-        """Queue ``body(command)`` for the BMC at ``address``; return its Deferred, bounded by ``call_timeout``."""
+    def _call(self, node: str, address: str | BmcTarget | None, action: str, body: Callable[[BmcSession], T],
+              extra: Callable[[BmcTarget], float] | None = None) -> Deferred[T]:
+        """Queue ``body(session)`` for ``node``'s BMC; return its Deferred, bounded by the BMC's timeout (plus
+        ``extra(target)`` s)."""
         try:
-            key = split_address(address)
+            target = self.target(node, address)
         except PowerError as exc:
-            return _failed(PowerError(f"{exc.message} for {node}; fix the BMC address pattern"))
+            message = exc.message if address is None else f"{exc.message} for {node}; fix the BMC address pattern"
+            return _failed(PowerError(message))
+        address, key = target.address, target.key
+        timeout = self.call_timeout if target.settings is None else target.settings.timeout
+        timeout += extra(target) if extra is not None else 0.0
         self.start()
         now = self._reactor.seconds()
         bmc = self._bmcs.setdefault(key, _Bmc())
@@ -357,7 +315,7 @@ class PowerController:
             log.info("power.refused", node=node, bmc=address, action=action, silent=bmc.silent,
                      retry_in=round(bmc.open_until - now, 1))
             return _failed(self._refusal(node, address, bmc, now))
-        call = _Call(node, address, action, key, body, now, self.call_timeout)
+        call = _Call(node, target, action, body, now, timeout)
         call.result = Deferred(lambda _: self._gave_up(call, "the caller cancelled it before it was sent"))
         call.timer = self._reactor.callLater(self.call_timeout, self._timed_out, call)
         bmc.queue.append(call)
@@ -422,8 +380,9 @@ class PowerController:
             log.info("power.breaker_probe", node=call.node, bmc=call.address, action=call.action, silent=bmc.silent)
         if self.yield_after is not None:
             call.slot_timer = self._reactor.callLater(self.yield_after, self._overdue, call)
+        seconds = max(0.1, call.asked + call.timeout - self._reactor.seconds())
         try:
-            d = self._runner(call.key, call.body)
+            d = self._runner(call.key, lambda: self._in_thread(call.target, call.body, call.abandoned, seconds))
         except Exception:  # noqa: BLE001 - a runner that raises fails this call, never the scheduler
             d = fail(Failure())
         d.addBoth(self._finished, call)
@@ -463,6 +422,7 @@ class PowerController:
 
     def _gave_up(self, call: _Call, reason: str) -> None:
         """The caller gave up on ``call`` (deadline or cancel): drop it if not sent yet, else free its slot."""
+        call.abandoned.set()
         if call.timer is not None and call.timer.active():
             call.timer.cancel()
         call.timer = None
@@ -508,17 +468,21 @@ class PowerController:
         bmc = self._bmcs[call.key]
         bmc.busy = False
         answered = not (isinstance(outcome, Failure) and _no_answer(outcome))
-        refused = self._record(call, bmc, answered, now)
+        abandoned = isinstance(outcome, Failure) and outcome.check(CallAbandoned) is not None
+        refused = [] if abandoned else self._record(call, bmc, answered, now)
         self._offer_turn(call.key, bmc)
         self._forget_if_idle(call.key, bmc)
         if call.timer is not None and call.timer.active():
             call.timer.cancel()
         call.timer = None
-        if call.result.called:
+        if abandoned:  # a Redfish call whose caller gave up: its next request was never sent
+            log.info("power.abandoned", node=call.node, bmc=call.address, action=call.action, seconds=seconds,
+                     unsent=str(outcome.value))
+        elif call.result.called:
             log.info("power.late_answer", node=call.node, bmc=call.address, action=call.action, answered=answered,
                      seconds=seconds)
         elif isinstance(outcome, Failure):
-            err = self._as_power_error(call.node, call.address, outcome, seconds)
+            err = self._as_power_error(call, outcome, seconds)
             log.warning("power.failed", node=call.node, bmc=call.address, action=call.action, error=err.message)
             call.result.errback(err)
         else:
@@ -561,38 +525,42 @@ class PowerController:
 
     # -- in the pool --------------------------------------------------------------------------------------------
 
-    def _run_on_pool(self, key: tuple[str, int], body: Callable[[Any], T]) -> Deferred[T]:
-        """Return the Deferred of ``body(command)`` for the BMC at ``key``, run in a pool thread."""
-        return deferToThreadPool(self._reactor, self._pool, self._in_thread, key, body)
+    def _run_on_pool(self, key: tuple[str, int], work: Callable[[], T]) -> Deferred[T]:
+        """Return the Deferred of ``work()`` (one call to the BMC at ``key``), run in a pool thread."""
+        return deferToThreadPool(self._reactor, self._pool, work)
 
-    def _in_thread(self, key: tuple[str, int], body: Callable[[Any], T]) -> T:
-        """In a pool thread: log in to the BMC at ``key``, return ``body(command)``, log out (always).
+    def _in_thread(self, target: BmcTarget, body: Callable[[BmcSession], T], abandoned: threading.Event,
+                   seconds: float) -> T:
+        """In a pool thread: log in to ``target``, return ``body(session)``, log out (always).
 
-        The scheduler runs one call per BMC at a time, which also keeps clear of pyghmi's trap of two ``Command``
-        objects for one BMC at once.
+        ``seconds`` is what is left of the call's time (it bounds each Redfish request); once ``abandoned`` is
+        set a Redfish session sends nothing but its logout. The scheduler runs one call per BMC at a time, which
+        also keeps clear of pyghmi's trap of two ``Command`` objects for one BMC at once.
         """
-        command = self._factory(key[0], key[1], self._credentials.user.encode(),
-                                self._credentials.password.encode())
+        if abandoned.is_set():
+            raise CallAbandoned("before login")
+        session = open_session(target, seconds, abandoned, self._factory)
         try:
-            return body(command)
+            return body(session)
         finally:
-            _logout(command)
+            session.close()
 
-    def _as_power_error(self, node: str, address: str, failure: Failure, seconds: float) -> PowerError:
+    def _as_power_error(self, call: _Call, failure: Failure, seconds: float) -> PowerError:
         """Return the PowerError for a BMC call that failed after ``seconds`` (the password never appears in it)."""
+        node, address = call.node, call.address
         if _no_answer(failure):
             return PowerError(f"BMC of {node} ({address}) did not answer (no reply in {seconds:.1f} s); "
                               "check its network and credentials")
-        detail = str(failure.value)
-        if self._credentials.password:
-            detail = detail.replace(self._credentials.password, "***")
-        return PowerError(f"BMC of {node} ({address}) failed: {detail}; check the BMC credentials and its state")
+        return PowerError(f"BMC of {node} ({address}) failed: {_detail(call.target, failure)}; "
+                          "check the BMC credentials and its state")
 
 
 def _no_answer(failure: Failure) -> bool:
     """Return True when ``failure`` means the BMC did not answer (pyghmi gave up), not that it answered an error."""
-    if failure.check(CancelledError, TimeoutError):
+    if failure.check(CancelledError, TimeoutError, BmcNoAnswer):
         return True
+    if failure.check(CallAbandoned):
+        return False
     detail = str(failure.value)
     return detail in ("", "None") or "timeout" in detail.lower() or "no longer connected" in detail.lower()
 
@@ -615,34 +583,48 @@ def _pyghmi_command(host: str, port: int, user: bytes, password: bytes) -> Any:
     return Command(bmc=host, userid=user, password=password, port=port)
 
 
-def _logout(command: Any) -> None:
-    """Close ``command``'s IPMI session (one round trip, not retried) unless a console shares it; never raise."""
-    session = getattr(command, "ipmi_session", None)
-    if session is None or getattr(session, "sol_handler", None) is not None:
-        return  # pyghmi shares one session per BMC in a process: this one carries an open console, keep it
-    try:
-        session.logout()
-    except Exception as exc:  # noqa: BLE001 - a failed logout only leaves a session for the BMC to expire
-        log.debug("power.logout_failed", error=type(exc).__name__)
+def open_session(target: BmcTarget, seconds: float, abandoned: threading.Event,
+                 command_factory: Callable[[str, int, bytes, bytes], Any] = _pyghmi_command) -> BmcSession:
+    """Return a logged-in session to ``target`` (cidd.bmc.BmcSession): Redfish (requests bounded by ``seconds``,
+    nothing sent once ``abandoned`` is set) or IPMI (``command_factory`` makes the pyghmi Command). Raises as
+    the BMC fails: BmcNoAnswer, CallAbandoned, or the error it answered."""
+    if target.protocol == REDFISH:
+        from cidd.redfish import RedfishSession
+
+        return RedfishSession(target, seconds, abandoned)
+    return IpmiSession(command_factory(target.host, target.port, target.credentials.user.encode(),
+                                       target.credentials.password.encode()))
 
 
-def _cycle(command: Any) -> None:
-    """Power cycle through ``command``: chassis control 'power cycle' when on, 'on' when off."""
-    if command.get_power()["powerstate"] == "off":
-        command.set_power("on", wait=False)
-        return
-    response = command.raw_command(netfn=0, command=2, data=[2])
-    if "error" in response:
-        raise RuntimeError(f"power cycle refused: {response['error']}")
+def _off_time(target: BmcTarget) -> float:
+    """Return the extra seconds of an ``off`` call: a Redfish BMC's graceful shutdown time (``off_timeout``)."""
+    return target.settings.off_timeout if target.protocol == REDFISH and target.settings is not None else 0.0
+
+
+def _detail(target: BmcTarget, failure: Failure) -> str:
+    """Return what the BMC answered, as a phrase without the password (HTTP errors: status, request, its words)."""
+    value = failure.value
+    status = getattr(value, "status_code", None)
+    if isinstance(status, int):
+        words = getattr(value, "detail", None) or ""
+        asked = _HTTP_ERROR.match(str(value))
+        detail = f"HTTP {status}" + (f" to {asked.group(1)} {urlsplit(asked.group(2)).path}" if asked else "")
+        detail += f" ({words})" if words else ""
+        if status == 401:
+            detail += ": the user or password was refused"
+    else:
+        detail = str(value) or type(value).__name__
+    if target.credentials.password:
+        detail = detail.replace(target.credentials.password, "***")
+    return detail
+
+
+_HTTP_ERROR = re.compile(r"HTTP (\w+) (\S+) returned")
 
 
 def _count(number: int, noun: str) -> str:
     """Return ``'1 call'``, ``'3 calls'``: ``number`` and ``noun``, plural when it is not 1."""
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def _none(_: object) -> None:
-    return None
 
 
 def _failed(err: Exception) -> Deferred[Any]:

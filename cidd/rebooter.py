@@ -16,13 +16,14 @@ from twisted.internet.interfaces import IReactorTime
 
 from cidcatalog.catalog import Catalog
 from cidcommon.errors import CidError
+from cidcommon.vocabulary import RebootMethod
 from cidd.config import Config
 from cidd.core.machine import Node, State
 from cidd.core.machine_types import POWER_METHODS, Event, Policy, Reboot, RungFailed, SetDeadline
 from cidd.core.windows import Window
 from cidd.images_http import image_dir_of
-from cidd.netboot import Netboot, image_boot
-from cidd.power import PowerController, bmc_address
+from cidd.netboot import Netboot, image_boot, uefi_boot_uri
+from cidd.power import BmcTarget, PowerController
 from cidd.reboots import reboot_message
 
 log = structlog.get_logger(__name__)
@@ -123,7 +124,7 @@ class Rebooter:
         self._issued.add(name)
         in_flight = self.window.in_flight
         if action.method in POWER_METHODS:
-            self._power_cycle(name, action.boot, step, first)
+            self._power_rung(name, action.boot, action.method, step, first)
             return
         if first:
             self._start_deadline(name, step, in_flight)
@@ -158,8 +159,10 @@ class Rebooter:
         key = (name, self._power_seq)
         return self.power_window.request(key, lambda: start(lambda: self.power_window.release(key)))
 
-    def _power_cycle(self, name: str, boot: str, step: tuple[str, int] | None = None, first: bool = True) -> None:
-        """Power-cycle ``name`` through a power slot; the step's deadline starts when the BMC call does."""
+    def _power_rung(self, name: str, boot: str, method: str, step: tuple[str, int] | None = None,
+                    first: bool = True) -> None:
+        """Carry out power rung ``method`` on ``name`` through a power slot; the step's deadline starts when the BMC
+        call does."""
         if step is None:
             node = self.engine.nodes[name]
             step = (node.state.value, node.rung)
@@ -170,37 +173,55 @@ class Rebooter:
                 return
             if first:
                 self._start_deadline(name, step, self.window.in_flight)
-            log.info("node.reboot_issued", node=name, method="power_cycle", boot=boot,
+            log.info("node.reboot_issued", node=name, method=method, boot=boot,
                      in_flight=self.window.in_flight, window=self.window.limit,
                      power_in_flight=self.power_window.in_flight)
-            self._bmc_cycle(name, boot, done)
+            self._bmc_rung(name, boot, method, done)
 
         if not self._power_slot(name, start):
             log.info("node.power_queued", node=name, waiting=self.power_window.waiting)
             if first:
                 self.engine.handle(name, SetDeadline(step[0], step[1], None))
 
-    def _bmc_cycle(self, name: str, boot: str, done: Callable[[], None]) -> None:
-        """Set the next boot device through the BMC, then power-cycle; a failure climbs the ladder."""
-        if self.engine.power is None or self.engine.config.bmc is None:
+    def _bmc_rung(self, name: str, boot: str, method: str, done: Callable[[], None]) -> None:
+        """Make ``name`` boot ``boot`` through its BMC (IPMI or Redfish); a failure climbs the ladder.
+
+        ``power_cycle``: set the next boot device (network for the installer, default for the disk), then
+        power-cycle (on when off). ``redfish_boot_installer``: one call that sets a one-time boot override
+        (UefiHttp with cidd's UEFI HTTP boot URI where the BMC offers it, else Pxe; Hdd for the disk) and resets.
+        """
+        power = self.engine.power
+        if power is None:
             done()
-            self.engine.handle(name, RungFailed("power_cycle needs BMC access; configure the 'bmc' section"))
+            self.engine.handle(name, RungFailed(f"{method} needs BMC access; configure the 'bmc' section"))
             return
         try:
-            address = bmc_address(name, self.engine.config.bmc.address)
+            target = power.target(name)
         except CidError as exc:
             done()
             self.engine.handle(name, RungFailed(exc.message))
             return
-        power = self.engine.power
-        report = self.engine.step_failed(name, "power cycle failed")
-        device = "network" if boot == "installer" else "default"
-        log.info("node.power_cycle", node=name, bmc=address, boot=boot)
-        d = power.set_next_boot(name, address, device)
-        d.addCallback(lambda _: power.cycle(name, address))
+        report = self.engine.step_failed(name, f"{method} failed")
+        if method == RebootMethod.REDFISH_BOOT_INSTALLER:
+            if target.protocol != "redfish":
+                done()
+                self.engine.handle(name, RungFailed(f"{method} needs a Redfish BMC; {name}'s BMC "
+                                                    f"({target.address}) is {target.protocol}"))
+                return
+            uri = uefi_boot_uri(self.engine.config, name) if boot == "installer" else None
+            log.info("node.redfish_boot", node=name, bmc=target.address, boot=boot, http_boot_uri=uri)
+            d = power.boot_once(name, target, boot, uri)
+            d.addCallback(lambda chosen: log.info("node.redfish_boot_set", node=name, bmc=target.address, boot=boot,
+                                                  override=chosen))
+        else:
+            device = "network" if boot == "installer" else "default"
+            log.info("node.power_cycle", node=name, bmc=target.address, boot=boot)
+            d = power.set_next_boot(name, target, device)
+            d.addCallback(lambda _: power.cycle(name, target))
 
         def failed(failure: Any) -> None:
-            log.warning("node.power_failed", node=name, bmc=address, reason=failure.getErrorMessage())
+            log.warning("node.power_failed", node=name, bmc=target.address, method=method,
+                        reason=failure.getErrorMessage())
             report(failure.getErrorMessage())
 
         d.addErrback(failed)
@@ -208,29 +229,29 @@ class Rebooter:
 
     def power_on(self, name: str, boot: str) -> None:
         """Power on a node that is off, booting ``boot`` next; without BMC access, only wait for its agent."""
-        if self.engine.power is None or self.engine.config.bmc is None:
+        power = self.engine.power
+        if power is None:
             return
         try:
-            address = bmc_address(name, self.engine.config.bmc.address)
+            target = power.target(name)
         except CidError as exc:
             log.warning("node.power_on_failed", node=name, reason=exc.message)
             return
-        power = self.engine.power
-        self._power_slot(name, lambda done: self._bmc_power_on(name, boot, address, power, done))
+        self._power_slot(name, lambda done: self._bmc_power_on(name, boot, target, power, done))
 
-    def _bmc_power_on(self, name: str, boot: str, address: str, power: PowerController,
+    def _bmc_power_on(self, name: str, boot: str, target: BmcTarget, power: PowerController,
                       done: Callable[[], None]) -> None:
         """Ask the BMC of ``name`` for its power state and power it on if it is off; ``done`` frees the slot."""
 
         def on_if_off(state: str) -> Any:
             if state != "off":
                 return None  # on but silent: the ladder's timeout and its power rung deal with it
-            log.info("node.power_on", node=name, bmc=address, boot=boot)
-            d = power.set_next_boot(name, address, "network" if boot == "installer" else "default")
-            return d.addCallback(lambda _: power.on(name, address))
+            log.info("node.power_on", node=name, bmc=target.address, boot=boot)
+            d = power.set_next_boot(name, target, "network" if boot == "installer" else "default")
+            return d.addCallback(lambda _: power.on(name, target))
 
-        d = power.status(name, address).addCallback(on_if_off)
-        d.addErrback(lambda f: log.warning("node.power_on_failed", node=name, bmc=address,
+        d = power.status(name, target).addCallback(on_if_off)
+        d.addErrback(lambda f: log.warning("node.power_on_failed", node=name, bmc=target.address,
                                            reason=f.getErrorMessage()))
         d.addBoth(lambda _: done())
 

@@ -1,12 +1,15 @@
 """cidd as a Twisted service tree: one ``MultiService`` whose named children start in order and stop in reverse.
 
-    lock → store → power → engine → agent port → local socket → http → sd_notify
+    lock → store → power → engine → history → agent port → local socket → http → sd_notify
 
 ``lock`` takes ``<state_dir>/cidd.lock`` before anything opens the database, so a second cidd on the same state
-can never touch a live one. ``store`` opens SQLite and closes it last, after every step was committed. Stopping
-(SIGTERM) first tells systemd, then closes the HTTP port, the socket and the agent/client port (no new
-sessions), stops the engine (no step after that: the sessions the reactor closes at shutdown change nothing,
-since a restart collapses live states anyway), stops the BMC thread pool, and only then closes the database.
+can never touch a live one. ``store`` opens SQLite and closes it last, after every step was committed.
+``history`` creates the metrics, attaches the engine's observers (metrics, statistics: cidd/observe.py,
+cidd/history.py) and starts the retention timer. Stopping (SIGTERM) first tells systemd, then closes the HTTP
+port, the socket and the agent/client port (no new sessions), stops the retention timer (a batch is one
+transaction: none is left half done), stops the engine (no step after that: the sessions the reactor closes at
+shutdown change nothing, since a restart collapses live states anyway), stops the BMC thread pool, and only then
+closes the database.
 Children stop one after the other, each waiting for the previous one. Each child logs
 ``cidd.service_started`` / ``cidd.service_stopped`` with its name.
 """
@@ -28,16 +31,19 @@ from cidcatalog.catalog import Catalog
 from cidcommon import __version__, wire
 from cidcommon.errors import CidError
 from cidcommon.paths import ensure_token, token_path
+from cidd.bmc import BmcDirectory
 from cidd.boot_http import BootResource
 from cidd.config import Config
 from cidd.engine import Engine, read_catalog
+from cidd.history import History, thread_pool_runner
 from cidd.images_http import listen_http
 from cidd.local_socket import count_refusals, listen_unix
 from cidd.metrics import Metrics
-from cidd.power import BmcCredentials, PowerController
+from cidd.observe import Observer
+from cidd.power import PowerController
 from cidd.sdnotify import Notifier
 from cidd.sessions import CiddFactory, Sessions
-from cidd.status_http import EngineCollector, StatusResource
+from cidd.status_http import EngineCollector, StatsResource, StatusResource, page_resources
 from cidd.store import Store
 from cidd.tls import ensure_pki, server_options
 from cidd.user_directory import UserDirectory, thread_runner
@@ -45,7 +51,7 @@ from cidd.user_directory import UserDirectory, thread_runner
 log = structlog.get_logger(__name__)
 
 #: The children of the tree, in start order (they stop in the reverse order).
-CHILDREN = ("lock", "store", "power", "engine", "agent port", "local socket", "http", "sd_notify")
+CHILDREN = ("lock", "store", "power", "engine", "history", "agent port", "local socket", "http", "sd_notify")
 
 
 class StateDirBusy(CidError):
@@ -103,6 +109,9 @@ class Cidd:
     factory: CiddFactory | None = None
     ports: dict[str, Any] = field(default_factory=dict)
     loops: list[LoopingCall] = field(default_factory=list)
+    metrics: Metrics | None = None
+    observer: Observer | None = None
+    history: History | None = None
 
     # --- lock ---
 
@@ -146,10 +155,16 @@ class Cidd:
             self.store.close()
 
     def start_power(self) -> None:
-        """Start the BMC thread pool when the configuration gives BMC credentials."""
+        """Start the BMC thread pool when the configuration has BMC settings (top level or groups).
+
+        Reads every credentials file first (CredentialsError stops the start) and logs a warning for each
+        Redfish setting with ``verify: false`` (cidd.bmc.BmcDirectory.load).
+        """
         bmc = self.config.bmc
-        if bmc is not None and bmc.credentials is not None:
-            self.power = PowerController.from_config(BmcCredentials.load(bmc.credentials), self.reactor, bmc)
+        if bmc is not None:
+            directory = BmcDirectory.load(bmc, self.config.inventory())
+            default = directory.credentials.get(bmc.credentials) if bmc.credentials is not None else None
+            self.power = PowerController.from_config(default, self.reactor, bmc, directory)
             self.power.start()
 
     def stop_power(self) -> None:
@@ -167,6 +182,26 @@ class Cidd:
         """Cancel the engine's timers: no step is taken after this."""
         if self.engine is not None:
             self.engine.stop()
+
+    # --- history: metrics, observers, statistics, retention ---
+
+    def start_history(self) -> None:
+        """Create the metrics, attach the observers to the engine and start the retention timer."""
+        engine, store = self.engine, self.store
+        assert engine is not None and store is not None
+        self.metrics = metrics = Metrics()
+        metrics.registry.register(EngineCollector(engine))
+        self.observer = Observer(engine, metrics, store)
+        self.history = History(engine, store, thread_pool_runner(self.reactor), self.reactor, metrics)
+        engine.observers.extend([self.observer, self.history])
+        self.history.start()
+
+    def stop_history(self) -> None:
+        """Stop the retention timer and detach the observers."""
+        if self.history is not None:
+            self.history.stop()
+        if self.engine is not None:
+            self.engine.observers[:] = [o for o in self.engine.observers if o not in (self.observer, self.history)]
 
     # --- listeners ---
 
@@ -200,14 +235,13 @@ class Cidd:
             self.ports["local socket"] = port
 
     def listen_http(self) -> None:
-        """Serve images, boot scripts, /status and /metrics on the HTTP port."""
-        engine = self.engine
-        assert engine is not None and self.factory is not None
-        metrics = Metrics()
-        metrics.registry.register(EngineCollector(engine))
+        """Serve images, boot scripts, /status, /stats, /metrics and the status page (/) on the HTTP port."""
+        engine, metrics, history = self.engine, self.metrics, self.history
+        assert engine is not None and self.factory is not None and metrics is not None and history is not None
         self.loops.append(count_refusals(metrics, self.factory.security, self.reactor))
-        self.ports["http"] = listen_http(self.config, lambda: engine.catalog, metrics, self.reactor,
-                                         extra={b"status": StatusResource(engine), b"boot": BootResource(engine)})
+        extra = {b"status": StatusResource(engine, self.observer), b"stats": StatsResource(history),
+                 b"boot": BootResource(engine), **page_resources()}
+        self.ports["http"] = listen_http(self.config, lambda: engine.catalog, metrics, self.reactor, extra=extra)
 
     def stop_port(self, name: str) -> Callable[[], Deferred[None] | None]:
         """Return a stop step that closes the listening port ``name`` (if it was opened)."""
@@ -287,6 +321,7 @@ def build_service(config: Config, reactor: Any) -> tuple[OrderedService, Cidd]:
         Step("store", cidd.open_store, cidd.close_store),
         Step("power", cidd.start_power, cidd.stop_power),
         Step("engine", cidd.start_engine, cidd.stop_engine),
+        Step("history", cidd.start_history, cidd.stop_history),
         Step("agent port", cidd.listen_agents, cidd.stop_port("agent port")),
         Step("local socket", cidd.listen_socket, cidd.stop_port("local socket")),
         Step("http", cidd.listen_http, cidd.stop_http),

@@ -12,17 +12,31 @@ Calls are synchronous, on the reactor thread; ``bench/store_sync.py`` measures w
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from cidcommon.errors import CidError
 from cidcommon.vocabulary import Mode
 from cidd.core.captures import Capture, CaptureState, NodeResult, Result
 from cidd.core.machine import Node, State, Transition
+from cidd.core.stats import (
+    ALL,
+    PHASES,
+    ROLLUP_COLUMNS,
+    TIMED,
+    TOTAL,
+    Duration,
+    Failure,
+    Figures,
+    Rollup,
+    RollupKey,
+    Tally,
+)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _UPGRADES: dict[int, str] = {
     1: """
@@ -56,6 +70,22 @@ _UPGRADES: dict[int, str] = {
     CREATE TABLE boot_profiles (
         node TEXT PRIMARY KEY, boot TEXT NOT NULL, updated REAL NOT NULL, token TEXT, expires REAL
     );
+    """,
+    # Statistics (cidd/core/stats.py, cidd/history.py): retention folds every event, soon after it is written,
+    # into roll-up rows, for its period and for the totals since the database began (period -1): per (node,
+    # image), per node (image '*') and per (image, group) (node '*'); history_marks.rolled_upto is the last
+    # event folded. Events go later (by age and count), periods later still. Failures get a partial index.
+    3: """
+    CREATE TABLE rollups (
+        period REAL NOT NULL, node TEXT NOT NULL, image TEXT NOT NULL, grp TEXT NOT NULL,
+        switches INTEGER NOT NULL, ok INTEGER NOT NULL, failed INTEGER NOT NULL, fallback_saves INTEGER NOT NULL,
+        climbs INTEGER NOT NULL, bytes INTEGER NOT NULL, sized_install_s REAL NOT NULL, first_ts REAL,
+        last_ts REAL, failure_ts REAL, failure_reason TEXT, counts TEXT NOT NULL, histograms BLOB NOT NULL,
+        PRIMARY KEY (period, node, image, grp)
+    );
+    CREATE INDEX rollups_node ON rollups (node, period);
+    CREATE TABLE history_marks (name TEXT PRIMARY KEY, value REAL NOT NULL);
+    CREATE INDEX events_failed ON events (id) WHERE to_state = 'failed';
     """,
 }
 
@@ -245,3 +275,210 @@ class Store:
         """Return the ``limit`` most recent captures, newest first."""
         rows = self.db.execute(f"{self._CAPTURE_SELECT} ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [self._capture_from_row(row) for row in rows]
+
+    # --- history: retention and roll-ups (cidd/history.py) ---
+
+    def events_to_roll_up(self, limit: int) -> list[tuple[int, tuple]]:
+        """Return up to ``limit`` events not rolled up yet, oldest first, as ``(id, stats row)``.
+
+        A stats row has the columns of cidd.core.stats.Row (the detail only where it is a failure's reason).
+        """
+        rows = self.db.execute(f"SELECT id, {_STATS_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                               (rolled_upto(self.db), limit)).fetchall()
+        return [(row[0], tuple(row[1:])) for row in rows]
+
+    def roll_up(self, rolled: Mapping[RollupKey, Figures], upto: int) -> None:
+        """Add ``rolled`` (cidd.core.stats.roll_up: key (period, node, image, group) -> figures) to the roll-up
+        rows and mark every event up to id ``upto`` as rolled up, in one transaction."""
+        where = "period = ? AND node = ? AND image = ? AND grp = ?"
+        select = f"SELECT {', '.join(ROLLUP_COLUMNS)} FROM rollups WHERE {where}"
+        update = f"UPDATE rollups SET {', '.join(c + ' = ?' for c in ROLLUP_COLUMNS)} WHERE {where}"
+        insert = (f"INSERT INTO rollups (period, node, image, grp, {', '.join(ROLLUP_COLUMNS)})"
+                  f" VALUES ({', '.join('?' * (4 + len(ROLLUP_COLUMNS)))})")
+        with self.transaction():
+            for key, figures in rolled.items():
+                found = self.db.execute(select, key).fetchone()
+                if found is None:
+                    self.db.execute(insert, (*key, *figures.to_row()))
+                    continue
+                merged = Figures.from_row(found)
+                merged.merge(figures)
+                self.db.execute(update, (*merged.to_row(), *key))
+            self.db.execute("INSERT OR REPLACE INTO history_marks (name, value) VALUES ('rolled_upto', ?)", (upto,))
+
+    def delete_events(self, before: float, keep: int, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest events that are rolled up and older than ``before`` (Unix time)
+        or beyond the newest ``keep`` rows; return how many went.
+
+        The table is in time order (bar clock steps): deleting stops at the first event that stays.
+        """
+        first, last = self.db.execute("SELECT MIN(id), MAX(id) FROM events").fetchone()
+        if first is None:
+            return 0
+        young = self.db.execute("SELECT id FROM events WHERE ts >= ? ORDER BY id LIMIT 1", (before,)).fetchone()
+        by_age = (young[0] - 1) if young is not None else last
+        upto = min(max(by_age, last - keep), rolled_upto(self.db), first + limit - 1)
+        if upto < first:
+            return 0
+        with self.transaction():
+            return self.db.execute("DELETE FROM events WHERE id <= ?", (upto,)).rowcount
+
+    def drop_rollups(self, before: float) -> int:
+        """Delete the roll-ups of periods that started before ``before`` (never the totals); return how many went."""
+        with self.transaction():
+            return self.db.execute("DELETE FROM rollups WHERE period < ? AND period >= 0", (before,)).rowcount
+
+    def recent_failures(self, limit: int = 20) -> list[dict]:
+        """Return the ``limit`` latest events that put a node in ``failed``, newest first."""
+        rows = self.db.execute("SELECT ts, node, job, image, detail FROM events WHERE to_state = 'failed'"
+                               " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(zip(("ts", "node", "job", "image", "reason"), row, strict=True)) for row in rows]
+
+    def switch_ends(self) -> list[tuple[str, str]]:
+        """Return (node, "ready" | "failed") of every switch end still in the events table, oldest first."""
+        return self.db.execute(f"SELECT node, to_state FROM events WHERE from_state IN {_PHASE_SET}"
+                               " AND to_state IN ('ready', 'failed') ORDER BY id").fetchall()
+
+    def history_size(self) -> tuple[int, int]:
+        """Return (events kept, roll-up rows of periods): ids are never reused and only the oldest rows are
+        deleted, so the ids of the kept events have no gaps."""
+        first, last = self.db.execute("SELECT MIN(id), MAX(id) FROM events").fetchone()
+        rollups = self.db.execute("SELECT COUNT(*) FROM rollups WHERE period >= 0").fetchone()[0]
+        return (last - first + 1 if first is not None else 0), rollups
+
+
+# --- statistics queries: plain functions of a connection, so that a reader thread can run them ---
+
+_PHASE_SET = "(" + ", ".join(f"'{phase}'" for phase in PHASES) + ")"
+#: The columns of cidd.core.stats.Row; the detail only where it is a failure's reason.
+_STATS_COLUMNS = ("ts, node, job, image, from_state, to_state, rung, elapsed,"
+                  " CASE WHEN to_state = 'failed' THEN detail END")
+#: Rows that end a phase well, whose elapsed time the statistics keep (cidd.core.stats.timed).
+_TIMED_SQL = " OR ".join(f"(from_state = '{phase}' AND to_state IN ({', '.join(repr(s) for s in sorted(tos))}))"
+                         for phase, tos in TIMED.items())
+#: Up to this many node names go into the SQL query; more are filtered after reading.
+_MAX_SQL_NAMES = 500
+
+
+def open_reader(path: Path | str) -> sqlite3.Connection:
+    """Return a read-only connection to the database at ``path`` (for a thread of its own).
+
+    Raises StoreError when it cannot be opened.
+    """
+    try:
+        return sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"cannot open the database {path} for reading: {exc}") from None
+
+
+def _node_clause(column: str, nodes: Sequence[str] | None, clauses: list[str], args: list) -> bool:
+    """Add a clause selecting ``nodes`` when they are few; return whether the caller must filter the rows."""
+    if nodes is None:
+        return False
+    if len(nodes) > _MAX_SQL_NAMES:
+        return True
+    clauses.append(f"{column} IN ({', '.join('?' * len(nodes))})")
+    args.extend(nodes)
+    return False
+
+
+def _event_filter(since: float | None, until: float | None, nodes: Sequence[str] | None, image: str | None,
+                  job: str | None, after: int | None) -> tuple[list[str], list, set[str] | None]:
+    """Return the WHERE clauses, their arguments, and the node names to filter by after reading (or None)."""
+    clauses, args = [f"from_state IN {_PHASE_SET}"], []
+    for clause, value in (("ts >= ?", since), ("ts < ?", until), ("image = ?", image), ("job = ?", job),
+                          ("id > ?", after)):
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
+    late = _node_clause("node", nodes, clauses, args)
+    return clauses, args, set(nodes) if late and nodes is not None else None
+
+
+class HistoryRows(NamedTuple):
+    """What the statistics read from the events table (cidd.core.stats: Tally, Duration and Failure rows)."""
+
+    tallies: list[Tally]
+    durations: list[Duration]
+    failures: list[Failure]
+
+
+def history_rows(db: sqlite3.Connection, *, since: float | None = None, until: float | None = None,
+                 nodes: Sequence[str] | None = None, image: str | None = None, job: str | None = None,
+                 after: int | None = None) -> HistoryRows:
+    """Return the events the statistics count (rows leaving a phase), counted by SQL where it can.
+
+    ``since`` is inclusive, ``until`` exclusive (Unix times); ``nodes``, ``image`` and ``job`` select; ``after``
+    keeps only events with a larger id (those not rolled up yet).
+    """
+    clauses, args, late = _event_filter(since, until, nodes, image, job, after)
+    where = " AND ".join(clauses)
+    tallies = db.execute("SELECT node, image, from_state, to_state, rung, COUNT(*), SUM(elapsed), MIN(ts), MAX(ts)"
+                         f" FROM events WHERE {where} GROUP BY node, image, from_state, to_state, rung",
+                         args).fetchall()
+    durations = db.execute(f"SELECT node, image, from_state, elapsed FROM events WHERE {where} AND ({_TIMED_SQL})",
+                           args).fetchall()
+    failures = db.execute(f"SELECT ts, node, image, detail FROM events WHERE {where} AND to_state = 'failed'",
+                          args).fetchall()
+    if late is not None:
+        tallies = [row for row in tallies if row[0] in late]
+        durations = [row for row in durations if row[0] in late]
+        failures = [row for row in failures if row[1] in late]
+    return HistoryRows(list(map(Tally._make, tallies)), list(map(Duration._make, durations)),
+                       list(map(Failure._make, failures)))
+
+
+def _rollups(db: sqlite3.Connection, clauses: list[str], args: list, nodes: Sequence[str] | None) -> list[Rollup]:
+    """Return the roll-up rows matching ``clauses`` (and ``nodes``, when given)."""
+    late = _node_clause("node", nodes, clauses, args)
+    rows = db.execute(f"SELECT period, node, image, grp, {', '.join(ROLLUP_COLUMNS)} FROM rollups"
+                      f" WHERE {' AND '.join(clauses)}", args).fetchall()
+    wanted = set(nodes) if late and nodes is not None else None
+    return [Rollup(row[0], row[1], row[2], row[3], Figures.from_row(row[4:]))
+            for row in rows if wanted is None or row[1] in wanted]
+
+
+def rollup_rows(db: sqlite3.Connection, period: float, *, since: float | None = None, until: float | None = None,
+                nodes: Sequence[str] | None = None, image: str | None = None) -> list[Rollup]:
+    """Return the roll-ups of the periods (``period`` seconds long) that overlap [since, until) (a bound may be
+    None): with no selection, the rows per node and per (image, group); with ``nodes`` or ``image``, the rows per
+    node and image, selected."""
+    if nodes is None and image is None:
+        clauses, args = ["period >= 0", f"(node = '{ALL}' OR image = '{ALL}')"], []
+    else:
+        clauses, args = ["period >= 0", f"node != '{ALL}'", f"image != '{ALL}'"], []
+    for clause, value in (("period > ?", None if since is None else since - period), ("period < ?", until),
+                          ("image = ?", image)):
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
+    return _rollups(db, clauses, args, nodes)
+
+
+def rollup_totals(db: sqlite3.Connection, *, nodes: Sequence[str] | None = None,
+                  image: str | None = None) -> list[Rollup]:
+    """Return the rolled-up totals since the database began.
+
+    With no selection, the totals per node (image ALL) and per image and group (node ALL): what the whole
+    history's statistics need, one row per node. With ``nodes`` or ``image``, the totals per node and image.
+    """
+    if nodes is None and image is None:
+        return _rollups(db, [f"period = {TOTAL}", f"(node = '{ALL}' OR image = '{ALL}')"], [], None)
+    clauses, args = [f"period = {TOTAL}", f"node != '{ALL}'", f"image != '{ALL}'"], []
+    if image is not None:
+        clauses.append("image = ?")
+        args.append(image)
+    return _rollups(db, clauses, args, nodes)
+
+
+def rolled_upto(db: sqlite3.Connection) -> int:
+    """Return the id of the last event folded into the roll-ups (0 when none)."""
+    row = db.execute("SELECT value FROM history_marks WHERE name = 'rolled_upto'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def oldest_event(db: sqlite3.Connection) -> float | None:
+    """Return the time of the oldest event still kept (older history is in roll-ups), or None."""
+    row = db.execute("SELECT ts FROM events ORDER BY id LIMIT 1").fetchone()
+    return row[0] if row else None

@@ -27,7 +27,8 @@ Safety rules:
   runs ``sync``), so an install is never reported before its data is on disk.
 
 The parts: ``install_http`` (the GETs, resumes and network errors as words), ``decompress`` (zstd/gzip into tar's
-pipe), ``install_marker`` (marker, incomplete flag, agent token), ``install_errors``; this module runs them.
+pipe), ``install_marker`` (marker, incomplete flag, agent token), ``install_errors``, ``multicast`` (the bytes of
+cidd's multicast session, piece by piece checked, with HTTP as the fallback); this module runs them.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -72,6 +74,7 @@ from cidinstall.marker import (
     mark_incomplete,
     write_agent_token,
 )
+from cidinstall.multicast import MulticastFailed, MulticastSource, fallback_header
 from cidinstall.types import InstallRequest, InstallResult, ProgressCallback
 
 __all__ = ["INCOMPLETE", "MARKER", "InstallError", "stream_install"]
@@ -110,6 +113,8 @@ class _State:
     tar_early_exit: int | None = None
     tar_exit: int | None = None
     tar_lines: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_LINES))
+    source: str = "http"  # where the bytes came from: "http", or "multicast" (then "http" after a fallback)
+    fallback: str | None = None  # why the multicast was given up for HTTP
     target_problem: InstallError | None = None
     unsafe: list[str] = field(default_factory=list)
     lost_attrs: list[str] = field(default_factory=list)
@@ -122,7 +127,8 @@ class _Install:
     def __init__(self, request: InstallRequest, target: Path, progress: ProgressCallback, *, chunk: int,
                  connect_timeout: float, read_timeout: float, opener: Opener, resume_for: float,
                  cancel: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] | None = None) -> None:
+                 sleep: Callable[[float], None] | None = None,
+                 multicast_source: Callable[..., Response] = MulticastSource) -> None:
         self.request = request
         self.target = target
         self.progress = progress
@@ -131,6 +137,8 @@ class _Install:
         self.sha = hashlib.sha256()
         self.abort = threading.Event()
         self.cancel = cancel
+        self.multicast_source = multicast_source
+        opener = self._telling_fallback(opener)
         self.http = RangedDownload(request.url, request.size, request.image, opener, connect_timeout=connect_timeout,
                                    read_timeout=read_timeout, resume_for=resume_for, abort=self.abort,
                                    cancel=cancel, clock=clock, sleep=sleep)
@@ -159,7 +167,10 @@ class _Install:
                 except (OSError, http.client.HTTPException) as exc:
                     self._free.put(view)
                     resp.close()
-                    resp = self.http.resume(exc, self.state.received)
+                    if isinstance(exc, MulticastFailed):
+                        resp = self._fall_back(exc.strerror or str(exc), self.state.received)
+                    else:
+                        resp = self.http.resume(exc, self.state.received)
                     continue
                 if not n:
                     self._free.put(view)
@@ -182,6 +193,48 @@ class _Install:
             pass
         finally:
             resp.close()
+
+    # --- where the bytes come from ------------------------------------------------------------------
+
+    def _telling_fallback(self, opener: Opener) -> Opener:
+        """Return ``opener`` adding, once the multicast was given up, its reason and the node's name as headers
+        of every request to cidd (``X-Cid-Fallback``, ``X-Cid-Node``): cidd logs it and shows it in the node's
+        status."""
+
+        def opened(url: str, headers: Mapping[str, str], connect_timeout: float, read_timeout: float) -> Response:
+            spec, reason = self.request.multicast, self.state.fallback
+            if spec is not None and reason is not None:
+                headers = {**headers, "X-Cid-Fallback": fallback_header(reason)}
+                if spec.node:
+                    headers["X-Cid-Node"] = fallback_header(spec.node)
+            return opener(url, headers, connect_timeout, read_timeout)
+
+        return opened
+
+    def open_source(self) -> Response:
+        """Return the first source of the image: cidd's multicast session when the request names one (HTTP
+        when it cannot be joined), else the first HTTP answer. Raises DownloadError/VerifyError as
+        RangedDownload.open."""
+        spec = self.request.multicast
+        if spec is None:
+            return self.http.open()
+        try:
+            source = self.multicast_source(spec, urlsplit(self.request.url).hostname or "", self.request.image)
+        except MulticastFailed as exc:
+            return self._fall_back(exc.strerror or str(exc), 0)
+        self.state.source = "multicast"
+        return source
+
+    def _fall_back(self, reason: str, offset: int) -> Response:
+        """Give the multicast up: log why, then return HTTP's answer from byte ``offset`` on (every byte before
+        it was checked). Raises what RangedDownload.open/resume raise."""
+        self.state.fallback = reason
+        self.state.source = "http"
+        log.warning("installer.fallback", image=self.request.image, to="http", offset=offset, reason=reason,
+                    url=self.request.url)
+        if offset == 0:
+            return self.http.open()
+        return self.http.resume(MulticastFailed(reason), offset)
 
     def _report(self, step: str, *, force: bool = False) -> None:
         """Call ``progress`` with the bytes received, at most every PROGRESS_INTERVAL unless ``force``."""
@@ -293,7 +346,7 @@ class _Install:
         tar_path = shutil.which("tar")
         if tar_path is None:
             raise InstallError("GNU tar is not installed in the installer (the install needs it)")
-        resp = self.http.open()
+        resp = self.open_source()
         argv = ["tar", "-x", "-f", "-", "-C", str(self.target), *TAR_OPTIONS]
         try:
             tar = subprocess.Popen(argv, executable=tar_path, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -401,7 +454,8 @@ def _check_request(request: InstallRequest) -> None:
 def stream_install(request: InstallRequest, target: Path, progress: ProgressCallback, *, chunk: int = MiB,
                    connect_timeout: float = 30, read_timeout: float = 60, opener: Opener | None = None,
                    cancel: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
-                   sleep: Callable[[float], None] | None = None, cmdline: Path = KERNEL_CMDLINE) -> InstallResult:
+                   sleep: Callable[[float], None] | None = None, cmdline: Path = KERNEL_CMDLINE,
+                   multicast_source: Callable[..., Response] = MulticastSource) -> InstallResult:
     """Download ``request.url`` and extract it into the directory ``target``; return the InstallResult.
 
     Blocking (run it in a worker thread). ``progress(step, done, total)`` is called from this thread with the
@@ -411,7 +465,10 @@ def stream_install(request: InstallRequest, target: Path, progress: ProgressCall
     DEFAULT_RESUME_FOR), with exponential backoff and jitter, timed by ``clock`` and paused by ``sleep`` (tests
     inject both); ``opener`` replaces ``http_open`` (tests); setting ``cancel`` stops the install at the next
     chunk or pause (a failed, retryable result: cidkid is stopping), and so does a tar killed by SIGTERM or
-    SIGINT (stopped with cidkid, as at shutdown). Never raises: every failure is a result with ``ok=False``, a
+    SIGINT (stopped with cidkid, as at shutdown). When ``request.multicast`` names cidd's multicast session the
+    bytes come from it first (``multicast_source``, cidinstall.multicast), each piece checked before it reaches
+    tar; whatever stops the multicast, the install goes on over HTTP from the last good piece
+    (``installer.fallback``, reason told to cidd). Never raises: every failure is a result with ``ok=False``, a
     reason and ``retry`` (True only when trying again may help: network trouble, a stopped install). See the
     module docstring for the marker and ``.cid-incomplete`` rules.
     """
@@ -426,7 +483,8 @@ def stream_install(request: InstallRequest, target: Path, progress: ProgressCall
         begin_install(target, request)
         install = _Install(request, target, progress, chunk=chunk, connect_timeout=connect_timeout,
                            read_timeout=read_timeout, opener=opener or http_open,
-                           resume_for=resume_for, cancel=cancel, clock=clock, sleep=sleep)
+                           resume_for=resume_for, cancel=cancel, clock=clock, sleep=sleep,
+                           multicast_source=multicast_source)
         digest = install.run()
         if request.agent_token:
             write_agent_token(target, request.agent_token)
@@ -441,7 +499,7 @@ def stream_install(request: InstallRequest, target: Path, progress: ProgressCall
         received = install.state.received
         log.info("installer.finished", image=request.image, bytes=received, seconds=round(elapsed, 2),
                  rate=round(received / elapsed) if elapsed > 0 else None, resumes=install.http.resumes, sha256=digest,
-                 tar_messages=install.state.messages)
+                 tar_messages=install.state.messages, source=install.state.source, fallback=install.state.fallback)
         return InstallResult(ok=True)
     if target.is_dir():
         mark_incomplete(target, result.reason or "install failed")

@@ -8,6 +8,7 @@ at all received for 3 x heartbeat) is aborted, so that the service reconnects.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from cidcommon.wire import (
     get_str,
     reply,
 )
-from cidinstall.types import InstallRequest
+from cidinstall.types import PIECE_DIGEST, InstallRequest, MulticastSpec
 from cidkid import AGENT_VERSION
 from cidkid.installs import InstallRunner
 from cidkid.platform import BOOT_TARGETS, Identity, Platform
@@ -78,12 +79,14 @@ def parse_install(message: Message) -> InstallRequest:
     """Return the InstallRequest held by an ``install`` message; raise BadRequest naming a wrong field.
 
     ``resume_for`` (seconds a dropped download is resumed) is optional: absent, the installer's default applies.
+    ``distribution`` (optional) names cidd's multicast session (``_multicast``).
     """
     size = get_number(message, "size")
     resume_for = get_number(message, "resume_for")
     if resume_for is not None and not math.isfinite(resume_for):
         raise BadRequest("'resume_for' must be a finite number of seconds")
     return InstallRequest(
+        multicast=_multicast(message),
         image=str(get_str(message, "image")),
         url=str(get_str(message, "url")),
         sha256=get_str(message, "sha256", required=False),
@@ -92,6 +95,46 @@ def parse_install(message: Message) -> InstallRequest:
         agent_token=get_str(message, "agent_token", required=False),
         resume_for=resume_for,
     )
+
+
+def _multicast(message: Message) -> MulticastSpec | None:
+    """Return the MulticastSpec of an ``install`` message's ``distribution`` (docs/distribution.md), or None when
+    it has none or names a method this installer does not know (the install then uses HTTP).
+
+    Raises BadRequest naming a wrong field.
+    """
+    field = message.get("distribution")
+    if field is None:
+        return None
+    if not isinstance(field, dict):
+        raise BadRequest("'distribution' must be an object")
+    if field.get("method") != "multicast":
+        log.warning("agent.distribution_unknown", method=field.get("method"), fallback="http")
+        return None
+    numbers = {}
+    for key in ("port", "size", "piece_size"):
+        value = field.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "size" else 1):
+            raise BadRequest(f"'distribution.{key}' must be a whole number")
+        numbers[key] = value
+    try:
+        pieces = base64.b64decode(str(field.get("pieces", "")), validate=True)
+    except ValueError:
+        raise BadRequest("'distribution.pieces' must be base64") from None
+    if len(pieces) != PIECE_DIGEST * -(-numbers["size"] // numbers["piece_size"]):
+        raise BadRequest("'distribution.pieces' does not match 'size' and 'piece_size'")
+    timing = {}
+    for key in ("start_timeout", "stall"):
+        value = get_number(field, key)
+        if value is not None and (not math.isfinite(value) or value <= 0):
+            raise BadRequest(f"'distribution.{key}' must be a number of seconds > 0")
+        if value is not None:
+            timing[key] = float(value)
+    session = field.get("session")
+    return MulticastSpec(port=numbers["port"], size=numbers["size"], piece_size=numbers["piece_size"],
+                         pieces=pieces, node=get_str(field, "node", required=False),
+                         session=session if isinstance(session, int) and not isinstance(session, bool) else None,
+                         **timing)
 
 
 def _salvage_id(line: bytes) -> Any:

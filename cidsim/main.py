@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--bmc-credentials", metavar="FILE", type=Path,
                      help="file holding 'user:password' for the simulated BMCs (mode 0600)")
     sim.add_argument("--bmc-dead", metavar="HOSTLIST", help="nodes whose simulated BMC never answers")
+    sim.add_argument("--redfish-hw-port", metavar="PORT", type=int,
+                     help="listen on 127.0.0.1:PORT for sushy-emulator's notifications (python -m "
+                     "cidsim.redfish_emulator --notify): its fake systems then power the nodes off and on")
+    sim.add_argument("--redfish-nodes", metavar="HOSTLIST",
+                     help="the nodes whose power the Redfish notifications drive (default: every node)")
     sim.add_argument("--seed", metavar="N", type=int, help="seed of the injected failures and backoff jitter")
     sim.add_argument("--cert-dir", metavar="DIR", type=Path,
                      help="mutual TLS for the fleet: every node uses DIR/NODE.pem and DIR/NODE.key "
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(json=args.log_format == "json", level=args.log_level)
     try:
         parse_server(args.server)
-        for hostlist in (args.hostlist, args.hang_reboot, args.fail_install, args.bmc_dead):
+        for hostlist in (args.hostlist, args.hang_reboot, args.fail_install, args.bmc_dead, args.redfish_nodes):
             _names(hostlist)
     except (ValueError, BadHostlist) as exc:
         print(f"cid-simfleet: {exc}", file=sys.stderr)
@@ -146,7 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     except (TlsError, TokenFileError) as exc:
         print(f"cid-simfleet: {exc.message}", file=sys.stderr)
         return EXIT_AUTH
-    on_start = (lambda: start_bmcs(args, fleet, reactor)) if args.bmc_base_port else None
+
+    def on_start() -> None:
+        if args.bmc_base_port:
+            start_bmcs(args, fleet, reactor)
+        if args.redfish_hw_port:
+            from cidsim.redfish_hw import RedfishHardware
+
+            names = _names(args.redfish_nodes) or set(fleet.nodes)
+            RedfishHardware({n: node for n, node in fleet.nodes.items() if n in names}).listen(
+                reactor, args.redfish_hw_port)
+
     return serve(reactor, fleet, on_start=on_start, server=args.server, sim=args.hostlist)
 
 

@@ -14,6 +14,12 @@ from typing import Any
 
 import pytest
 
+# sushy (the Redfish client) builds its resource classes by walking dir() of its field classes, which derive from
+# collections.abc.Mapping. Once zope.interface.common.collections has declared interfaces on the collections.abc
+# classes (twisted.internet.testing imports it, and tests import that), the walk meets '__provides__' and fails.
+# cidd never imports twisted.internet.testing; the tests import sushy first, as cidd effectively does.
+import sushy.resources.system.system  # noqa: E402, F401
+
 
 def in_ci() -> bool:
     """Return whether this run is CI's (``CI=true``)."""

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from cidsim.fake_cidd import FakeCidd, FakeSession, test_ca_file
 
 TOKEN = "admin-t0ken"
 NOW = 1_700_000_100.0
+ROOT = Path(__file__).resolve().parent.parent
 FAST = Timing(request_timeout=1.0, silence_timeout=1.0, grace=0.2, backoff_first=0.02, backoff_max=0.1)
 NODES = [
     {"node": "node01", "state": "ready", "image": "debian-12-1", "target": None, "job": None, "online": True,
@@ -96,15 +100,48 @@ def test_captures_table(token_file: Path) -> None:
             {"job": "1234", "image": "debian-12-1", "state": "running", "nodes": 16, "user": "alice",
              "created": NOW - 300, "deadline": NOW + 1500},
             {"job": "1200", "image": "centos-7-1", "state": "failed", "nodes": {"n1": {}, "n2": {}},
-             "created": NOW - 7200, "deadline": NOW - 3000, "ended": NOW - 4000}])
+             "created": NOW - 7200, "deadline": NOW - 3000, "ended": NOW - 4000},
+            {"job": "1200", "image": "centos-7-1", "state": "ok", "nodes": {"n1": {}, "n2": {}},
+             "created": NOW - 9000, "deadline": NOW - 5000, "ended": NOW - 8000}])
 
     with FakeCidd(script, token=TOKEN) as cidd:
         code, out, _ = run(["--captures"], token_file, cidd)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["JOB", "IMAGE", "STATE", "NODES", "USER", "CREATED", "DEADLINE", "ENDED"]
-    assert lines[1].split() == ["1234", "debian-12-1", "running", "16", "alice", "5m", "ago", "in", "25m", "-"]
-    assert lines[2].split() == ["1200", "centos-7-1", "failed", "n[1-2]", "-", "2h", "ago", "50m", "ago", "66m", "ago"]
+    assert lines[0].split() == ["JOB", "IMAGE", "STATE", "NODES", "USER", "CREATED", "DEADLINE", "ENDED", "RUNS"]
+    assert lines[1].split() == ["1234", "debian-12-1", "running", "16", "alice", "5m", "ago", "in", "25m", "-", "1"]
+    # one row per job: its latest run, and how many there were; an ended capture shows no deadline
+    assert lines[2].split() == ["1200", "centos-7-1", "failed", "n[1-2]", "-", "2h", "ago", "-", "66m", "ago", "2"]
+    assert len(lines) == 3
+
+
+def test_status_of_unknown_nodes_exits_2_naming_them(token_file: Path) -> None:
+    def script(session: FakeSession) -> None:
+        session.hello()
+        request = session.expect("status")
+        session.reply(request, nodes=[{"node": "n1", "state": "ready", "image": "debian-12-1"}], unknown="n99")
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, out, err = run(["--status", "n1,n99"], token_file, cidd)
+    assert code == 2
+    assert "n1" in out and "unknown node(s) n99" in err
+
+
+def test_a_closed_pipe_ends_quietly(token_file: Path, tmp_path: Path) -> None:
+    """``cidcapt --captures | head -1`` must not end in a BrokenPipeError traceback."""
+    def script(session: FakeSession) -> None:
+        session.hello()
+        session.reply(session.expect("captures"), captures=[
+            {"job": str(i), "image": "debian-12-1", "state": "ok", "nodes": 1, "created": NOW} for i in range(3000)])
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        env = {**os.environ, "CID_CA_FILE": test_ca_file(), "PYTHONPATH": str(ROOT)}
+        pipeline = (f"{sys.executable} -m cidcapt.main --captures --server {cidd.address} "
+                    f"--token-file {token_file} | head -1")
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, text=True, env=env,
+                              timeout=60)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.stdout.startswith("JOB") and done.returncode == 0, (done.returncode, done.stderr)
 
 
 def test_a_peer_that_is_not_cidd_exits_4(token_file: Path) -> None:

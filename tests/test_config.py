@@ -177,8 +177,8 @@ def test_unknown_keys_are_reported_at_every_level(tmp_path):
     assert "cidd.yaml: listen: unknown key 'hots' (known: host, port)" in lines
     assert "cidd.yaml: http: unknown key 'url' (known: host, port, public_url)" in lines
     assert "cidd.yaml: log: unknown key 'colour' (known: format, level)" in lines
-    assert ("cidd.yaml: groups.gpu: unknown key 'timeout' (known: boot_entries, install_attempts, install_timeout, "
-            "ladder, resume_for)" in lines)
+    assert ("cidd.yaml: groups.gpu: unknown key 'timeout' (known: bmc, boot_entries, distribution, "
+            "install_attempts, install_timeout, ladder, resume_for)" in lines)
     assert "cidd.yaml: nodes[0]: unknown key 'grp' (known: group, hosts)" in lines
 
 
@@ -189,7 +189,7 @@ def test_bad_ladder_method(tmp_path):
         parse(data, tmp_path)
     assert problems(err) == [
         "cidd.yaml: groups.gpu.ladder[1]: unknown method 'ipmi' (known: efi_bootnext, grub_reboot, kexec, power_cycle, "
-        "reboot)",
+        "reboot, redfish_boot_installer)",
         "cidd.yaml: groups.gpu.ladder[2]: 'method' must be a string (got 3)",
     ]
 

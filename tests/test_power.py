@@ -214,13 +214,13 @@ async def test_at_most_max_concurrent_bmc_calls_at_once(tmp_path: Path) -> None:
     lock = threading.Lock()
 
     class Counting(PowerController):
-        def _in_thread(self, key: Any, body: Any) -> Any:
+        def _in_thread(self, *args: Any) -> Any:
             nonlocal active, peak
             with lock:
                 active += 1
                 peak = max(peak, active)
             try:
-                return super()._in_thread(key, body)
+                return super()._in_thread(*args)
             finally:
                 with lock:
                     active -= 1

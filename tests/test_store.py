@@ -44,7 +44,7 @@ def transition(node: str = "n1", job: str | None = "j1", to: str = "to_installer
 
 def test_new_database_gets_the_schema_version_and_its_tables(store, db_path):
     assert db_path.exists()
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     tables = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"nodes", "captures", "capture_nodes", "events", "boot_profiles"} <= tables
 
@@ -59,7 +59,7 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_rows(tmp_path):
     old.commit()
     old.close()
     store = Store(path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.load_nodes()["n7"].image == "debian-12-1"
     store.set_boot("n7", "installer", 5.0, "tok", 65.0)
     assert store.boot_profiles() == {"n7": ("installer", "tok", 65.0)}

@@ -13,10 +13,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from cidcatalog.catalog import Catalog, Image
+from cidd.bmc import BmcTarget
 from cidd.config import parse_config
 from cidd.core.machine import State
 from cidd.core.windows import Window
 from cidd.engine import Engine
+from cidd.power import BmcCredentials
 from cidd.status_http import EngineCollector
 from cidd.store import Store
 from tests.fakes import SilentLink
@@ -169,10 +171,14 @@ class Bmcs:
         self.calls.append((action, node, d))
         return d
 
-    def set_next_boot(self, node: str, address: str, device: str) -> Deferred:
+    def target(self, node: str) -> BmcTarget:
+        return BmcTarget(node=node, protocol="ipmi", address=f"10.1.0.{node[-1]}", host=f"10.1.0.{node[-1]}",
+                         port=623, credentials=BmcCredentials.parse("u:p"))
+
+    def set_next_boot(self, node: str, address: object, device: str) -> Deferred:
         return self._call("next_boot", node)
 
-    def cycle(self, node: str, address: str) -> Deferred:
+    def cycle(self, node: str, address: object) -> Deferred:
         return self._call("cycle", node)
 
     def pending(self) -> list[tuple[str, str, Deferred]]:

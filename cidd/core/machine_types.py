@@ -12,8 +12,9 @@ AGENT_METHODS = frozenset({RebootMethod.REBOOT, RebootMethod.KEXEC, RebootMethod
                            RebootMethod.EFI_BOOTNEXT})
 #: Agent methods that set the next boot (grub entry, EFI boot number) from the group's ``boot_entries``.
 NEXT_BOOT_METHODS = frozenset({RebootMethod.GRUB_REBOOT, RebootMethod.EFI_BOOTNEXT})
-#: Ladder methods carried out by cidd through the node's BMC (they work on a hung or powered-off node).
-POWER_METHODS = frozenset({RebootMethod.POWER_CYCLE})
+#: Ladder methods carried out by cidd through the node's BMC (they work on a hung or powered-off node, and as a
+#: first rung for a node whose agent is not connected). redfish_boot_installer needs a Redfish BMC.
+POWER_METHODS = frozenset({RebootMethod.POWER_CYCLE, RebootMethod.REDFISH_BOOT_INSTALLER})
 #: Every ladder method cidd knows.
 LADDER_METHODS = frozenset(RebootMethod)
 
