@@ -42,7 +42,7 @@ class Site:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.cid = CidCluster(root / "cid", scheduler={"features": FEATURES}, groups={
-            "default": {"ladder": [{"method": "reboot", "timeout": 10}], "install_timeout": 10}})
+            "default": {"ladder": [{"method": "reboot", "timeout": 90}], "install_timeout": 30}})
         self.slurm = Slurm(root / "slurm", ["node01", "node02"], node_env={"CID_NODE": "{node}"})
         self.rebooted = root / "rebooted"  # written by CID_REBOOT_COMMAND: the helper really rebooted a node
         self.log = root / "helper.log"
@@ -244,17 +244,19 @@ def test_with_cidd_down_a_job_never_runs_on_a_node_that_does_not_run_its_image(s
 
     # cidd is back: the job gets node02 switched, and runs only once the node runs rocky-9-3.
     site.cid.start_cidd()
-    end = time.monotonic() + 60  # the agents reconnect with backoff: wait until cidd has heard both again
+    end = time.monotonic() + 150  # the agents reconnect with backoff (up to ~90 s): wait until cidd heard both
     while time.monotonic() < end and {row["state"] for row in site.cid.status().values()} != {"ready"}:
         time.sleep(0.3)
-    assert {row["state"] for row in site.cid.status().values()} == {"ready"}
+    rows = site.cid.status()
+    assert {row["state"] for row in rows.values()} == {"ready"}, rows
     already = False
     try:
         slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-    except AssertionError as exc:  # on a loaded machine the requeued job's own ~121 s delay may be over already
-        if "already finished" not in str(exc):
+    except AssertionError as exc:  # the requeued job's own ~121 s delay may be over already (slow agents)
+        if "already finished" in str(exc):
+            already = True  # it ran through its prolog by itself; the checks below still hold
+        elif "no longer pending" not in str(exc):  # its prolog runs now: it waits for node02 as below
             raise
-        already = True  # it ran through its prolog by itself; the checks below still hold
     booted = None if already else site.boot_when_switched("node02", "rocky-9-3")
     info = slurm.wait_job(job, ("COMPLETED", "FAILED"), timeout=60)
     assert info["JobState"] == "COMPLETED", info
