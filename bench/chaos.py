@@ -26,7 +26,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -41,29 +40,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cidcommon.hostlists import collect  # noqa: E402
-from tests.procs import Cluster, _env  # noqa: E402
+from tests.procs import Cluster, _env, free_udp_block  # noqa: E402
 
 IMAGES = ("rocky-9-3", "debian-12-2", "debian-12-1")
 CONNECT_TIMEOUT = 3.0
-
-
-def free_udp_block(count: int, rng: random.Random) -> int:
-    """Return a base port such that base .. base+count-1 are free UDP ports on 127.0.0.1."""
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no free block of {count} UDP ports")
 
 
 @dataclass

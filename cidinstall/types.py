@@ -7,7 +7,7 @@ these without importing each other.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: ``progress(step, done, total)``: bytes done so far of ``total`` (None when unknown) in step ``step``.
 ProgressCallback = Callable[[str, int, int | None], None]
@@ -52,7 +52,7 @@ class InstallRequest:
     sha256: str | None = None
     size: int | None = None
     format: str = "tar.zst"
-    agent_token: str | None = None  # the node's own agent token, for the installed system (never logged)
+    agent_token: str | None = field(default=None, repr=False)  # the node's own token, for the installed system
     resume_for: float | None = None
     multicast: MulticastSpec | None = None  # cidd sends the bytes by multicast; ``url`` stays the fallback
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -30,6 +31,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_udp_block(count: int, rng: random.Random | None = None) -> int:
+    """Return a base port such that base .. base+count-1 were free UDP ports on 127.0.0.1 a moment ago.
+
+    The search starts at a random port (from ``rng`` when given, for a seeded bench): pyghmi's client in a test
+    process keeps the sessions other tests left open, keyed by address, and a new BMC on an old address would
+    be spoken to through a stale session. Raises RuntimeError when no block is free.
+    """
+    start = (rng or random).randrange(20000, 40000)
+    for base in range(start, 60000 - count, 97):
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no free block of {count} UDP ports on 127.0.0.1")
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:

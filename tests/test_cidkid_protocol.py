@@ -514,3 +514,9 @@ def test_hello_says_an_install_is_running_and_a_failed_one_runs_again_only_for_a
     assert runner.decide(InstallRequest("debian-12-1", "http://h/x"), 1) == "done"
     assert runner.decide(InstallRequest("debian-12-1", "http://h/x"), 2) == "start"
     assert runner.decide(InstallRequest("rocky-9-1", "http://h/y"), 1) == "start"
+
+
+def test_an_install_request_never_shows_the_agent_token() -> None:
+    request = InstallRequest("debian-12-1", "http://h/x", agent_token="n0de-s3cret")
+    assert "n0de-s3cret" not in repr(request) and "n0de-s3cret" not in str(request)
+    assert request.agent_token == "n0de-s3cret"

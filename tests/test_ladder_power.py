@@ -8,33 +8,14 @@ is "agent reboot (3 s) → power cycle with network boot through the BMC".
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import time
 
 import pytest
 
-from tests.procs import Cluster
+from tests.procs import Cluster, free_udp_block
 
 pytestmark = pytest.mark.slow
-
-
-def free_udp_block(count: int) -> int:
-    """Return a base port such that base .. base+count-1 are free UDP ports on 127.0.0.1."""
-    for base in range(21000, 60000, 97):
-        socks = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free block of UDP ports")
 
 
 @pytest.fixture(scope="module")

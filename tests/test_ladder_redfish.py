@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.procs import Cluster, free_port
+from tests.procs import Cluster, free_port, free_udp_block
 from tests.redfishemu import PASSWORD, USER, RedfishEmulator, make_pki, write_credentials
-from tests.test_ladder_power import bmc_trail, free_udp_block
+from tests.test_ladder_power import bmc_trail
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

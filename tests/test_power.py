@@ -7,7 +7,6 @@ Needs the Debian packages ``openipmi`` (ipmi_sim) and ``ipmitool``; without them
 from __future__ import annotations
 
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from cidd.power import BmcCredentials, CredentialsError, PowerController, PowerE
 from cidsim.bmc import SimBmcs
 from cidsim.fleet import SimConfig, SimFleet
 from tests.ipmisim import PASSWORD, USER, IpmiSim, free_udp_port, run_ipmitool
+from tests.procs import free_udp_block
 
 CREDS = BmcCredentials(USER, PASSWORD)
 TOKEN = "power-token"
@@ -377,29 +377,6 @@ def require_ipmitool() -> None:
     from tests.ipmisim import require
 
     require("ipmitool")
-
-
-def free_udp_block(count: int) -> int:
-    """Return a base port such that base .. base+count-1 were free UDP ports on 127.0.0.1 a moment ago.
-
-    The search starts at a random port: pyghmi's client in this process keeps the sessions other tests left open,
-    keyed by address, and a new BMC on an old address would be spoken to through a stale session.
-    """
-    start = random.randrange(20000, 40000)
-    for base in range(start, 60000 - count, 97):
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no free block of {count} UDP ports")
 
 
 class FleetWithBmcs:
