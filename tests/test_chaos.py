@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_captures_keep_every_promise_through_injected_faults(capsys: pytest.CaptureFixture[str]) -> None:
     code = chaos.main(["--nodes", "60", "--fleets", "3", "--captures", "3", "--hang-pct", "10",
-                       "--rung-timeout", "8", "--capture-timeout", "150", "--seed", "11"])
+                       "--rung-timeout", "15", "--capture-timeout", "200", "--seed", "11"])
     out = capsys.readouterr().out
     assert "down=6.0s" in out, "the seed must include a cidd restart longer than the connect timeout"
     assert code == 0, out
