@@ -7,7 +7,8 @@ Real processes on loopback: cidd (BMC calls through pyghmi), ``--fleets`` cid-si
 capture, from a seed it prints, it chooses:
 
 - nodes whose reboots hang (only a power cycle through the BMC brings them back), and among them nodes whose
-  BMC is dead (they must fail, and their reason must name the BMC);
+  BMC is dead (they must fail, and their reason must name the BMC) and nodes whose BMC is slow (it answers each
+  IPMI packet 0.4 s late, a call takes seconds: they must still end ready);
 - a moment to ``kill -9`` cidd and how long it stays down (sometimes longer than cidcapt's --connect-timeout);
 - a fleet process to ``kill -9`` in the middle of the switch (its nodes lose power, installs are cut mid-way) and
   start again a little later.
@@ -44,6 +45,9 @@ from tests.procs import Cluster, _env, free_udp_block  # noqa: E402
 
 IMAGES = ("rocky-9-3", "debian-12-2", "debian-12-1")
 CONNECT_TIMEOUT = 3.0
+# how long cidd stays down, capture after capture: the first is longer than cidcapt's connect timeout
+CIDD_DOWN_FOR = (CONNECT_TIMEOUT + 3, 2.0, 0.5)
+SLOW_BMC_DELAY = 0.4  # seconds per IPMI packet (pyghmi retransmits after 0.5-1 s): a call takes ~4 s, not 0.05
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Plan:
     image: str
     hang: set[str]
     dead: set[str]
+    slow: set[str]
     cidd_kill_at: float
     cidd_down_for: float
     fleet_kill: int
@@ -88,7 +93,7 @@ class Chaos:
         self.creds = self.root / "bmc.cred"
         self.creds.write_text("chaos:not-a-real-password\n")
         self.creds.chmod(0o600)
-        self.base = free_udp_block(len(self.nodes), self.rng)
+        self.base = free_udp_block(len(self.nodes), random.Random())  # not from the seed: it depends on the machine
         ladder = [{"method": "reboot", "timeout": args.rung_timeout},
                   {"method": "power_cycle", "timeout": args.rung_timeout}]
         self.cluster = Cluster(self.root / "cid", heartbeat=2.0, extra_config={
@@ -99,11 +104,11 @@ class Chaos:
         }, groups={"default": {"ladder": ladder, "install_timeout": 60, "install_attempts": 2}})
         self.cluster.start_cidd()
         for index in range(len(self.slices)):
-            self.start_fleet(index, set(), set())
+            self.start_fleet(index, set(), set(), set())
         self.wait_online()
 
-    def start_fleet(self, index: int, hang: set[str], dead: set[str]) -> None:
-        """Start fleet process ``index`` (its slice of nodes) with the given hung and dead-BMC nodes."""
+    def start_fleet(self, index: int, hang: set[str], dead: set[str], slow: set[str]) -> None:
+        """Start fleet process ``index`` (its slice of nodes) with the given hung, dead-BMC and slow-BMC nodes."""
         assert self.cluster is not None and self.creds is not None
         names = self.slices[index]
         first = self.nodes.index(names[0])
@@ -116,6 +121,9 @@ class Chaos:
             extra += ["--hang-reboot", collect(mine_hang)]
         if mine_dead:
             extra += ["--bmc-dead", collect(mine_dead)]
+        mine_slow = sorted(slow & set(names))
+        if mine_slow:
+            extra += ["--bmc-slow", collect(mine_slow), "--bmc-slow-delay", str(SLOW_BMC_DELAY)]
         self.fleet_procs[index] = self.cluster.start_fleet(collect(names), *extra)
 
     def wait_online(self, timeout: float = 360.0) -> None:
@@ -158,8 +166,10 @@ class Chaos:
         count = max(1, len(self.nodes) * self.args.hang_pct // 100)
         hang = set(rng.sample(pool, min(len(pool), count)))
         dead = set(rng.sample(sorted(hang), max(1, len(hang) // 4)))
-        return Plan(image=IMAGES[number % len(IMAGES)], hang=hang, dead=dead,
-                    cidd_kill_at=rng.uniform(1.0, 6.0), cidd_down_for=rng.choice([0.5, 2.0, CONNECT_TIMEOUT + 3]),
+        working = sorted(hang - dead)
+        slow = set(rng.sample(working, len(working) // 2))
+        return Plan(image=IMAGES[number % len(IMAGES)], hang=hang, dead=dead, slow=slow,
+                    cidd_kill_at=rng.uniform(1.0, 6.0), cidd_down_for=CIDD_DOWN_FOR[number % len(CIDD_DOWN_FOR)],
                     fleet_kill=rng.randrange(len(self.slices)), fleet_kill_at=rng.uniform(1.0, 8.0),
                     fleet_down_for=rng.uniform(0.5, 3.0))
 
@@ -169,13 +179,14 @@ class Chaos:
         plan = self.plan(number)
         job = f"chaos{number}"
         print(f"capture {job}: image={plan.image} hang={len(plan.hang)} dead_bmc={len(plan.dead)} "
+              f"slow_bmc={len(plan.slow)} "
               f"cidd_kill_at={plan.cidd_kill_at:.1f}s down={plan.cidd_down_for:.1f}s "
               f"fleet_kill={plan.fleet_kill} at={plan.fleet_kill_at:.1f}s down={plan.fleet_down_for:.1f}s", flush=True)
         touched = {index for index, names in enumerate(self.slices)
                    if set(names) & (plan.hang | plan.dead | self.faulty)}
         for index in sorted(touched):  # the fleets with this (or last) capture's faults boot again with them
             self.kill_fleet(index)
-            self.start_fleet(index, plan.hang, plan.dead)
+            self.start_fleet(index, plan.hang, plan.dead, plan.slow)
         self.faulty = plan.hang | plan.dead
         self.wait_online()
         start_wall = time.time()
@@ -196,7 +207,7 @@ class Chaos:
             else:
                 self.kill_fleet(plan.fleet_kill)
                 time.sleep(plan.fleet_down_for)
-                self.start_fleet(plan.fleet_kill, plan.hang, plan.dead)
+                self.start_fleet(plan.fleet_kill, plan.hang, plan.dead, plan.slow)
         argv = list(prolog.args)
         try:
             out, err = prolog.communicate(timeout=timeout + 120)

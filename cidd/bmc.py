@@ -26,6 +26,7 @@ import yaml
 from cidcommon.errors import CidError, TokenFileError
 from cidcommon.hostport import parse_hostport
 from cidcommon.paths import check_private
+from cidd import pyghmi_io
 from cidd.config_sections import BmcConfig
 
 log = structlog.get_logger(__name__)
@@ -381,3 +382,5 @@ class IpmiSession:
             session.logout()
         except Exception as exc:  # noqa: BLE001 - a failed logout only leaves a session for the BMC to expire
             log.debug("power.logout_failed", error=type(exc).__name__)
+        finally:
+            pyghmi_io.discard_session(session)  # never joined by a later call, whatever the logout did

@@ -433,9 +433,12 @@ class PowerController:
             self.waiting -= 1
             log.info("power.skipped", node=call.node, bmc=call.address, action=call.action, reason=reason)
             self._forget_if_idle(call.key, bmc)
-        elif call.state == "running" and call.holds_slot:
-            self._release_slot(call)
-            self._dispatch()
+        elif call.state == "running":
+            if call.target.protocol != REDFISH:  # end the pyghmi session its thread waits in (~30 s otherwise)
+                pyghmi_io.discard_sessions_of(call.target.host, call.target.port)
+            if call.holds_slot:
+                self._release_slot(call)
+                self._dispatch()
 
     def _never_contacted(self, call: _Call) -> PowerError:
         """Return the PowerError of a call still waiting at its deadline: what it waited for."""
@@ -579,7 +582,7 @@ def _pyghmi_command(host: str, port: int, user: bytes, password: bytes) -> Any:
     from pyghmi.ipmi.command import Command
 
     pyghmi_io.apply()
-
+    pyghmi_io.discard_sessions_of(host, port)  # left by a call the BMC dropped mid-way: log in afresh
     return Command(bmc=host, userid=user, password=password, port=port)
 
 

@@ -1,7 +1,7 @@
 """pyghmi's shared IPMI I/O loop, replaced once per process before its first BMC call (``apply()``).
 
 pyghmi (as of 1.6.19) runs one I/O thread per process: it ``select()``s on every IPMI socket, reads what arrived
-and wakes the threads waiting for it. Three flaws in that loop hurt cidd, which calls several BMCs at once from its
+and wakes the threads waiting for it. Four flaws in that loop hurt cidd, which calls several BMCs at once from its
 power thread pool, and the simulated fleet, which runs a thousand BMC servers in one process:
 
 1. **select() and descriptors from 1024 up.** ``select()`` cannot watch a descriptor >= 1024 (``FD_SETSIZE``).
@@ -15,7 +15,13 @@ power thread pool, and the simulated fleet, which runs a thousand BMC servers in
    Every wait checks that the thread is alive (``watchdog()``); a dead one is logged
    (``pyghmi_io.io_thread_died`` with the error, then ``pyghmi_io.io_thread_restarted``) and started again, at
    most once every ``RESTART_BACKOFF`` seconds.
-3. **Lost wake-ups.** A thread that waits for an answer sleeps on an event that the I/O thread sets when a packet
+3. **A lock-order deadlock.** pyghmi guards its two session tables with two locks and takes them in both
+   orders (``wait_for_rsp`` holds ``WAITING_SESSIONS`` while a timed-out session retransmits, which takes
+   ``KEEPALIVE_SESSIONS``; ``send_payload`` takes them the other way round). Two threads retransmitting at once
+   (BMCs that do not answer, or one that restarted) deadlocked, and from then on every BMC call of the process
+   hung: in ``bench/chaos.py`` healthy nodes failed with "did not answer", all BMC threads held. ``apply()``
+   makes both names one re-entrant lock.
+4. **Lost wake-ups.** A thread that waits for an answer sleeps on an event that the I/O thread sets when a packet
    arrives. When another thread processed that answer first, the sleeper is not woken: it sleeps until its
    retransmit deadline (up to about 1 s per step, and a login has six steps), then retransmits. Four concurrent
    logins to OpenIPMI's ``ipmi_sim`` took 0.7 to 0.9 s instead of 0.01 s. Every wait here is capped at
@@ -126,6 +132,13 @@ def apply() -> bool:
         session._io_wait = io_wait
         session._io_sendto = send_nonblocking
         session.define_worker = define_worker
+        # One lock for both session tables: pyghmi takes them in opposite orders (wait_for_rsp holds
+        # WAITING_SESSIONS while a timed-out session retransmits, which takes KEEPALIVE_SESSIONS; send_payload
+        # holds KEEPALIVE_SESSIONS and takes WAITING_SESSIONS), so two threads that retransmit at once deadlocked
+        # every BMC call of the process for good. Both are read as module globals at each use.
+        shared = threading.RLock()
+        session.KEEPALIVE_SESSIONS = shared
+        session.WAITING_SESSIONS = shared
         old = session.iothread
         if old is not None:
             _retire(session, old)
@@ -230,6 +243,72 @@ def forget_sockets(sockets: Iterable[Any]) -> bool:
         _send_wakeup_datagram(session)
         return False
     return True
+
+
+def discard_session(ipmi_session: Any) -> None:
+    """Make sure pyghmi never hands ``ipmi_session`` to a later ``Command``: take it out of every shared table.
+
+    pyghmi shares one client session per BMC address in a process and keeps it while it believes it logged in.
+    When the BMC goes away mid-call (power loss, BMC reset, a simulator killed) the logout fails half-way and the
+    session stays registered as logged in, for about 30 s of keep-alive retries; every ``Command`` for that BMC in
+    that time joined the dead session and waited for answers the BMC, restarted with no memory of it, never sent.
+    Returns None; never raises.
+    """
+    from pyghmi.ipmi.private import session as pyghmi_session
+
+    cls = pyghmi_session.Session
+    try:
+        for handlers in list(cls.bmc_handlers.values()):
+            for port, candidate in list(handlers.items()):
+                if candidate is ipmi_session:
+                    handlers.pop(port, None)
+        for address, handlers in list(cls.bmc_handlers.items()):
+            if not handlers:
+                cls.bmc_handlers.pop(address, None)
+        for key, candidate in list(cls.initting_sessions.items()):
+            if candidate is ipmi_session:
+                cls.initting_sessions.pop(key, None)
+        cls.keepalive_sessions.pop(ipmi_session, None)
+        cls.waiting_sessions.pop(ipmi_session, None)
+        ipmi_session.lastpayload = None
+        if not hasattr(ipmi_session, "errormsg"):
+            ipmi_session.errormsg = None  # read by pyghmi when it raises for a broken session: "no answer"
+        ipmi_session.logged = 0
+        ipmi_session.logging = False
+        ipmi_session.broken = True
+    except Exception as exc:  # noqa: BLE001 - pyghmi internals changed: leave the session as it is
+        log.warning("pyghmi_io.discard_failed", error=repr(exc))
+
+
+def discard_sessions_of(host: str, port: int) -> int:
+    """Discard every pyghmi client session to the BMC at ``host``:``port`` except one carrying a console (SOL).
+
+    cidd runs one call per BMC at a time and logs out after each, so a session still registered when the next
+    call starts is one a failed call left behind (see ``discard_session``): the next call logs in afresh instead.
+    Returns how many were discarded; never raises.
+    """
+    from pyghmi.ipmi.private import session as pyghmi_session
+
+    cls = pyghmi_session.Session
+    found: dict[int, Any] = {}
+    try:
+        for handlers in list(cls.bmc_handlers.values()):
+            for candidate in list(handlers.values()):
+                found[id(candidate)] = candidate
+        for candidate in list(cls.initting_sessions.values()):
+            found[id(candidate)] = candidate
+        for candidate in list(cls.keepalive_sessions):
+            found[id(candidate)] = candidate
+    except RuntimeError:  # a table changed while it was read: the next call looks again
+        return 0
+    stale = [candidate for candidate in found.values()
+             if getattr(candidate, "bmc", None) == host and getattr(candidate, "port", None) == port
+             and getattr(candidate, "sol_handler", None) is None]
+    for candidate in stale:
+        discard_session(candidate)
+    if stale:
+        log.info("pyghmi_io.stale_sessions_discarded", bmc=f"{host}:{port}", count=len(stale))
+    return len(stale)
 
 
 class PollIOWorker(threading.Thread):

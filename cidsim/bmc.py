@@ -78,6 +78,13 @@ class _Sha1OnlySession(serversession.ServerSession):  # type: ignore[misc]
                 ipmisession.Session.bmc_handlers.pop(sockaddr, None)
             self.bmc.sessionless_data(data, sockaddr)
             return None
+        delay = getattr(self.bmc, "answer_delay", 0.0)
+        if delay > 0:  # a slow BMC: handle (and answer) the packet later, on a timer thread, so that the other
+            # BMCs of this process, which share one I/O thread, keep answering at once
+            timer = threading.Timer(delay, super()._handle_ipmi_packet, (data,), {"sockaddr": sockaddr, "qent": qent})
+            timer.daemon = True
+            timer.start()
+            return None
         return super()._handle_ipmi_packet(data, sockaddr=sockaddr, qent=qent)
 
     def sessionless_data(self, data: bytes, sockaddr: Any) -> Any:
@@ -104,6 +111,7 @@ class SimBmc(pyghmi_bmc.Bmc):  # type: ignore[misc]
                               f"{exc.strerror}; {hint}") from None
         self.node = node
         self.reactor = reactor
+        self.answer_delay = 0.0  # seconds before each packet of a session is handled: a slow BMC
         self.boot_device = "default"
         self._expected: str | None = None
         self._lock = threading.Lock()
@@ -280,6 +288,12 @@ class SimBmcs:
             thread.join(2)
         self._close_all()
         log.info("simbmc.stopped")
+
+    def slow_down(self, names: Iterable[str], delay: float) -> None:
+        """Make the BMCs of ``names`` answer every command ``delay`` seconds late (unknown names are ignored)."""
+        for name in names:
+            if (bmc := self.bmcs.get(name)) is not None:
+                bmc.answer_delay = delay
 
     def drop(self, names: Iterable[str]) -> None:
         """Close the BMCs of ``names`` (unknown names are ignored): calls to them go unanswered from now on."""
