@@ -50,10 +50,11 @@ sysdeps:
 # --strict) of the pure core, the wire and request modules and the clients' protocol code.
 MYPY_STRICT ?= cidd/core cidcommon/wire.py cidcommon/errors.py cidcommon/hostlists.py \
 	cidcommon/hostport.py cidcommon/requests.py cidcommon/vocabulary.py cidd/client_session.py cidinstall/types.py \
-	cidd/agent_messages.py cidcapt/connection.py cidcapt/errors.py
+	cidd/agent_messages.py cidcapt/connection.py cidcapt/errors.py cidcapt/progress.py cidcommon/client_config.py
 
 # The Twisted protocol modules of both daemons: typed, checked without --strict (Twisted's own hints are partial).
-MYPY_PROTOCOL ?= cidkid/protocol.py cidd/sessions.py cidd/session_hello.py cidcommon/twisted_requests.py
+MYPY_PROTOCOL ?= cidkid/protocol.py cidd/sessions.py cidd/session_hello.py cidd/session_liveness.py \
+	cidcommon/twisted_requests.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

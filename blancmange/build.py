@@ -1,7 +1,9 @@
 """Building the installer: a cached debootstrap tree, a Debian kernel and its modules, packed as a cpio.zst.
 
 Blocking code for a command-line tool (runs debootstrap, apt-get, dpkg-deb, cpio, zstd as root). The
-mirror is the one of the machine's apt sources; nothing names a host.
+mirror is the one of the machine's apt sources (or ``blancmange --mirror``); nothing in the config names a
+host. The mirror is probed with a bounded wait before debootstrap, and every tool runs under a time limit, so
+that a build with no reachable mirror fails naming it instead of hanging.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import structlog
 
-from blancmange.config import BlancmangeError, BuildConfig
+from blancmange.config import MIRROR_TIMEOUT, BlancmangeError, BuildConfig, MirrorUnreachable
 
 log = structlog.get_logger(__name__)
 
@@ -32,12 +38,15 @@ PY_SITE = "usr/lib/python3/dist-packages"
 
 
 def run(argv: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``argv`` and return it finished; raise BlancmangeError with ``what`` and its stderr on failure."""
+    """Run ``argv`` and return it finished; raise BlancmangeError with ``what`` and its stderr on failure, or
+    when it outlives its ``timeout`` (killed)."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, **kwargs)
     except FileNotFoundError:
         raise BlancmangeError(f"{what}: {argv[0]} is not installed (apt-get install debootstrap cpio zstd "
                               "kmod)") from None
+    except subprocess.TimeoutExpired as exc:
+        raise BlancmangeError(f"{what} did not finish within {exc.timeout:g} s and was stopped") from None
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
         raise BlancmangeError(f"{what} failed (exit status {done.returncode}): " + " | ".join(tail))
@@ -72,21 +81,75 @@ def apt_mirror(suite: str, sources: Path = Path("/etc/apt")) -> str:
     raise BlancmangeError(f"no apt source for Debian {suite} in {sources}: configure the mirror in apt's sources")
 
 
+def _fetch_status(url: str, timeout: float, result: list[object]) -> None:
+    """Append the HTTP status of a GET of ``url`` (headers only) to ``result``, or the exception that stopped it."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            result.append(reply.status)
+    except Exception as exc:  # handed to the caller, which names the mirror
+        result.append(exc)
+
+
+def probe_mirror(mirror: str, suite: str, timeout: float = MIRROR_TIMEOUT) -> None:
+    """Return once the Debian mirror ``mirror`` answers for ``dists/<suite>/Release`` within ``timeout`` seconds
+    (name lookup included: the request runs in a thread that is waited for at most that long).
+
+    Only http, https and file mirrors are probed. Raises MirrorUnreachable naming the mirror, the reason and what
+    to check: a refused connection, no answer in time, an HTTP error, or no such file.
+    """
+    url = f"{mirror.rstrip('/')}/dists/{suite}/Release"
+    scheme = urllib.parse.urlsplit(mirror).scheme
+    fix = ("check the mirror (blancmange --mirror, else apt's sources), the network and any proxy "
+           "(http_proxy)")
+    if scheme == "file":
+        if not Path(urllib.parse.urlsplit(url).path).is_file():
+            raise MirrorUnreachable(f"Debian mirror {mirror} has no {url}: not a mirror of {suite}; {fix}")
+        return
+    if scheme not in ("http", "https"):
+        log.info("blancmange.mirror_not_probed", mirror=mirror, scheme=scheme)
+        return
+    started = time.monotonic()
+    result: list[object] = []
+    worker = threading.Thread(target=_fetch_status, args=(url, timeout, result), daemon=True,
+                              name="blancmange-mirror-probe")
+    worker.start()
+    worker.join(timeout + 1.0)
+    answer = result[0] if result else TimeoutError("timed out")
+    if isinstance(answer, urllib.error.HTTPError):
+        reason = f"it answered HTTP {answer.code} for {url}"
+    elif isinstance(answer, urllib.error.URLError):
+        reason = str(answer.reason)
+    elif isinstance(answer, BaseException):
+        reason = str(answer) or type(answer).__name__
+    else:
+        log.info("blancmange.mirror_ok", mirror=mirror, status=answer, seconds=round(time.monotonic() - started, 3))
+        return
+    if "timed out" in reason:
+        reason = f"no answer within {timeout:g} s"
+    raise MirrorUnreachable(f"Debian mirror {mirror} cannot be used: {reason}; nothing was built; {fix}")
+
+
 def debootstrap_tree(config: BuildConfig, cache: Path) -> Path:
-    """Return a debootstrap'd tree of ``config.packages`` (cached under ``cache`` by the package list)."""
+    """Return a debootstrap'd tree of ``config.packages`` (cached under ``cache`` by the package list).
+
+    The mirror (``config.mirror``, else the apt sources') is probed first (``config.mirror_timeout``). Raises
+    MirrorUnreachable naming the mirror when it does not answer, BlancmangeError when debootstrap fails or
+    outlives its hour.
+    """
     done = cache / "trees" / config.tree_key()
     root = done / "root"
     if (done / "complete").exists():
         log.info("blancmange.tree_cached", tree=str(root))
         return root
-    mirror = apt_mirror(config.suite)
+    mirror = config.mirror or apt_mirror(config.suite)
+    probe_mirror(mirror, config.suite, config.mirror_timeout)
     work = cache / "trees" / f"{config.tree_key()}.partial"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log.info("blancmange.debootstrap", suite=config.suite, mirror=mirror, packages=len(config.packages))
     started = time.monotonic()
     run(["debootstrap", "--variant=minbase", f"--include={','.join(config.packages)}", config.suite,
-         str(work / "root"), mirror], "debootstrap", timeout=3600)
+         str(work / "root"), mirror], f"debootstrap from {mirror}", timeout=3600)
     shutil.rmtree(work / "root" / "var" / "cache" / "apt" / "archives", ignore_errors=True)
     (work / "packages").write_text("\n".join(sorted(config.packages)) + "\n")
     shutil.rmtree(done, ignore_errors=True)

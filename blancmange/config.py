@@ -16,10 +16,21 @@ KEYS = {"suite", "kernel_package", "packages", "python_modules", "modules", "str
         "compression_level"}
 
 
+#: Seconds the Debian mirror has to answer before debootstrap runs (``blancmange --mirror-timeout``).
+MIRROR_TIMEOUT = 15.0
+
+
 class BlancmangeError(CidError):
     """A build that cannot go on: bad configuration, a failing tool; the message says what to fix."""
 
     code = "blancmange"
+
+
+class MirrorUnreachable(BlancmangeError):
+    """The Debian mirror refused, did not answer within the probe's timeout, or has no release of the suite;
+    the message names the mirror and what to check."""
+
+    code = "blancmange_mirror"
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,10 @@ class BuildConfig:
     ca: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
     compression_level: int = 12
+    #: Not keys of the file (it names no host): the command line's --mirror (None: the apt sources' mirror)
+    #: and --mirror-timeout.
+    mirror: str | None = None
+    mirror_timeout: float = MIRROR_TIMEOUT
 
     def tree_key(self) -> str:
         """Return the cache key of the debootstrap tree: a hash of the suite and the sorted package list."""

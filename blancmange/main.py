@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from blancmange import build
-from blancmange.config import BlancmangeError, BuildConfig, load_config
+from blancmange.config import MIRROR_TIMEOUT, BlancmangeError, BuildConfig, load_config
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 HERE = Path(__file__).resolve().parent
@@ -25,8 +25,8 @@ DESCRIPTION = """\
 blancmange builds the cid installer from Debian packages: a kernel (vmlinuz), the installer initramfs
 (initrd.img: python3, cidkid, busybox, mkfs, sfdisk, zstd, kexec-tools, the configured drivers) and a small
 initramfs for installed images (rootboot.img: mounts root= and starts the image's init). The package tree
-is cached (--cache) by a hash of the package list; the mirror is the one of the machine's apt sources.
-See docs/blancmange.md.
+is cached (--cache) by a hash of the package list; the mirror is the one of the machine's apt sources (or
+--mirror), and must answer within --mirror-timeout seconds, else the build stops naming it. See docs/blancmange.md.
 """
 
 
@@ -42,13 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="blancmange config (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=None,
                    help="cache of package trees and kernels (default: $BLANCMANGE_CACHE, else ~/.cache/blancmange)")
+    p.add_argument("--mirror", default=None, metavar="URL",
+                   help="Debian mirror for debootstrap (default: the one of this machine's apt sources for the suite)")
+    p.add_argument("--mirror-timeout", type=float, default=MIRROR_TIMEOUT, metavar="SECONDS",
+                   help="the mirror must answer within this time, or the build stops naming it (default: %(default)g)")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build vmlinuz, initrd.img and rootboot.img into --out")
+    b = sub.add_parser("build", help="build vmlinuz, initrd.img and rootboot.img into --out", allow_abbrev=False)
     b.add_argument("--out", type=Path, required=True, help="output directory (created)")
     b.add_argument("--ca", type=Path, default=None,
                    help="cidd's cluster CA certificate (<state>/tls/ca.pem) to put in the initramfs as /etc/cid/ca.pem "
                    "(overrides the config's 'ca'); the installer then verifies cidd with it")
-    i = sub.add_parser("image", help="build a small bootable test image with cidkid, captured with cid-mkimg")
+    i = sub.add_parser("image", help="build a small bootable test image with cidkid, captured with cid-mkimg",
+                       allow_abbrev=False)
     i.add_argument("--installer", type=Path, required=True,
                    help="directory of a 'blancmange build' (its vmlinuz and rootboot.img go into /boot)")
     i.add_argument("--token-file", type=Path, default=None,
@@ -247,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache or default_cache()
     try:
         config = load_config(args.config)
+        if not args.mirror_timeout > 0:
+            raise BlancmangeError(f"--mirror-timeout must be a number of seconds above 0 (got {args.mirror_timeout:g})")
+        config = dataclasses.replace(config, mirror=args.mirror or None, mirror_timeout=args.mirror_timeout)
     except BlancmangeError as exc:
         print(f"blancmange: {exc.message}", file=sys.stderr)
         return EXIT_USAGE

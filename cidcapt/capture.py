@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cidcapt.connection import Backoff, Clock, Connection, Sleep, Timing, format_address, open_session
+from cidcapt.connection import Backoff, Clock, Connection, Sleep, Timing, described, open_session
 from cidcapt.errors import BadServerReply, ConnectionLost, Unreachable, error_from_wire
 from cidcommon.tlsfiles import ClientTls
 
 #: Capture states that mean "over": the reply of a re-attach to an ended capture is final.
-FINAL_STATES = frozenset({"ok", "failed", "deadline"})
+FINAL_STATES = frozenset({"ok", "failed", "deadline", "cancelled"})
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,12 @@ class Endpoint:
     role: str
     token: str
     tls: ClientTls | None = None  # None: plain TCP (only when cidd is configured so)
+    origin: str = ""  # where the address came from (cidcommon.client_config), for messages
 
     @property
     def address(self) -> str:
-        """Return ``host:port`` for messages."""
-        return format_address(self.host, self.port)
+        """Return ``host:port`` (or the socket's path) and its origin, for messages."""
+        return described(self.host, self.port, self.origin)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Outcome:
     nodes: dict[str, dict[str, Any]]
     local_deadline: bool = False  # True when the client's own deadline ended the wait (no ``done`` came)
     reattached: int = 0
+    cancelled_by: str | None = None  # who cancelled the capture (state ``cancelled``: cidcapt --cancel)
 
 
 class Listener(Protocol):
@@ -77,6 +79,12 @@ class Listener(Protocol):
 
     def node_changed(self, event: dict[str, Any]) -> None:
         """A node changed state."""
+
+    def progress(self, event: dict[str, Any]) -> None:
+        """A node's install progressed (a ``progress`` event: step, bytes done and total)."""
+
+    def tick(self) -> float | None:
+        """Called while waiting for events; return the most seconds to wait before the next call (None: no limit)."""
 
     def lost(self, request: CaptureRequest, address: str, reason: str, accepted: bool) -> None:
         """The session was lost; the runner is about to reconnect."""
@@ -118,7 +126,7 @@ class CaptureRunner:
             try:
                 with open_session(self.endpoint.host, self.endpoint.port, self.endpoint.role,
                                   self.endpoint.token, deadline=limit, timing=self.timing, clock=self.clock,
-                                  sleep=self.sleep, tls=self.endpoint.tls) as conn:
+                                  sleep=self.sleep, tls=self.endpoint.tls, origin=self.endpoint.origin) as conn:
                     return self._session(conn, local_deadline)
             except Unreachable as exc:  # ConnectionLost too
                 failure = exc
@@ -149,7 +157,10 @@ class CaptureRunner:
         timeout = self.timing.request_timeout
         if reattach:
             timeout = max(min(timeout, local_deadline - self.clock()), 0.1)
-        reply = conn.request(self.request.message(), timeout=timeout)
+        message = self.request.message()
+        if reattach:  # a capture of the job cancelled meanwhile is answered as it is, not started anew
+            message["reattach"] = True
+        reply = conn.request(message, timeout=timeout)
         capture = reply.get("capture")
         if not isinstance(capture, dict):
             raise BadServerReply(f"cidd at {conn.address} answered the capture without a 'capture' object; "
@@ -167,7 +178,7 @@ class CaptureRunner:
             self.reattached += 1
         self.listener.accepted(self.request, capture, self.nodes, reattach)
         if capture.get("state") in FINAL_STATES:
-            return self._outcome(capture["state"])
+            return self._outcome(capture["state"], cancelled_by=capture.get("cancelled_by"))
         last_seen = self.clock()
         while True:
             now = self.clock()
@@ -177,7 +188,9 @@ class CaptureRunner:
                 conn.close()
                 raise ConnectionLost(f"nothing came from cidd for {self.timing.silence_timeout:g} s, "
                                      "not even a keepalive")
-            message = conn.next_message(min(local_deadline, last_seen + self.timing.silence_timeout) - now)
+            wait = min(local_deadline, last_seen + self.timing.silence_timeout) - now
+            pause = self.listener.tick()  # the listener's summary line or redraw is due then
+            message = conn.next_message(wait if pause is None else min(wait, max(pause, 0.01)))
             if message is None:
                 continue
             last_seen = self.clock()
@@ -207,7 +220,8 @@ class CaptureRunner:
         else:
             self._merge(message.get("nodes"))
             state = message.get("state")
-            return self._outcome(state if state in FINAL_STATES else self._guess_state())
+            return self._outcome(state if state in FINAL_STATES else self._guess_state(),
+                                 cancelled_by=message.get("cancelled_by"))
         return None
 
     def _node_event(self, event: dict[str, Any]) -> None:
@@ -238,6 +252,7 @@ class CaptureRunner:
             if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
                 step = f"{step} {100.0 * done / total:.0f}%"
             self.nodes[name]["step"] = step
+            self.listener.progress(event)
 
     def _merge(self, nodes: Any) -> None:
         """Overwrite the known node states with a ``nodes`` object from a reply or ``done``."""
@@ -259,8 +274,9 @@ class CaptureRunner:
             return "ok"
         return "failed" if "failed" in states else "deadline"
 
-    def _outcome(self, state: str, *, local: bool = False) -> Outcome:
-        """Return the Outcome for ``state`` with a copy of the node states."""
+    def _outcome(self, state: str, *, local: bool = False, cancelled_by: Any = None) -> Outcome:
+        """Return the Outcome for ``state`` with a copy of the node states (and who cancelled it, if cidd said)."""
         nodes = {name: dict(info) for name, info in self.nodes.items()}
         return Outcome(job=self.request.job, image=self.request.image, state=state, nodes=nodes,
-                       local_deadline=local, reattached=self.reattached)
+                       local_deadline=local, reattached=self.reattached,
+                       cancelled_by=cancelled_by if isinstance(cancelled_by, str) else None)

@@ -15,9 +15,10 @@ from typing import Any, NoReturn, TextIO
 from cidcapt import __version__
 from cidcapt.connection import parse_server
 from cidcapt.exit_codes import EXIT_BAD_REQUEST, EXIT_CODES_HELP
-from cidcommon.paths import read_token, token_path
-from cidcommon.tlsfiles import ClientTls, client_tls, state_dir_from
-from cidcommon.wire import CLIENT_ROLES, DEFAULT_PORT
+from cidcommon.client_config import DEFAULT_CONFIG_DIR, ClientConfig, ClientOptions, resolve
+from cidcommon.paths import read_token
+from cidcommon.tlsfiles import ClientTls
+from cidcommon.wire import CLIENT_ROLES
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,12 +39,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_REQUEST, f"{self.prog}: error: {message}\n")
 
 
-def _server(text: str) -> tuple[str, int]:
-    """argparse type: return (host, port); raises ArgumentTypeError with the reason."""
+def _server(text: str) -> str:
+    """argparse type: return the HOST:PORT text once it parses; raises ArgumentTypeError with the reason."""
     try:
-        return parse_server(text)
+        parse_server(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _seconds(minimum: float) -> Any:
@@ -109,13 +111,15 @@ def default_user(env: Mapping[str, str]) -> str:
 
 
 def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.ArgumentParser:
-    """Return the argument parser; the --role default comes from ``env`` (CID_ROLE)."""
+    """Return the argument parser (no abbreviated options: ``--tim`` is refused, never taken for --timeout)."""
     parser = Parser(
-        prog="cidcapt", out=out, err=err, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="cidcapt", out=out, err=err, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description="Put the nodes of a job into an image and wait until they run it (cid client).\n"
                     "  cidcapt -j JOB -n HOSTLIST -i IMAGE     switch nodes, wait, exit 0 when all are ready\n"
                     "  cidcapt --status [HOSTLIST]             show cidd's view of the nodes\n"
                     "  cidcapt --captures                      list running and recent captures\n"
+                    "  cidcapt --cancel -j JOB                 cancel a running capture (admin, or the job's user)\n"
+                    "  cidcapt --images                        list the image catalog (name, size, date, owner...)\n"
                     "  cidcapt --stats [HOSTLIST] [--worst N]  switch statistics from cidd's event history\n"
                     "  cidcapt --console NODE                  the node's serial console (admin; ~. detaches)\n"
                     "  cidcapt --slurm [-i IMAGE]              PrologSlurmctld: switch the job's nodes, or drain them\n"
@@ -129,6 +133,18 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
     parser.add_argument("--status", nargs="?", const="", metavar="HOSTLIST",
                         help="show the state of the nodes (all of them without HOSTLIST)")
     parser.add_argument("--captures", action="store_true", help="list running and recently ended captures")
+    parser.add_argument("--cancel", action="store_true",
+                        help="cancel the running capture of -j JOB (the admin role, or the scheduler role for the "
+                        "job's own user: --user). Nodes not rebooted yet stay as they are (ready in their image), "
+                        "nodes on their way to the installer are sent back to their image, installs under way "
+                        "finish and the node boots the new image (a disk is never left half-written). A cidcapt "
+                        "waiting on the job exits 6; --captures shows it cancelled. Exit 0 (also when it was "
+                        "already cancelled), 2 for a job with no running capture, 5 when not allowed")
+    parser.add_argument("--images", action="store_true",
+                        help="list the catalog's images: id, OS, size, date (of the image file), owner, visibility "
+                        "(shared or private), description; a private image is shown only to its owner (the user "
+                        "the local socket proves, or the one the scheduler role names with --user) and to the "
+                        "admin role; --json for machines")
     parser.add_argument("--stats", nargs="?", const="", metavar="HOSTLIST",
                         help="statistics of the switches in cidd's event history (every node, or HOSTLIST's): "
                         "switches, success rate, failures by kind, ladder rungs, median and 95th percentile of "
@@ -160,12 +176,12 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
                         help="epilog helper: when cidd's release_to_default is on, start switching the job's nodes "
                         "(--slurm, or -j/-n) back to the default image as job JOB.release, without waiting; "
                         "short timeouts; a cid problem is a warning and exit 0")
-    parser.add_argument("--server", type=_server, default=None,
-                        metavar="HOST:PORT", help=f"cidd's address (default $CID_SERVER or 127.0.0.1:{DEFAULT_PORT})")
+    parser.add_argument("--server", type=_server, default=None, metavar="HOST:PORT",
+                        help="cidd's address, TCP with a token (default $CID_SERVER; see 'how cidcapt finds cidd' "
+                        "below)")
     parser.add_argument("--socket", type=Path, default=None, metavar="PATH",
                         help="cidd's local Unix socket on the head node: no token, cidd gives the role of your uid "
-                        "(default $CID_SOCKET, else <state_dir>/cidd.sock when it exists and neither a server "
-                        "($CID_SERVER) nor a token file (--token-file, $CID_TOKEN_FILE) is given)")
+                        "(default $CID_SOCKET; see 'how cidcapt finds cidd' below)")
     parser.add_argument("--timeout", type=_seconds(0.001), default=3600.0, metavar="SECONDS",
                         help="give up on the nodes after this long (default %(default)g)")
     parser.add_argument("--connect-timeout", type=_seconds(0.0), default=10.0, metavar="SECONDS",
@@ -173,15 +189,25 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
     parser.add_argument("--json", action="store_true",
                         help="write events and a final result as JSON lines on stdout")
     parser.add_argument("--quiet", action="store_true", help="show only the summary and errors")
+    parser.add_argument("--summary-every", type=_seconds(0.1), default=30.0, metavar="SECONDS",
+                        help="progress on stderr when it is not a terminal (a prolog's log): a line for each failure "
+                        "and ladder climb, and a summary line every SECONDS: ready count, nodes per state, install "
+                        "bytes and rate, time left, nodes not moving (default %(default)g); on a terminal a live "
+                        "view instead")
+    parser.add_argument("--stall-after", type=_seconds(0.1), default=180.0, metavar="SECONDS",
+                        help="name a node as not moving when it neither changed state nor wrote bytes for SECONDS "
+                        "(default %(default)g)")
     parser.add_argument("--user", default=None,
                         help="the job's user (default $SLURM_JOB_USER, $USER or $LOGNAME, else the name of your uid)")
-    parser.add_argument("--role", default=env.get("CID_ROLE") or "admin",
-                        help="role to authenticate as: admin, scheduler, reader (default $CID_ROLE or admin)")
+    parser.add_argument("--role", default=None,
+                        help="role to authenticate as: admin, scheduler, reader (default $CID_ROLE, else the "
+                        "configuration's client.role, else admin)")
     parser.add_argument("--token-file", type=Path, default=None, metavar="PATH",
-                        help="the role's token file (default $CID_TOKEN_FILE or <state_dir>/secrets/ROLE.token)")
+                        help="the role's token file; asks for TCP (default $CID_TOKEN_FILE, else the "
+                        "configuration's client.token_file, else <state_dir>/secrets/ROLE.token)")
     parser.add_argument("--ca", type=Path, default=None, metavar="FILE",
-                        help="the cluster CA certificate that signed cidd's (default $CID_CA_FILE or "
-                        "<state_dir>/tls/ca.pem)")
+                        help="the cluster CA certificate that signed cidd's (default $CID_CA_FILE, else the "
+                        "configuration's client.ca or tls.ca, else <state_dir>/tls/ca.pem)")
     parser.add_argument("--cert", type=Path, default=None, metavar="FILE",
                         help="client certificate for mutual TLS (default $CID_CERT_FILE; not needed: the token "
                         "authenticates clients)")
@@ -196,16 +222,25 @@ def build_parser(env: Mapping[str, str], out: TextIO, err: TextIO) -> argparse.A
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exit through ``parser.error`` (code 2) when the options do not make one valid command."""
-    if args.role not in CLIENT_ROLES:
+    if args.role is not None and args.role not in CLIENT_ROLES:
         parser.error(f"unknown role {args.role!r}; use one of {', '.join(CLIENT_ROLES)}")
     if sum((args.status is not None, args.captures, args.reload, args.power is not None,
-            args.console is not None, args.stats is not None)) > 1:
-        parser.error("use only one of --status, --captures, --stats, --reload, --power and --console")
+            args.console is not None, args.stats is not None, args.cancel, args.images)) > 1:
+        parser.error("use only one of --status, --captures, --stats, --reload, --power, --console, --cancel and "
+                     "--images")
     if args.stats is None and (args.since is not None or args.until is not None or args.worst is not None):
         parser.error("--since, --until and --worst go with --stats")
     if args.stats is not None:
         if args.slurm or args.release:
             parser.error("--stats does not go with --slurm or --release")
+        return
+    if args.cancel:
+        if not args.job or args.image or args.nodes or args.slurm or args.release:
+            parser.error("--cancel needs -j JOB and takes no -n, -i, --slurm or --release")
+        return
+    if args.images:
+        if args.job or args.image or args.nodes or args.slurm or args.release:
+            parser.error("--images takes no -j, -n, -i, --slurm or --release")
         return
     if args.console is not None:
         if args.job or args.image or args.nodes or args.slurm or args.release:
@@ -247,47 +282,28 @@ def _check_slurm_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--release switches the nodes to cidd's default_image; it takes no -i")
 
 
-def choose_transport(parser: argparse.ArgumentParser, args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    """Set ``args.server`` to (host, port), or to (socket path, 0) and ``args.socket`` when the socket is used.
+def choose_transport(args: argparse.Namespace, env: Mapping[str, str],
+                     config_dir: Path = DEFAULT_CONFIG_DIR) -> ClientConfig:
+    """Return how to reach cidd (cidcommon.client_config: options, then environment, then $CID_CONFIG or
+    /etc/cid/cidd.yaml, then the default socket); set ``args.client``, ``args.role``, ``args.socket`` and
+    ``args.server`` (host, port), or (socket path, 0) on the socket.
 
-    Order: --socket, --server, $CID_SOCKET, $CID_SERVER, then the default socket <state_dir>/cidd.sock when it
-    exists and no token file was given (--token-file, $CID_TOKEN_FILE), else 127.0.0.1:38008 with a token.
-    Exits through ``parser.error`` (code 2) for --socket with --server or a bad $CID_SERVER.
+    Raises ClientConfigError (exit 2) for --socket with --server, a bad $CID_SERVER or an unusable file.
     """
-    if args.socket is not None and args.server is not None:
-        parser.error("use either --socket (local, no token) or --server (TCP, with a token)")
-    if args.socket is None and args.server is None:
-        if env.get("CID_SOCKET"):
-            args.socket = Path(env["CID_SOCKET"])
-        elif env.get("CID_SERVER"):
-            try:
-                args.server = parse_server(env["CID_SERVER"])
-            except ValueError as exc:
-                parser.error(f"$CID_SERVER: {exc}")
-        elif args.token_file is None and not env.get("CID_TOKEN_FILE"):
-            state_dir = state_dir_from(env)
-            if (state_dir / "cidd.sock").is_socket():
-                args.socket = state_dir / "cidd.sock"
-    if args.socket is not None:
-        args.server = (str(args.socket), 0)
-    elif args.server is None:
-        args.server = ("127.0.0.1", DEFAULT_PORT)
+    options = ClientOptions(socket=args.socket, server=args.server, token_file=args.token_file, ca=args.ca,
+                            cert=args.cert, key=args.key, role=args.role, plain=args.plain_tcp)
+    client = resolve(options, env, config_dir=config_dir)
+    args.client, args.role, args.socket, args.server = client, client.role, client.socket, client.host_port
+    return client
 
 
 def role_token(args: argparse.Namespace, env: Mapping[str, str]) -> str:
     """Return the role's token ("" on the local socket); raises TokenFileError when the file is unusable."""
-    if args.socket is not None:
-        return ""
-    if args.token_file is not None:
-        path = args.token_file
-    elif env.get("CID_TOKEN_FILE"):
-        path = Path(env["CID_TOKEN_FILE"])
-    else:
-        state_dir = state_dir_from(env)
-        path = token_path(state_dir, args.role)
-    return read_token(path)
+    client: ClientConfig = args.client
+    return "" if client.token_file is None else read_token(client.token_file)
 
 
 def tls_settings(args: argparse.Namespace, env: Mapping[str, str]) -> ClientTls | None:
-    """Return the TLS settings (None for --plain-tcp); the CA file is checked when the session opens."""
-    return client_tls(args.ca, args.cert, args.key, plain=args.plain_tcp, env=env)
+    """Return the TLS settings (None on the socket or in plain TCP); the CA file is checked when the session opens."""
+    client: ClientConfig = args.client
+    return None if client.ca is None else ClientTls(client.ca, client.cert, client.key)

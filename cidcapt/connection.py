@@ -66,6 +66,21 @@ def parse_server(text: str) -> tuple[str, int]:
 format_address = format_hostport
 
 
+def described(host: str, port: int, origin: str = "") -> str:
+    """Return cidd's address for messages, with where it came from: ``/run/cid/cidd.sock (from /etc/cid/cidd.yaml,
+    socket.path)``; the bare address when ``origin`` is empty (typed on the command line)."""
+    address = format_address(host, port)
+    return f"{address} (from {origin})" if origin else address
+
+
+def _hint(host: str) -> str:
+    """Return what to check when cidd at ``host`` (a socket path or a host name) cannot be reached."""
+    if host.startswith("/"):
+        return ("is cidd running, with its local socket there (socket.path in cidd.yaml)? check --socket or "
+                "$CID_SOCKET; no other address is tried")
+    return "is cidd running? check --server"
+
+
 def _reason(exc: OSError) -> str:
     """Return a short lower-case reason for a socket error."""
     if isinstance(exc, ConnectionRefusedError):
@@ -106,17 +121,18 @@ def _open(host: str, port: int, timeout: float, tls: ClientTls | None) -> socket
         raise
 
 
-def connect(host: str, port: int, *, deadline: float, timing: Timing = Timing(),
-            clock: Clock = time.monotonic, sleep: Sleep = time.sleep, tls: ClientTls | None = None) -> Connection:
+def connect(host: str, port: int, *, deadline: float, timing: Timing = Timing(), clock: Clock = time.monotonic,
+            sleep: Sleep = time.sleep, tls: ClientTls | None = None, origin: str = "") -> Connection:
     """Return a Connection to cidd, retrying refused or timed-out attempts until ``deadline`` (``clock`` time).
 
     ``host`` may be the path of cidd's local Unix socket (then ``port`` and ``tls`` are ignored). Otherwise,
     with ``tls`` the session runs over TLS and cidd's certificate must be signed by ``tls.ca`` and name
     ``host``. One attempt is always made, even when ``deadline`` has passed. Raises Unreachable, saying why the
     last attempt failed and what to check, when no attempt succeeded by the deadline; TlsError at once when
-    the server is not trusted.
+    the server is not trusted. ``origin`` (where the address came from) is named in every message; no other
+    address is ever tried.
     """
-    address = format_address(host, port)
+    address = described(host, port, origin)
     backoff = Backoff(timing.backoff_first, timing.backoff_max)
     while True:
         remaining = deadline - clock()
@@ -130,8 +146,7 @@ def connect(host: str, port: int, *, deadline: float, timing: Timing = Timing(),
             return Connection(sock, address=address, request_timeout=timing.request_timeout, clock=clock)
         remaining = deadline - clock()
         if remaining <= 0:
-            raise Unreachable(f"cannot reach cidd at {address}: {reason}; is cidd running? check --server",
-                              reason=reason)
+            raise Unreachable(f"cannot reach cidd at {address}: {reason}; {_hint(host)}", reason=reason)
         sleep(min(backoff.next(), remaining))
 
 
@@ -261,14 +276,15 @@ class Connection:
 
 
 def open_session(host: str, port: int, role: str, token: str, *, deadline: float, timing: Timing = Timing(),
-                 clock: Clock = time.monotonic, sleep: Sleep = time.sleep, tls: ClientTls | None = None) -> Connection:
+                 clock: Clock = time.monotonic, sleep: Sleep = time.sleep, tls: ClientTls | None = None,
+                 origin: str = "") -> Connection:
     """Return a connected Connection on which ``hello`` succeeded (see ``connect`` and ``Connection.hello``)."""
-    conn = connect(host, port, deadline=deadline, timing=timing, clock=clock, sleep=sleep, tls=tls)
+    conn = connect(host, port, deadline=deadline, timing=timing, clock=clock, sleep=sleep, tls=tls, origin=origin)
     try:
         conn.hello(role, token)
     except ConnectionLost as exc:
         conn.close()
-        if tls is None:  # a TLS server drops a clear-text hello
+        if tls is None and not host.startswith("/"):  # a TLS server drops a clear-text hello
             raise ConnectionLost(f"{exc.message}; cidd speaks TLS unless configured with tls mode plain: drop "
                                  "--plain-tcp (and CID_PLAIN_TCP) and give its CA with --ca",
                                  reason=exc.reason) from None
@@ -281,7 +297,7 @@ def open_session(host: str, port: int, role: str, token: str, *, deadline: float
 
 def simple_request(host: str, port: int, role: str, token: str, message: dict[str, Any], *,
                    connect_timeout: float, timing: Timing = Timing(), clock: Clock = time.monotonic,
-                   sleep: Sleep = time.sleep, tls: ClientTls | None = None) -> Message:
+                   sleep: Sleep = time.sleep, tls: ClientTls | None = None, origin: str = "") -> Message:
     """Return cidd's reply to one request made in a fresh session (used by --status and --captures).
 
     Raises Unreachable when cidd cannot be reached within ``connect_timeout`` seconds, and what
@@ -289,5 +305,5 @@ def simple_request(host: str, port: int, role: str, token: str, message: dict[st
     """
     deadline = clock() + connect_timeout
     with open_session(host, port, role, token, deadline=deadline, timing=timing, clock=clock, sleep=sleep,
-                      tls=tls) as conn:
+                      tls=tls, origin=origin) as conn:
         return conn.request(message)

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TextIO
 
 from cidcapt import slurm
@@ -29,19 +30,27 @@ from cidcapt.cli import (
 )
 from cidcapt.connection import Clock, Sleep, Timing, open_session, simple_request
 from cidcapt.exit_codes import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, exit_code
+from cidcapt.progress import ProgressOptions
 from cidcapt.render import (
     CAPTURES_HEADERS,
+    IMAGES_HEADERS,
     NODE_STATS_HEADERS,
     STATUS_HEADERS,
     Renderer,
+    cancel_head,
+    cancelled_line,
     captures_rows,
     counts,
     group_stats_headers,
     group_stats_rows,
+    images_note,
+    images_rows,
     node_stats_rows,
     stats_summary,
     status_rows,
+    summary_rows,
 )
+from cidcommon.client_config import DEFAULT_CONFIG_DIR
 from cidcommon.errors import CidError, UnknownNode
 from cidcommon.hostlists import collect, expand
 
@@ -54,18 +63,19 @@ def _compact(text: str) -> tuple[str, tuple[str, ...]]:
 
 def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None,
          env: Mapping[str, str] | None = None, timing: Timing | None = None, clock: Clock = time.monotonic,
-         sleep: Sleep = time.sleep, now: Clock = time.time) -> int:
+         sleep: Sleep = time.sleep, now: Clock = time.time, config_dir: Path = DEFAULT_CONFIG_DIR) -> int:
     """Run cidcapt with ``argv`` (default sys.argv[1:]); return the exit code (see EXIT_CODES_HELP).
 
     ``stdout``/``stderr``/``env`` default to the process's; ``timing``, ``clock``, ``sleep`` and ``now``
-    (wall clock, for ages) let tests shrink the waits. Never raises: an unexpected exception is a bug,
-    reported with its traceback on stderr and exit code 70 (EXIT_BUG).
+    (wall clock, for ages) let tests shrink the waits; ``config_dir`` holds cidd.yaml when $CID_CONFIG is unset.
+    Never raises: an unexpected exception is a bug, reported with its traceback on stderr and exit code 70
+    (EXIT_BUG).
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     env = os.environ if env is None else env
     try:
-        return _main(argv, out, err, env, timing, clock, sleep, now)
+        return _main(argv, out, err, env, timing, clock, sleep, now, config_dir)
     except BrokenPipeError:  # the reader went away (``cidcapt --captures | head``): nothing more to say
         if stdout is None:  # the process's own stdout: keep Python from failing again when it flushes at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -78,18 +88,23 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
 
 
 def _main(argv: list[str] | None, out: TextIO, err: TextIO, env: Mapping[str, str], timing: Timing | None,
-          clock: Clock, sleep: Sleep, now: Clock) -> int:
+          clock: Clock, sleep: Sleep, now: Clock, config_dir: Path) -> int:
     """The body of ``main``: parse, then run the command asked for; return its exit code."""
     parser = build_parser(env, out, err)
     try:
         args = parser.parse_args(argv)  # $CID_SERVER/$CID_SOCKET are read by choose_transport, not as defaults
         check_args(parser, args)
-        choose_transport(parser, args, env)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_REQUEST
     renderer_class = slurm.SummaryRecorder if args.slurm and not args.release else Renderer
-    renderer = renderer_class(out, err, quiet=args.quiet, json_lines=args.json)
+    renderer = renderer_class(out, err, quiet=args.quiet, json_lines=args.json, progress=ProgressOptions(
+        summary_every=args.summary_every, stall_after=args.stall_after, clock=clock, wall=now))
     timing = timing or Timing()
+    try:
+        choose_transport(args, env, config_dir)  # one socket or one server: never a second address
+    except CidError as exc:
+        renderer.error(exc.message)
+        return exit_code(exc)
     try:
         if args.release:
             return _release(args, env, renderer, timing, clock, sleep)
@@ -105,6 +120,10 @@ def _main(argv: list[str] | None, out: TextIO, err: TextIO, env: Mapping[str, st
             return _stats(args, env, renderer, timing, clock, sleep, now)
         if args.status is not None or args.captures:
             return _admin_view(args, env, renderer, timing, clock, sleep, now)
+        if args.cancel:
+            return _cancel(args, env, renderer, timing, clock, sleep)
+        if args.images:
+            return _images(args, env, renderer, timing, clock, sleep)
     except CidError as exc:
         renderer.error(exc.message)
         return exit_code(exc)
@@ -121,7 +140,8 @@ def _admin_view(args: argparse.Namespace, env: Mapping[str, str], renderer: Rend
     token = role_token(args, env)
     host, port = args.server
     reply = simple_request(host, port, args.role, token, message, connect_timeout=args.connect_timeout,
-                           timing=timing, clock=clock, sleep=sleep, tls=tls_settings(args, env))
+                           timing=timing, clock=clock, sleep=sleep, tls=tls_settings(args, env),
+                           origin=args.client.label)
     key = "captures" if args.captures else "nodes"
     items = reply.get(key)
     items = items if isinstance(items, list) else []
@@ -135,6 +155,48 @@ def _admin_view(args: argparse.Namespace, env: Mapping[str, str], renderer: Rend
     if unknown:
         raise UnknownNode(f"unknown node(s) {unknown}: not in cidd's inventory and never connected; check the "
                           "hostlist or the 'nodes' section of cidd.yaml")
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,
+            clock: Clock, sleep: Sleep) -> int:
+    """Run --cancel -j JOB: ask cidd to cancel the job's capture; print what becomes of each node; return 0.
+
+    Raises CidError subclasses (mapped by the caller: a job with no running capture 2, not allowed 5).
+    """
+    host, port = args.server
+    message = {"type": "cancel", "job": args.job.strip(), "user": args.user or default_user(env)}
+    reply = simple_request(host, port, args.role, role_token(args, env), message,
+                           connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep,
+                           tls=tls_settings(args, env), origin=args.client.label)
+    capture = reply.get("capture") if isinstance(reply.get("capture"), dict) else {}
+    if args.json:
+        renderer.json({"capture": capture, "already": reply.get("already") is True})
+        return EXIT_OK
+    renderer.say(cancel_head(capture, reply.get("already") is True), always=True)
+    nodes = capture.get("nodes") if isinstance(capture.get("nodes"), dict) else {}
+    renderer.table(["NODE", "STATE", "IMAGE", "WHAT BECOMES OF IT"], summary_rows(nodes, str(capture.get("image"))))
+    return EXIT_OK
+
+
+def _images(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer, timing: Timing,
+            clock: Clock, sleep: Sleep) -> int:
+    """Run --images: list the catalog's images this client may see (table or JSON); return 0.
+
+    Raises CidError subclasses (mapped by the caller).
+    """
+    host, port = args.server
+    message = {"type": "images", "user": args.user or default_user(env)}
+    reply = simple_request(host, port, args.role, role_token(args, env), message,
+                           connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep,
+                           tls=tls_settings(args, env), origin=args.client.label)
+    images = reply.get("images") if isinstance(reply.get("images"), list) else []
+    if args.json:
+        renderer.json({key: reply[key] for key in ("images", "hidden", "unavailable") if key in reply})
+        return EXIT_OK
+    renderer.table(IMAGES_HEADERS, images_rows(images))
+    for line in images_note(reply.get("hidden"), reply.get("unavailable")):
+        renderer.say(line, always=True)
     return EXIT_OK
 
 
@@ -155,7 +217,8 @@ def _stats(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer,
     host, port = args.server
     slow = replace(timing, request_timeout=max(timing.request_timeout, 120.0))  # a year of a large cluster
     reply = simple_request(host, port, args.role, role_token(args, env), message, connect_timeout=args.connect_timeout,
-                           timing=slow, clock=clock, sleep=sleep, tls=tls_settings(args, env))
+                           timing=slow, clock=clock, sleep=sleep, tls=tls_settings(args, env),
+                           origin=args.client.label)
     report = reply.get("stats") if isinstance(reply.get("stats"), dict) else {}
     if args.json:
         renderer.json(report)
@@ -178,7 +241,7 @@ def _reload(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer
     host, port = args.server
     reply = simple_request(host, port, args.role, role_token(args, env), {"type": "reload"},
                            connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep,
-                           tls=tls_settings(args, env))
+                           tls=tls_settings(args, env), origin=args.client.label)
     if args.json:
         renderer.json({"images": reply.get("images"), "catalog": reply.get("catalog")})
     else:
@@ -200,7 +263,7 @@ def _slurm_prolog(args: argparse.Namespace, env: Mapping[str, str], renderer: sl
     def ask(message: dict[str, Any]) -> dict[str, Any]:
         return simple_request(host, port, args.role, role_token(args, env), message,
                               connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep,
-                              tls=tls_settings(args, env))
+                              tls=tls_settings(args, env), origin=args.client.label)
 
     image = (args.image or "").strip()
     try:
@@ -241,7 +304,7 @@ def _release(args: argparse.Namespace, env: Mapping[str, str], renderer: Rendere
         def ask(message: dict[str, Any]) -> dict[str, Any]:
             return simple_request(host, port, args.role, token, message, timing=quick, clock=clock, sleep=sleep,
                                   connect_timeout=min(args.connect_timeout, slurm.RELEASE_CONNECT_S),
-                                  tls=tls_settings(args, env))
+                                  tls=tls_settings(args, env), origin=args.client.label)
 
         done = slurm.release(job_id, compact, args.user or user or default_user(env), ask, timeout=args.timeout)
         renderer.say(done, always=True)
@@ -259,7 +322,7 @@ def _power(args: argparse.Namespace, env: Mapping[str, str], renderer: Renderer,
     reply = simple_request(host, port, args.role, role_token(args, env),
                            {"type": "power", "action": action, "nodes": _compact(hostlist)[0]},
                            connect_timeout=args.connect_timeout, timing=slow, clock=clock, sleep=sleep,
-                           tls=tls_settings(args, env))
+                           tls=tls_settings(args, env), origin=args.client.label)
     results = reply.get("results") if isinstance(reply.get("results"), dict) else {}
     if args.json:
         renderer.json(results)
@@ -278,7 +341,7 @@ def _console(args: argparse.Namespace, env: Mapping[str, str], timing: Timing, c
     host, port = args.server
     deadline = clock() + args.connect_timeout
     with open_session(host, port, args.role, role_token(args, env), deadline=deadline, timing=timing, clock=clock,
-                      sleep=sleep, tls=tls_settings(args, env)) as conn:
+                      sleep=sleep, tls=tls_settings(args, env), origin=args.client.label) as conn:
         reason = console.run(conn, args.console, err=err)
     return EXIT_FAILED if reason else EXIT_OK
 
@@ -294,7 +357,8 @@ def _capture(args: argparse.Namespace, env: Mapping[str, str], renderer: Rendere
         host, port = args.server
         request = CaptureRequest(job=job, nodes=nodes, names=names, image=image, timeout=args.timeout,
                                  user=args.user or default_user(env))
-        runner = CaptureRunner(request, Endpoint(host, port, args.role, token, tls_settings(args, env)), renderer,
+        endpoint = Endpoint(host, port, args.role, token, tls_settings(args, env), origin=args.client.label)
+        runner = CaptureRunner(request, endpoint, renderer,
                                connect_timeout=args.connect_timeout, timing=timing, clock=clock, sleep=sleep)
         outcome = runner.run()
     except CidError as exc:
@@ -310,15 +374,19 @@ def _capture(args: argparse.Namespace, env: Mapping[str, str], renderer: Rendere
         renderer.error(f"interrupted; if cidd accepted the capture it goes on: run the same command again to "
                        f"re-attach to job {job}")
         return EXIT_INTERRUPTED
+    finally:
+        renderer.close()  # the terminal view gives the terminal back, even when cidcapt has a bug
     code = exit_code(outcome)
     note = "cidd sent no result before the deadline" if outcome.local_deadline else ""
+    if outcome.state == "cancelled":
+        renderer.say(cancelled_line(outcome.job, outcome.cancelled_by), always=True)
     renderer.summary(outcome.job, image, outcome.state, outcome.nodes, note=note)
     if args.json:
         ready, failed, pending = counts(outcome.nodes, image)
         renderer.json({"type": "result", "job": outcome.job, "image": image, "state": outcome.state,
                        "ready": ready, "failed": failed, "pending": pending, "nodes": outcome.nodes,
                        "local_deadline": outcome.local_deadline, "reattached": outcome.reattached,
-                       "exit": code})
+                       "cancelled_by": outcome.cancelled_by, "exit": code})
     return code
 
 

@@ -1,17 +1,24 @@
 """What cidcapt shows: progress lines and the summary on stderr, JSON lines on stdout, and the admin tables.
 
-Human lines start with ``cidcapt:``; ``--quiet`` keeps only the summary and errors. With ``--json`` every
-reply and event received for the capture (keepalives left out) is written to stdout as one JSON line, and
-the last line is the result object (``{"type": "result", ..., "exit": N}``).
+Human lines start with ``cidcapt:``; ``--quiet`` keeps only the summary and errors. While a capture runs, its
+progress is followed by a cidcapt.progress model and shown by a follower: the live terminal view
+(cidcapt.progress_live, rich) when stderr is a terminal, else plain lines (cidcapt.progress_text: notable node
+events and a summary line every ``--summary-every`` seconds). With ``--json`` every reply and event received
+for the capture (keepalives left out) is written to stdout as one JSON line, and the last line is the result
+object (``{"type": "result", ..., "exit": N}``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from cidcapt.capture import CaptureRequest
+from cidcapt.progress import ProgressModel, ProgressOptions
+from cidcapt.progress_text import Follower, PlainFollower, change_line
 from cidcommon.hostlists import collect
 
 #: With more nodes than this, summary rows that differ only by node name are merged into one hostlist row.
@@ -133,21 +140,58 @@ def captures_rows(captures: list[dict[str, Any]], now: float) -> list[list[str]]
 class Renderer:
     """Writes cidcapt's output; implements cidcapt.capture.Listener."""
 
-    def __init__(self, stdout: TextIO, stderr: TextIO, *, quiet: bool = False, json_lines: bool = False) -> None:
+    def __init__(self, stdout: TextIO, stderr: TextIO, *, quiet: bool = False, json_lines: bool = False,
+                 progress: ProgressOptions | None = None) -> None:
         self.stdout = stdout
         self.stderr = stderr
         self.quiet = quiet
         self.json_lines = json_lines
+        self.options = progress or ProgressOptions()
+        self.follower: Follower | None = None  # from the first acceptance of a capture
 
     def say(self, text: str, *, always: bool = False) -> None:
-        """Write ``cidcapt: text`` to stderr (unless quiet and not ``always``)."""
+        """Write ``cidcapt: text`` to stderr, above the terminal view when it runs (unless quiet and not ``always``)."""
         if always or not self.quiet:
+            if self.follower is not None and self.follower.line(text):
+                return
             self.stderr.write(f"cidcapt: {text}\n")
             self.stderr.flush()
 
     def error(self, message: str) -> None:
-        """Write ``cidcapt: error: message`` to stderr, even when quiet."""
+        """Close the terminal view, then write ``cidcapt: error: message`` to stderr, even when quiet."""
+        self.close()
         self.say(f"error: {message}", always=True)
+
+    def close(self) -> None:
+        """Stop following the capture's progress (erase the terminal view); again: nothing happens."""
+        if self.follower is not None:
+            self.follower.close()
+
+    def live_view(self) -> bool:
+        """Return True when progress is shown as the live terminal view (ProgressOptions.live; by default when
+        stderr is a terminal other than TERM=dumb, and neither --json nor --quiet is given)."""
+        if self.options.live is not None:
+            return self.options.live
+        isatty = getattr(self.stderr, "isatty", None)
+        return (not self.quiet and not self.json_lines and callable(isatty) and bool(isatty())
+                and os.environ.get("TERM", "dumb") not in ("dumb", "unknown"))
+
+    def _follow(self, request: CaptureRequest, capture: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> None:
+        """Start following the capture (the first acceptance), or take its nodes again (a re-attach)."""
+        deadline = capture.get("deadline")
+        left = (float(deadline) - self.options.wall() if isinstance(deadline, int | float)
+                and not isinstance(deadline, bool) else None)
+        if self.follower is None:
+            model = ProgressModel(request.image, self.options.clock, stall_after=self.options.stall_after)
+            model.accepted(nodes, left if left is not None else request.timeout)
+            if self.live_view():
+                from cidcapt.progress_live import LiveFollower  # rich only on a terminal: a prolog starts fast
+
+                self.follower = LiveFollower(request.job, request.image, model, self.stderr)
+            else:
+                self.follower = PlainFollower(request.job, model, self.say, self.options.summary_every, self.quiet)
+        else:
+            self.follower.model.accepted(nodes, left)
 
     def json(self, obj: Any) -> None:
         """Write one JSON line to stdout and flush it (machines follow it live)."""
@@ -173,12 +217,23 @@ class Renderer:
         else:
             head = f"job {request.job}: capture of {total} nodes to {request.image} accepted"
         self.say(f"{head} ({already}, {pending} to switch)")
+        self._follow(request, capture, nodes)
 
     def node_changed(self, event: dict[str, Any]) -> None:
-        """Say one node state change: ``node03  installing -> to_image  (image written)``."""
-        detail = event.get("reason") or event.get("detail")
-        text = f"{event.get('node')}  {event.get('from') or '-'} -> {event.get('to')}"
-        self.say(text + (f"  ({detail})" if detail else ""))
+        """Follow one node state change (a line only for notable ones: cidcapt.progress_text)."""
+        if self.follower is not None:
+            self.follower.node(event)
+        else:
+            self.say(change_line(event))
+
+    def progress(self, event: Mapping[str, Any]) -> None:
+        """Follow an install's progress (bytes written)."""
+        if self.follower is not None:
+            self.follower.progress(event)
+
+    def tick(self) -> float | None:
+        """Let the follower draw or say what is due; return the most seconds to wait before calling again."""
+        return self.follower.tick() if self.follower is not None else None
 
     def lost(self, request: CaptureRequest, address: str, reason: str, accepted: bool) -> None:
         """Say that the session was lost and that cidcapt reconnects."""
@@ -189,11 +244,14 @@ class Renderer:
 
     # End of a capture
     def summary(self, job: str, image: str, state: str, nodes: dict[str, dict[str, Any]], note: str = "") -> None:
-        """Write the final per-node summary and the totals line to stderr (even when quiet)."""
+        """Close the terminal view, then write the final per-node summary and the totals line to stderr (even
+        when quiet)."""
+        self.close()
         ready, failed, pending = counts(nodes, image)
         heads = {"ok": f"all {ready} nodes run {image}" if ready != 1 else f"the node runs {image}",
                  "failed": f"{failed} of {len(nodes)} nodes failed",
                  "deadline": f"deadline passed with {pending} of {len(nodes)} nodes pending",
+                 "cancelled": f"cancelled with {len(nodes) - ready} of {len(nodes)} nodes not in {image}",
                  "error": f"stopped with {pending} of {len(nodes)} nodes pending (last known states)"}
         self.say(f"job {job}: {heads.get(state, state)}" + (f"; {note}" if note else ""), always=True)
         for line in format_table(None, summary_rows(nodes, image), indent="  "):
@@ -205,6 +263,52 @@ class Renderer:
         for line in format_table(headers, rows):
             self.stdout.write(line + "\n")
         self.stdout.flush()
+
+
+# --- cidcapt --images and --cancel ---
+
+IMAGES_HEADERS = ["IMAGE", "OS", "SIZE", "DATE", "OWNER", "VISIBILITY", "DESCRIPTION"]
+
+
+def format_date(timestamp: Any) -> str:
+    """Return a Unix time as local ``YYYY-MM-DD HH:MM``, or ``-`` when there is none."""
+    if not isinstance(timestamp, int | float) or isinstance(timestamp, bool):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def images_rows(images: list[dict[str, Any]]) -> list[list[str]]:
+    """Return the ``--images`` rows: IMAGE OS SIZE DATE (the image file's) OWNER VISIBILITY DESCRIPTION."""
+    return [[cell(i.get("id")), cell(i.get("os")), format_bytes(i.get("size")), format_date(i.get("date")),
+             cell(i.get("owner")), cell(i.get("visibility")), cell(_short(str(i.get("description") or "")))]
+            for i in images if isinstance(i, dict)]
+
+
+def images_note(hidden: Any, unavailable: Any) -> list[str]:
+    """Return the lines under the ``--images`` table: private images not shown, entries cidd cannot install."""
+    lines = []
+    if isinstance(hidden, int) and hidden > 0:
+        lines.append(f"{hidden} private image(s) of other users not shown")
+    for entry in unavailable if isinstance(unavailable, list) else []:
+        if isinstance(entry, dict):
+            lines.append(f"not installable: {entry.get('id')}: {entry.get('reason')}")
+    return lines
+
+
+def cancelled_line(job: str, by: Any) -> str:
+    """Return the line a waiting cidcapt says when the capture of ``job`` was cancelled (by ``by``)."""
+    who = f" by {by}" if by else ""
+    return (f"job {job}: the capture was cancelled{who} (cidcapt --cancel); nodes not rebooted yet keep their "
+            "image, nodes on their way to the installer go back to it, installs under way finish")
+
+
+def cancel_head(capture: dict[str, Any], already: bool) -> str:
+    """Return the line ``cidcapt --cancel`` says about the capture it cancelled (or found cancelled)."""
+    nodes = capture.get("nodes") if isinstance(capture.get("nodes"), dict) else {}
+    what = f"job {capture.get('job')}: capture of {len(nodes)} node(s) to {capture.get('image')}"
+    if already:
+        return f"{what} was already cancelled by {capture.get('cancelled_by') or '?'}; nothing more to do"
+    return f"{what} cancelled by {capture.get('cancelled_by') or '?'}; what becomes of each node:"
 
 
 # --- cidcapt --stats (docs/operations.md) ---

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from cidcapt.progress import ProgressOptions
 from cidcapt.render import Renderer
 from cidcommon.errors import BAD_REQUEST_CODES, BadRequest, CidError
 from cidcommon.hostlists import collect, expand
@@ -282,8 +283,9 @@ class SummaryRecorder(Renderer):
     """A Renderer that also keeps how the capture ended: the final summary (state and node states) for the drain
     decision, and the error that stopped the prolog, if any (``failure``)."""
 
-    def __init__(self, stdout: TextIO, stderr: TextIO, *, quiet: bool = False, json_lines: bool = False) -> None:
-        super().__init__(stdout, stderr, quiet=quiet, json_lines=json_lines)
+    def __init__(self, stdout: TextIO, stderr: TextIO, *, quiet: bool = False, json_lines: bool = False,
+                 progress: ProgressOptions | None = None) -> None:
+        super().__init__(stdout, stderr, quiet=quiet, json_lines=json_lines, progress=progress)
         self.state: str | None = None
         self.nodes: dict[str, dict[str, Any]] = {}
         self.failure: CidError | None = None

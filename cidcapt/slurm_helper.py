@@ -34,12 +34,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from cidcapt.connection import Timing, parse_server, simple_request
+from cidcapt.connection import Timing, simple_request
 from cidcapt.exit_codes import EXIT_BAD_REQUEST, EXIT_OK, exit_code
+from cidcommon.client_config import DEFAULT_CONFIG_DIR, ClientConfig, ClientOptions, resolve
 from cidcommon.errors import BadRequest, CidError, UnknownNode
-from cidcommon.paths import read_token, token_path
-from cidcommon.tlsfiles import client_tls, state_dir_from
-from cidcommon.wire import DEFAULT_PORT
+from cidcommon.paths import read_token
+from cidcommon.tlsfiles import ClientTls
 
 #: A helper runs under slurmd's ExecTime limit (10 s by default): keep every wait short.
 QUICK = Timing(request_timeout=4.0, attempt_timeout=2.0, backoff_first=0.2, backoff_max=1.0)
@@ -61,9 +61,10 @@ class UnknownFeature(BadRequest):
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """Return the argument parser; defaults come from ``env`` (CID_SERVER, CID_ROLE, CID_NODE, ...)."""
+    """Return the argument parser; defaults come from ``env`` (CID_NODE, CID_TIMEOUT, ...); cidd's address, the
+    role, the token and the CA are resolved later (cidcommon.client_config). Abbreviated options are refused."""
     parser = argparse.ArgumentParser(
-        prog="cid-slurm-helper", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="cid-slurm-helper", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description="Slurm node_features/helpers helper for cid (see docs/slurm.md).\n"
                     "  cid-slurm-helper            print the node's active cid features, or cid_other (get_state;\n"
                     "                              also Slurm 22.05's RebootProgram call after a feature change:\n"
@@ -72,9 +73,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                     "                              FEATURE may be a comma list, as RebootProgram gets it from 23.02)\n"
                     "  cid-slurm-helper --reboot   RebootProgram for 'scontrol reboot': reboot unless cid is\n"
                     "                              switching the node",
-        epilog="exit codes (cidcapt's): 0 done, 2 bad request (unknown feature or node), 4 cidd unreachable, "
-               "authentication failed, or the head node's user database did not answer, 5 refused (another job "
-               "holds the node); --reboot: the reboot command's code")
+        epilog="exit codes (cidcapt's): 0 done, 2 bad request (unknown feature or node, a bad configuration file), 4 "
+               "cidd unreachable, authentication failed, or the head node's user database did not answer, 5 refused "
+               "(another job holds the node); --reboot: the reboot command's code. cidd is found as cidcapt finds "
+               "it: --server, $CID_SOCKET, $CID_SERVER, then $CID_CONFIG or /etc/cid/cidd.yaml (client.server, "
+               "...), one address only (docs/configuration.md, 'How clients find cidd')")
     parser.add_argument("feature", nargs="*",
                         help="the feature to activate (set_state), or a comma list of features (RebootProgram from "
                         "Slurm 23.02); features that are not cid's are ignored; ignored with --reboot")
@@ -82,15 +85,19 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="reboot the node with --reboot-command unless cid is switching it (cid reboots it then)")
     parser.add_argument("--node", default=env.get("CID_NODE") or socket.gethostname().split(".")[0],
                         help="node name as cidd knows it (default $CID_NODE, else the short host name)")
-    parser.add_argument("--server", default=env.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}",
-                        help="cidd's address (default $CID_SERVER or %(default)s)")
-    parser.add_argument("--role", default=env.get("CID_ROLE") or "scheduler",
-                        help="role of the token: scheduler (default $CID_ROLE or scheduler) or admin")
-    parser.add_argument("--token-file", type=Path, default=env.get("CID_TOKEN_FILE") or None,
-                        help="the role's token file (default $CID_TOKEN_FILE or <state_dir>/secrets/ROLE.token)")
+    parser.add_argument("--server", default=None,
+                        help="cidd's address HOST:PORT (default $CID_SERVER, else the configuration file's "
+                        "client.server; see below)")
+    parser.add_argument("--role", default=None,
+                        help="role of the token: scheduler or admin (default $CID_ROLE, else the configuration "
+                        "file's client.role, else scheduler)")
+    parser.add_argument("--token-file", type=Path, default=None,
+                        help="the role's token file (default $CID_TOKEN_FILE, else client.token_file, else "
+                        "<state_dir>/secrets/ROLE.token)")
     parser.add_argument("--ca", type=Path, default=None,
-                        help="cluster CA certificate that signed cidd's (default $CID_CA_FILE or "
-                        "<state_dir>/tls/ca.pem); $CID_PLAIN_TCP=1 talks without TLS to a cidd in tls mode plain")
+                        help="cluster CA certificate that signed cidd's (default $CID_CA_FILE, else client.ca or "
+                        "tls.ca of the configuration file, else <state_dir>/tls/ca.pem); $CID_PLAIN_TCP=1 talks "
+                        "without TLS to a cidd in tls mode plain")
     parser.add_argument("--timeout", type=float, default=env.get("CID_TIMEOUT") or DEFAULT_TIMEOUT,
                         help="deadline of the switch in seconds (default $CID_TIMEOUT or %(default)s); Slurm's "
                         "ResumeTimeout must be longer")
@@ -104,8 +111,11 @@ class Helper:
     """One run of the helper: talks to cidd about ``node``."""
 
     def __init__(self, args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO, *,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 config_dir: Path = DEFAULT_CONFIG_DIR) -> None:
         self.args = args
+        self.config_dir = config_dir
+        self._client: ClientConfig | None = None
         self.env = env
         self.out = out
         self.err = err
@@ -118,20 +128,22 @@ class Helper:
         self.err.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} cid-slurm-helper: {self.node}: {text}\n")
         self.err.flush()
 
+    def client(self) -> ClientConfig:
+        """Return how to reach cidd (cidcommon.client_config), resolved once; raises ClientConfigError."""
+        if self._client is None:
+            options = ClientOptions(server=self.args.server, token_file=self.args.token_file, ca=self.args.ca,
+                                    role=self.args.role)
+            self._client = resolve(options, self.env, config_dir=self.config_dir, default_role="scheduler")
+        return self._client
+
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Return cidd's reply to ``message``; raises CidError subclasses (unreachable, auth, ...)."""
-        if self.args.token_file is not None:
-            path = Path(self.args.token_file)
-        else:
-            state = state_dir_from(self.env)
-            path = token_path(state, self.args.role)
-        try:
-            host, port = parse_server(self.args.server)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        tls = client_tls(self.args.ca, None, None, plain=False, env=self.env)
-        return simple_request(host, port, self.args.role, read_token(path), message,
-                              connect_timeout=CONNECT_TIMEOUT, timing=QUICK, tls=tls)
+        """Return cidd's reply to ``message``; raises CidError subclasses (a bad configuration, unreachable,
+        auth, ...). Only the one address of ``client`` is tried."""
+        client = self.client()
+        token = "" if client.token_file is None else read_token(client.token_file)
+        tls = None if client.ca is None else ClientTls(client.ca, client.cert, client.key)
+        return simple_request(*client.host_port, client.role, token, message, connect_timeout=CONNECT_TIMEOUT,
+                              timing=QUICK, tls=tls, origin=client.label)
 
     def node_row(self) -> dict[str, Any]:
         """Return cidd's status row of the node; raises UnknownNode when cidd does not know it."""

@@ -12,19 +12,21 @@ import hmac
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from cidcommon.errors import TokenFileError
 
 
-def default_state_dir() -> Path:
-    """Return the state directory to use when no configuration names one."""
-    env = os.environ.get("CID_STATE_DIR")
-    if env:
-        return Path(env)
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Return the state directory to use when no configuration names one, from ``env`` (default the process's
+    environment): $CID_STATE_DIR, else /var/lib/cid for root, else $XDG_STATE_HOME/cid (~/.local/state/cid)."""
+    env = os.environ if env is None else env
+    if env.get("CID_STATE_DIR"):
+        return Path(env["CID_STATE_DIR"])
     if os.geteuid() == 0:
         return Path("/var/lib/cid")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "cid"
 
 

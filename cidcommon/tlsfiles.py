@@ -3,7 +3,8 @@
 No reactor and no ``cryptography`` import here, so that cidcapt starts fast. The defaults follow the state
 directory (cidcommon.paths): public files in ``<state>/tls/``, private keys in ``<state>/secrets/``.
 A client uses TLS unless told ``--plain-tcp`` (or ``CID_PLAIN_TCP=1``): a missing CA file is an error,
-never a silent fallback to clear text.
+never a silent fallback to clear text. Which CA file a client uses is chosen with its address, in
+cidcommon.client_config.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cidcommon.errors import CidError
-from cidcommon.paths import check_private, default_state_dir
+from cidcommon.paths import check_private
 
 CA_ENV = "CID_CA_FILE"
 CERT_ENV = "CID_CERT_FILE"
@@ -46,11 +47,6 @@ def default_pki_paths(state_dir: Path) -> PkiPaths:
     return PkiPaths(ca=state_dir / "tls" / "ca.pem", ca_key=state_dir / "secrets" / "ca.key",
                     cert=state_dir / "tls" / "server.pem", key=state_dir / "secrets" / "server.key",
                     agents=state_dir / "secrets" / "agents")
-
-
-def state_dir_from(env: Mapping[str, str]) -> Path:
-    """Return $CID_STATE_DIR from ``env``, else the default state directory."""
-    return Path(env["CID_STATE_DIR"]) if env.get("CID_STATE_DIR") else default_state_dir()
 
 
 def plain_requested(env: Mapping[str, str]) -> bool:
@@ -86,21 +82,6 @@ class ClientTls:
             except (OSError, ssl.SSLError) as exc:
                 raise TlsError(f"cannot use client certificate {self.cert} with key {key}: {exc}") from None
         return context
-
-
-def client_tls(ca: Path | str | None, cert: Path | str | None, key: Path | str | None, *, plain: bool,
-               env: Mapping[str, str]) -> ClientTls | None:
-    """Return the client's TLS settings from options, then environment, then defaults; None for plain TCP.
-
-    ``ca`` defaults to $CID_CA_FILE, else ``<state dir>/tls/ca.pem``; ``cert``/``key`` to $CID_CERT_FILE and
-    $CID_KEY_FILE (none by default: clients authenticate with a token over TLS).
-    """
-    if plain or plain_requested(env):
-        return None
-    ca_path = Path(ca) if ca else Path(env[CA_ENV]) if env.get(CA_ENV) else default_pki_paths(state_dir_from(env)).ca
-    cert = cert or env.get(CERT_ENV) or None
-    key = key or env.get(KEY_ENV) or None
-    return ClientTls(ca_path, Path(cert) if cert else None, Path(key) if key else None)
 
 
 def untrusted_message(address: str, ca: Path, reason: str) -> str:

@@ -1,5 +1,7 @@
 """``PendingRequests`` (cidcommon.requests) for Twisted protocols: each request gets a Deferred and a reactor
 timer. Used by cidd's sessions and by the agent; never by cidcapt (which has no reactor).
+
+``after_reads`` confirms a timeout one turn of the reactor later: see its docstring.
 """
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ from cidcommon.requests import Pending, PendingRequests
 Answer = dict[str, Any]
 #: ``on_timeout(pending)``: called once a request's time is up; returns the exception its Deferred fails with.
 OnTimeout = Callable[[Pending[Any]], BaseException]
+
+
+def after_reads(clock: IReactorTime, action: Callable[..., object], *args: Any) -> None:
+    """Run ``action(*args)`` at the next turn of the reactor, once it has read what waits on its sockets.
+
+    A reactor runs its timers before it polls its sockets. After a long turn (a daemon busy with thousands of
+    handshakes, or a simulated fleet with thousands of agents) a timeout can fire while the data that would have
+    satisfied it sits unread in the kernel: a timeout confirmed this way (``action`` checks again) never blames
+    a peer for this process's own slowness. With ``task.Clock`` it runs within the same ``advance``.
+    """
+    clock.callLater(0, action, *args)
 
 
 class DeferredRequests:
@@ -79,6 +92,11 @@ class DeferredRequests:
             timer.cancel()
 
     def _timed_out(self, request_id: Any) -> None:
+        """The request's time is up: fail it after the reactor read what waits (it may hold the answer)."""
+        after_reads(self._clock, self._expire, request_id)
+
+    def _expire(self, request_id: Any) -> None:
+        """Fail the request ``request_id`` with ``on_timeout``'s error, unless it was answered meanwhile."""
         pending = self.table.take(request_id)
         if pending is not None:
             pending.waiter[0].errback(self._on_timeout(pending))

@@ -1,4 +1,5 @@
-"""Client requests (docs/protocol.md): ``capture`` (with watching), ``status`` and ``captures``.
+"""Client requests (docs/protocol.md): ``capture`` (with watching), ``cancel``, ``status``, ``captures``, ``images``
+and the admin requests.
 
 Called by cidd.sessions for sessions whose hello named a client role; raises CidError subclasses, which the
 session turns into error replies.
@@ -7,6 +8,7 @@ session turns into error replies.
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 import structlog
@@ -18,10 +20,12 @@ from cidcatalog.catalog import CatalogError
 from cidcommon import hostlists, wire
 from cidcommon.errors import BadRequest, CidError, Forbidden, UnknownNode
 from cidd.client_session import ClientSession
-from cidd.core.rights import ImageFacts
+from cidd.core import captures as caps
+from cidd.core.rights import ImageFacts, check_cancel, may_see
 from cidd.core.rights import check as check_rights
 from cidd.engine import Engine
 from cidd.history import history_of, parse_query
+from cidd.images_http import image_dir_of
 from cidd.user_directory import UserDirectory
 
 log = structlog.get_logger(__name__)
@@ -46,7 +50,8 @@ class ClientAPI:
         handlers = {"capture": self.capture, "status": self.status, "captures": self.captures,
                     "reload": self.reload, "features": self.features, "power": self.power,
                     "console": self.console, "console_data": self.console_data,
-                    "console_close": self.console_close, "stats": self.stats}
+                    "console_close": self.console_close, "stats": self.stats, "cancel": self.cancel,
+                    "images": self.images}
         handler = handlers.get(message["type"])
         if handler is None:
             raise CidError(f"unknown request type {message['type']!r}; known: {', '.join(handlers)}",
@@ -79,7 +84,8 @@ class ClientAPI:
         if session.closed:
             return  # the client left while its user's groups were looked up: nothing is started
         self.check_rights(session, user, image, names, groups)
-        plan = self.engine.capture(job, names, image, user, session.role or "?", timeout)
+        plan = self.engine.capture(job, names, image, user, session.role or "?", timeout,
+                                   reattach=message.get("reattach") is True)
         view = self.engine.describe(plan.capture)
         session.send(wire.reply(message.get("id"), capture={**view, "attached": plan.attached}))
         log.info("client.capture", job=job, image=image, nodes=len(names), attached=plan.attached,
@@ -105,6 +111,52 @@ class ClientAPI:
         unwatch = self.engine.watch(job, forward)
         keepalive.start(KEEPALIVE_S, now=False)
         session.cleanups.append(stop)
+
+    def cancel(self, session: ClientSession, message: wire.Message) -> None:
+        """Cancel the running capture of ``job`` and reply with it as it ended (``already``: it was cancelled before).
+
+        Only the admin role, or the scheduler role for the capture's own user (cidd/core/rights.py), may. Raises
+        CancelRefused (exit 5), NothingToCancel (an unknown job, or a capture that ended otherwise: exit 2).
+        """
+        job = str(wire.get_str(message, "job"))
+        user = _user_of(session, message)
+        if session.role not in CAPTURE_ROLES:
+            check_cancel(session.role, user, job, None)  # refused before saying anything about the job
+        capture = caps.cancellable(job, self.engine.latest_capture(job))
+        check_cancel(session.role, user, job, capture.user)
+        by = user or session.role or "?"
+        capture, already = self.engine.cancel(job, by)
+        log.info("client.cancel", job=job, by=by, role=session.role, already=already, session=session.session_id)
+        session.send(wire.reply(message.get("id"), capture=self.engine.describe(capture), already=already))
+
+    def images(self, session: ClientSession, message: wire.Message) -> None:
+        """Reply with the catalog's images this client may see (every client role), and how many it may not.
+
+        A private image is listed only for the admin role and its owner (cidd/core/rights.py ``may_see``): the
+        owner is the user the local socket proved, else the user a scheduler names; a reader's token proves no
+        user, so it sees the shared images only. The admin role also gets the entries left out as uninstallable.
+        """
+        viewer = session.user or (_user_of(session, message) if session.role == "scheduler" else None)
+        catalog = self.engine.catalog
+        directory = image_dir_of(self.engine.config)
+        rows: list[dict[str, Any]] = []
+        hidden = 0
+        for image_id in catalog:
+            entry = catalog.images[image_id]
+            if not may_see(session.role, viewer, ImageFacts(entry.id, entry.name, entry.owner, entry.visibility)):
+                hidden += 1
+                continue
+            size, date = _file_facts(os.path.join(directory, entry.file))
+            rows.append({"id": entry.id, "name": entry.name, "version": entry.version,
+                         "subversion": entry.subversion, "os": entry.os, "owner": entry.owner,
+                         "visibility": entry.visibility, "size": entry.size if entry.size is not None else size,
+                         "date": date, "description": entry.description})
+        extra: dict[str, Any] = {}
+        if session.role == "admin":
+            extra["unavailable"] = [{"id": image_id, "reason": reason}
+                                    for image_id, reason in sorted(catalog.unavailable.items())]
+        log.info("client.images", session=session.session_id, role=session.role, shown=len(rows), hidden=hidden)
+        session.send(wire.reply(message.get("id"), images=rows, hidden=hidden, **extra))
 
     def needs_groups(self, session: ClientSession, user: str | None, image: str, names: list[str]) -> bool:
         """Return whether the rights check of this capture needs the groups of ``user`` (a rule names groups)."""
@@ -153,7 +205,7 @@ class ClientAPI:
             rows.append({"job": current.job, "image": current.image, "state": current.state.value,
                          "user": current.user, "created": current.created, "deadline": current.deadline,
                          "ended": current.ended, "nodes": hostlists.collect(list(current.nodes)),
-                         **current.counts()})
+                         "cancelled_by": current.cancelled_by, **current.counts()})
         session.send(wire.reply(message.get("id"), captures=rows))
 
     def stats(self, session: ClientSession, message: wire.Message) -> None:
@@ -279,3 +331,19 @@ class ClientAPI:
             log.info("client.console_closed", node=relay.node, session=session.session_id)
         if message.get("id") is not None:
             session.send(wire.reply(message.get("id"), closed=relay is not None))
+
+
+def _user_of(session: ClientSession, message: wire.Message) -> str | None:
+    """Return the user a request speaks for: its ``user`` field (a scheduler names the job's user), else the
+    user the local socket proved, else None."""
+    user = message.get("user")
+    return user if isinstance(user, str) and user else session.user
+
+
+def _file_facts(path: str) -> tuple[int | None, float | None]:
+    """Return the size and modification time of the image file at ``path`` ((None, None) when it is missing)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None, None
+    return found.st_size, found.st_mtime

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from cidcommon import hostlists
+from cidcommon.client_config import client_section
 from cidcommon.errors import CidError
 from cidcommon.paths import default_state_dir
 from cidcommon.wire import DEFAULT_HTTP_PORT, DEFAULT_PORT, MAX_LINE
@@ -75,6 +76,7 @@ class Config:
     db_synchronous: str = "full"  # SQLite durability: "full" (survives a power loss) or "normal" (a crash)
     restart_grace: float = 90.0  # after a restart, waiting deadlines are at least this far away (agents reconnect)
     heartbeat: float = 10.0
+    heartbeat_rate: float = 250.0  # heartbeats/s cidd aims for: many agents get a longer interval (core/heartbeats.py)
     request_timeout: float = 30.0
     capture_timeout: float = 3600.0
     max_line: int = MAX_LINE
@@ -141,6 +143,8 @@ _TOP_KEYS = {"state_dir", "catalog", "image_dir", "listen", "http", "heartbeat",
              "windows", "users"}
 _TOP_KEYS |= {"rights", "socket", "tls", "database"}  # cidd/core/rights.py, cidd/unix_peers.py, cidd/tls.py
 _TOP_KEYS |= {"retention"}  # the event history and its roll-ups: cidd/history.py
+_TOP_KEYS |= {"heartbeat_rate"}  # the interval given to agents grows with their number: cidd/core/heartbeats.py
+_TOP_KEYS |= {"client"}  # how clients on other hosts reach cidd: cidcommon/client_config.py (cidd does not use it)
 
 
 def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None = None) -> Config:
@@ -185,6 +189,8 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         except CidError as exc:
             reader.problem(where, exc.message)
     features, default_image, release_to_default = scheduler_section(reader, data)
+    for where, problem in client_section(data.get("client"))[1]:  # checked as every client reads it
+        reader.problem(where, problem)
     catalog = reader.optional_text(data, "catalog", "top level")
     image_dir = reader.optional_text(data, "image_dir", "top level")
     config = Config(
@@ -198,6 +204,7 @@ def parse_config(data: Any, path: str = "cidd.yaml", env_state_dir: Path | None 
         http_port=reader.port(http, "port", DEFAULT_HTTP_PORT, "http"),
         public_http_url=reader.optional_text(http, "public_url", "http"),
         heartbeat=reader.number(data, "heartbeat", 10.0, "top level", minimum=0.1),
+        heartbeat_rate=reader.number(data, "heartbeat_rate", 250.0, "top level"),
         request_timeout=reader.number(data, "request_timeout", 30.0, "top level", minimum=0.1),
         capture_timeout=reader.number(data, "capture_timeout", 3600.0, "top level", minimum=1.0),
         restart_grace=reader.number(data, "restart_grace", 90.0, "top level"),

@@ -26,6 +26,7 @@ from cidd.core import captures as caps
 from cidd.core.captures import Capture, Plan
 from cidd.core.machine import Node, State, Step, apply, restore
 from cidd.core.machine_types import (
+    Cancel,
     Connected,
     Disconnected,
     Event,
@@ -210,7 +211,7 @@ class Engine:
         refused command) is queued and applied once the current step has finished acting, in arrival order.
         """
         if self._stopped:
-            log.debug("engine.event_after_stop", node=name, event=type(event).__name__)
+            log.debug("engine.event_after_stop", node=name, kind=type(event).__name__)  # event= is structlog's
             return
         self._inbox.append((name, event))
         self._drain()
@@ -225,12 +226,17 @@ class Engine:
                 name, event = self._inbox.popleft()
                 now = self.clock.seconds()
                 step = apply(self.nodes[name], event, self.config.policy(self.groups.get(name, "default")), now)
+                if live_only(self.nodes[name], step):
+                    self.nodes[name] = step.node  # nothing a restart would read back: no transaction, no fsync
+                    continue
                 self._commit({name: step}, now)
         finally:
             self._draining = False
 
-    def _commit(self, steps: Mapping[str, Step], now: float, capture: Capture | None = None) -> None:
-        """Persist ``steps`` (and ``capture``) in one transaction, then arm timers, notify and act."""
+    def _commit(self, steps: Mapping[str, Step], now: float, capture: Capture | None = None,
+                cancelled: Capture | None = None) -> None:
+        """Persist ``steps`` (and ``capture``, or the ``cancelled`` end of a running capture) in one transaction,
+        then arm timers, notify and act."""
         with self.store.transaction():
             if capture is not None:
                 capture = self.store.save_capture(capture)
@@ -245,6 +251,11 @@ class Engine:
             changed = {name: step.node for name, step in steps.items() if step.transition is not None}
             jobs_of = {name: tuple(self._node_jobs.get(name, ())) for name in changed}
             touched = {job for jobs in jobs_of.values() for job in jobs}
+            if cancelled is not None:  # ended here, not settled; its watchers still get the rows of its nodes
+                touched.discard(cancelled.job)
+                self.store.save_capture(cancelled)
+                self.captures[cancelled.job] = cancelled
+                self._finish(cancelled)
             for job in touched:
                 self._settle(job, changed, now)
         for name, step in steps.items():
@@ -256,10 +267,13 @@ class Engine:
         outer = not self._draining  # a commit of its own (a capture's plan): drain what its actions raise
         self._draining = True
         try:
-            for name, step in steps.items():
-                self._arm(name, self.nodes[name])  # a window may have changed the node's deadline meanwhile
-                for action in step.actions:
-                    self._act(name, action)
+            # The actions' own writes (the boot profiles of a 10,000-node capture) share one commit; the commands
+            # they send to agents leave after it (Twisted writes to sockets once this call has returned).
+            with self.store.transaction():
+                for name, step in steps.items():
+                    self._arm(name, self.nodes[name])  # a window may have changed the node's deadline meanwhile
+                    for action in step.actions:
+                        self._act(name, action)
         finally:
             if outer:
                 self._draining = False
@@ -336,8 +350,9 @@ class Engine:
     # --- captures ----------------------------------------------------------------------------------
 
     def capture(self, job: str, names: list[str], image: str, user: str | None, requester: str,
-                timeout: float | None) -> Plan:
-        """Create or re-attach to the capture of ``job``; return its Plan.
+                timeout: float | None, reattach: bool = False) -> Plan:
+        """Create or re-attach to the capture of ``job``; return its Plan (``reattach``: the client re-sends its
+        request after a lost session, so a capture of the job cancelled meanwhile is returned, not started anew).
 
         Raises UnknownImage, UnknownNode, Conflict or BadRequest (nothing was started in that case).
         """
@@ -353,9 +368,9 @@ class Engine:
             raise UnknownNode(f"unknown node(s) {collect(unknown)}: not in the inventory and never connected; "
                               "check the hostlist or the 'nodes' section of cidd.yaml")
         now = self.clock.seconds()
-        latest = self.captures.get(job) or self.store.latest_capture(job)
+        latest = self.latest_capture(job)
         plan = caps.plan(job, image, names, user, requester, timeout or self.config.capture_timeout, latest,
-                         {name: self.nodes[name] for name in names}, now, self.captures)
+                         {name: self.nodes[name] for name in names}, now, self.captures, reattach)
         if plan.attached:
             return plan
         steps: dict[str, Step] = {}
@@ -372,6 +387,37 @@ class Engine:
                      **capture.counts())
             self._observe("capture_ended", capture, now)
         return replace(plan, capture=capture)
+
+    def latest_capture(self, job: str) -> Capture | None:
+        """Return the running capture of ``job``, else its most recent one from the store, else None."""
+        return self.captures.get(job) or self.store.latest_capture(job)
+
+    def cancel(self, job: str, by: str) -> tuple[Capture, bool]:
+        """Cancel the running capture of ``job`` on behalf of ``by`` (docs/state-machine.md, "Cancelling a capture").
+
+        Each node whose switch only this capture wants gets the machine's Cancel: it leaves its switch when nothing
+        of the image can be on its disk yet, else the switch goes on to its end. The capture ends ``cancelled``,
+        with what becomes of each pending node, in the same transaction as the nodes' steps. Returns (the
+        capture, whether it was already cancelled: a second cancel changes nothing). Raises NothingToCancel when
+        the job has no capture or its capture ended otherwise.
+        """
+        capture = caps.cancellable(job, self.latest_capture(job))
+        if not capture.running:
+            return capture, True
+        now = self.clock.seconds()
+        steps: dict[str, Step] = {}
+        for name in caps.to_cancel(capture, self.nodes, self.captures):
+            policy = self.config.policy(self.groups.get(name, "default"))
+            steps[name] = apply(self.nodes[name], Cancel(job, by), policy, now)
+        left = {name: step.transition.detail for name, step in steps.items() if step.transition is not None}
+        after = {name: steps[name].node if name in steps else self.nodes.get(name, Node(name))
+                 for name in capture.nodes}
+        cancelled = caps.cancel(capture, by, after, left, self.captures, now)
+        self._commit(steps, now, cancelled=cancelled)
+        log.info("capture.cancelled", job=job, image=capture.image, by=by, nodes=len(capture.nodes),
+                 left_switch=len(left), going_on=sum(1 for name in steps if name not in left),
+                 **cancelled.counts())
+        return cancelled, False
 
     def _track(self, capture: Capture) -> None:
         """Index a running capture by job and node, and arm its deadline."""
@@ -395,7 +441,7 @@ class Engine:
         capture = self.captures[job]
         relevant = {n: node for n, node in changed.items() if n in capture.nodes}
         updated = caps.settle(capture, relevant, now)
-        if updated == capture:
+        if updated is capture:  # nothing changed (cheap: no comparison of every node's outcome)
             return
         self.store.save_node_results(updated, relevant)
         if updated.running:
@@ -479,7 +525,8 @@ class Engine:
             nodes[name] = {"state": state, "image": node.image, "reason": outcome.reason or (
                 node.reason if state == State.FAILED.value else None)}
         return {"job": capture.job, "image": capture.image, "state": capture.state.value, "user": capture.user,
-                "created": capture.created, "deadline": capture.deadline, "ended": capture.ended, "nodes": nodes}
+                "created": capture.created, "deadline": capture.deadline, "ended": capture.ended,
+                "cancelled_by": capture.cancelled_by, "nodes": nodes}
 
     def node_status(self, name: str) -> dict[str, Any]:
         """Return the JSON view of one node (docs/protocol.md, ``status``)."""
@@ -489,6 +536,14 @@ class Engine:
                 "job": node.job, "online": node.online, "mode": node.mode, "last_seen": seen,
                 "reason": node.reason, "attempt": node.attempt, "rung": node.rung, "deadline": node.deadline,
                 "health": figures, "reboot": self.reboots.state(name), "distribution": self.distributor.view(name)}
+
+
+def live_only(node: Node, step: Step) -> bool:
+    """Return whether ``step`` only changes what a restart forgets anyway (``restore`` resets the session's
+    ``online`` and ``mode``) and has no history row and no action: such a step needs no transaction (an agent
+    that drops its session to reboot, twice per node in a switch, costs no fsync)."""
+    return (step.transition is None and not step.actions
+            and replace(step.node, online=node.online, mode=node.mode) == node)
 
 
 def read_catalog(config: Config) -> Catalog:

@@ -35,14 +35,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create the cluster CA and cidd's server certificate",
-                               epilog=INIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                               epilog=INIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                               allow_abbrev=False)
     init.add_argument("--san", action="append", default=[], metavar="NAME",
                       help="a host name or IP address clients use to reach cidd (repeat); loopback, this host's "
                       "name, listen.host, boot.server and tls.san are always included")
     init.add_argument("--agent-cert", action="append", default=[], metavar="NODE",
                       help="also issue an agent certificate for NODE (repeat)")
     init.add_argument("--force", action="store_true", help="create a new CA and server certificate even if they exist")
-    issue = commands.add_parser("issue-cert", help="issue agent certificates (CN = node name) for mutual TLS")
+    issue = commands.add_parser("issue-cert", help="issue agent certificates (CN = node name) for mutual TLS",
+                                allow_abbrev=False)
     issue.add_argument("nodes", nargs="+", metavar="HOSTLIST", help="node names or hostlists, e.g. node[001-128]")
     issue.add_argument("--out", type=Path, help="directory for NODE.pem and NODE.key (default <state>/secrets/agents)")
     issue.add_argument("--force", action="store_true", help="replace an existing certificate of the node")

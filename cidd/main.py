@@ -8,6 +8,7 @@ use the same codes.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import signal
 import sys
@@ -18,6 +19,7 @@ import structlog
 
 from cidcatalog.catalog import CatalogError
 from cidcommon import __version__, logs, twisted_logs
+from cidcommon.client_config import ClientConfigError
 from cidcommon.errors import BadHostlist, CidError, TokenFileError
 from cidcommon.hostport import parse_hostport
 from cidd.config import Config, ConfigError, load_config
@@ -29,9 +31,11 @@ from cidd.service import build_service
 log = structlog.get_logger(__name__)
 
 EPILOG = """\
-With no --config, cidd starts on working defaults: state (SQLite database, tokens) under $CID_STATE_DIR,
-else /var/lib/cid for root, else ~/.local/state/cid; it listens on 127.0.0.1:38008 and creates one token
-file per role under <state>/secrets (mode 0600), where cidkid and cidcapt on the same machine find them.
+With no --config, cidd reads $CID_CONFIG, else /etc/cid/cidd.yaml when it exists (the file cidcapt,
+cid-mkimg and cid-slurm-helper read to find it). With neither it starts on working defaults: state (SQLite
+database, tokens) under $CID_STATE_DIR, else /var/lib/cid for root, else ~/.local/state/cid; it listens on
+127.0.0.1:38008 and creates one token file per role under <state>/secrets (mode 0600), where cidkid and
+cidcapt on the same machine find them.
 SIGHUP reloads the image catalog; a catalog with errors is refused and the previous one stays active.
 
 Clients on the head node may use the local Unix socket (socket.path, default <state>/cidd.sock) without a
@@ -43,7 +47,9 @@ The agent/client port speaks TLS only. At first start cidd creates a cluster CA 
 to every node and client. Plain TCP only with 'tls: {mode: plain}' in cidd.yaml (logged as a warning).
 
   cidd check-config [--config FILE]                            check configuration, catalog and image files
-                                                               (exit 0, or 2 with every problem); starts nothing
+                                                               (exit 0, or 2 with every problem); starts nothing;
+                                                               default FILE: $CID_CONFIG, else /etc/cid/cidd.yaml
+                                                               when it exists (the file clients read)
   cidd init [--san NAME]... [--agent-cert NODE]... [--force]   create the CA and certificates now
   cidd issue-cert NODE...                                      agent certificates for mutual TLS
 
@@ -57,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cidd", description="cid head-node daemon: switches node images "
                                      "on demand for batch jobs.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", "-c", help="YAML configuration file (default: built-in defaults)")
+    parser.add_argument("--config", "-c", help="YAML configuration file (default: $CID_CONFIG, else /etc/cid/cidd.yaml "
+                        "when it exists, else built-in defaults: the file the clients read)")
     parser.add_argument("--state-dir", help="override state_dir (database, tokens)")
     parser.add_argument("--catalog", help="override the image catalog path (images.yaml)")
     parser.add_argument("--listen", help="override the agent/client listen address HOST:PORT")
@@ -104,7 +111,7 @@ def reload_catalog(engine: Engine) -> None:
 
 def exit_code(exc: BaseException) -> int:
     """Return the exit code for an error that stopped cidd (or ``cidd init``) before it served (see EPILOG)."""
-    if isinstance(exc, ConfigError | CatalogError | EthersError | PkiError | BadHostlist):
+    if isinstance(exc, ConfigError | CatalogError | EthersError | PkiError | BadHostlist | ClientConfigError):
         return 2
     if isinstance(exc, TokenFileError):
         return 4
@@ -146,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         return check_config.run(parse_args(argv[1:]), build_config, print,
                                 lambda text: print(f"cidd: {text}", file=sys.stderr))
     args = parse_args(argv)
+    from cidd.check_config import config_file
+
     try:
+        source = config_file(args, os.environ)  # the file clients read too: --config, $CID_CONFIG, /etc/cid/cidd.yaml
         config = build_config(args)
-    except ConfigError as exc:
+    except (ConfigError, ClientConfigError) as exc:
         return _fail(exc)
     logs.configure(json=config.log_format == "json", level=config.log_level)
+    log.info("cidd.configuration", source=source)
     twisted_logs.route_twisted_logs()
     from twisted.internet import reactor
 

@@ -57,7 +57,8 @@ class Observer(Collector):
                                 ("phase", "rung", "group"))
         self.installs = m.counter("cid_installs_total", "Installs by result (ok, failed, retried, abandoned).",
                                   ("image", "result"))
-        self.captures = m.counter("cid_captures_total", "Captures that ended, by end state (ok, failed, deadline).",
+        self.captures = m.counter("cid_captures_total",
+                                  "Captures that ended, by end state (ok, failed, deadline, cancelled).",
                                   ("image", "state"))
         if store is not None:
             self.load(store)

@@ -72,6 +72,10 @@ class HelloChecks:
         """Note that the peer is alive (the session's)."""
         raise NotImplementedError
 
+    def heartbeat_now(self) -> float:
+        """Return the heartbeat interval to tell the peer, remembered as told (the session's)."""
+        raise NotImplementedError
+
     def _identity_known(self, peer: PeerIdentity) -> None:
         """The local peer's name and groups are known: go on with what it sent meanwhile."""
         self.local = peer
@@ -117,7 +121,7 @@ class HelloChecks:
             self._hello_timer.cancel()
         extra = {"resume_token": resume} if resume else {}
         self.send(wire.reply(message.get("id"), proto=wire.PROTOCOL_VERSION, server=f"cidd {__version__}",
-                             heartbeat=self.factory.engine.config.heartbeat, session=self.session_id, **extra))
+                             heartbeat=self.heartbeat_now(), session=self.session_id, **extra))
         if role == wire.AGENT_ROLE:
             self.factory.engine.agent_connected(self.node, message["boot_id"], message["mode"],
                                                 message.get("image"), install_report(message))

@@ -27,15 +27,18 @@ from cidcommon.twisted_requests import DeferredRequests
 from cidcommon.wire import HELLO_TIMEOUT
 from cidd.agent_messages import installed_event, with_agent_token
 from cidd.client_api import ClientAPI
+from cidd.core.heartbeats import silence_limit
 from cidd.core.rights import RightsRefused
 from cidd.engine import CommandTimeout, Engine, SessionClosed
 from cidd.security_events import SecurityEvents, peer_host
 from cidd.session_hello import CertificateRefused, HelloChecks
+from cidd.session_liveness import HANDSHAKE_TIMEOUT, SessionLiveness
 from cidd.unix_peers import PeerIdentity
 from cidd.user_directory import UserDirectory, thread_runner
 
 log = structlog.get_logger(__name__)
 
+__all__ = ["HANDSHAKE_TIMEOUT", "HELLO_TIMEOUT", "CiddFactory", "CommandError", "PeerProtocol", "Sessions"]
 
 MAX_BAD_LINES = 10
 _session_ids = itertools.count(1)
@@ -72,7 +75,7 @@ class Sessions:
 
 
 @implementer(IHandshakeListener)
-class PeerProtocol(HelloChecks, Protocol):
+class PeerProtocol(SessionLiveness, HelloChecks, Protocol):
     """One TCP (or TLS) session with an agent or a client.
 
     ``peer_cert_node`` is the CN of the client certificate the peer presented and cidd verified against its CA
@@ -89,7 +92,7 @@ class PeerProtocol(HelloChecks, Protocol):
         self.bad_lines = 0
         self.closed = False
         self.pending = DeferredRequests(self.clock, self._request_timed_out, prefix="c-")  # cidd's requests
-        self._hello_timer: IDelayedCall | None = None
+        self._hello_timer: IDelayedCall | None = None  # cidd.session_liveness
         self._idle_timer: IDelayedCall | None = None
         self.cleanups: list[Any] = []
         self.local: PeerIdentity | None = None  # the uid/gid of a peer on the local Unix socket
@@ -99,6 +102,9 @@ class PeerProtocol(HelloChecks, Protocol):
         self.user: str | None = None  # a local peer's user name (the job user of its captures by default)
         self.tls_established = False
         self.peer_cert_node: str | None = None
+        self.heartbeat: float | None = None  # the interval this agent was last told (cidd/core/heartbeats.py)
+        base = factory.engine.config.heartbeat
+        self.silence_limit = silence_limit(base, base)  # grows with the intervals told (cidd/core/heartbeats.py)
 
     # --- connection ---
 
@@ -127,22 +133,18 @@ class PeerProtocol(HelloChecks, Protocol):
                                       **({"cert_node": self.peer_cert_node} if self.peer_cert_node else {}))
 
     def connectionMade(self) -> None:
-        self._hello_timer = self.clock.callLater(HELLO_TIMEOUT, self._no_hello)
+        self.start_hello_timer()
         if self.factory.unix:
             ids = self._peer_ids()
             if ids is not None:
                 self._identity_pending = True
                 self.factory.directory.peer(*ids).addCallbacks(self._identity_known, self._identity_failed)
 
-    def _no_hello(self) -> None:
-        self._hello_timer = None
-        log.warning("session.hello_timeout", peer=self.peer, session=self.session_id)
-        self.send(wire.error("out_of_order", f"no hello within {HELLO_TIMEOUT:g}s"))
-        self.close()
-
     def handshakeCompleted(self) -> None:
-        """TLS is up: remember the verified client certificate's CN (Twisted calls this once per session)."""
+        """TLS is up: remember the verified client certificate's CN (Twisted calls this once per session), and
+        give the peer HELLO_TIMEOUT from now for its hello."""
         self.tls_established = True
+        self.handshake_done()
         getter = getattr(self.transport, "getPeerCertificate", None)
         cert = getter() if getter is not None else None
         if cert is not None:
@@ -155,9 +157,7 @@ class PeerProtocol(HelloChecks, Protocol):
             self.factory.security.refused("tls_refused", peer_host(self.peer), session=self.session_id,
                                           reason=reason.getErrorMessage()[:200])
         self.closed = True
-        for timer in (self._hello_timer, self._idle_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        self.stop_timers()
         lost_node = None
         if self.role == wire.AGENT_ROLE and self.node is not None:
             if self.factory.sessions.agents.get(self.node) is self:
@@ -264,21 +264,6 @@ class PeerProtocol(HelloChecks, Protocol):
 
     # --- agent messages and liveness ---
 
-    def _touch(self) -> None:
-        """Push back the idle deadline of an agent session (3 x heartbeat without any line)."""
-        if self.role != wire.AGENT_ROLE and self.node is None:
-            return
-        limit = 3 * self.factory.engine.config.heartbeat
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(limit)
-        else:
-            self._idle_timer = self.clock.callLater(limit, self._idle)
-
-    def _idle(self) -> None:
-        log.warning("agent.silent", node=self.node, session=self.session_id)
-        if self.transport is not None:
-            self.transport.abortConnection()
-
     def _agent_message(self, message: wire.Message) -> None:
         engine = self.factory.engine
         kind = message["type"]
@@ -288,7 +273,7 @@ class PeerProtocol(HelloChecks, Protocol):
         if kind == "heartbeat":
             figures = {k: v for k, v in message.items() if k not in ("type", "id") and isinstance(v, int | float)}
             engine.heartbeat(node, figures)
-            self.send(wire.reply(message.get("id")))
+            self.send(self._heartbeat_reply(message))
         elif kind == "progress":
             engine.progress(node, message)
         elif kind == "installed":

@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from cidcommon.errors import CidError
+from cidd.core.heartbeats import heartbeat_interval
 from cidd.core.machine import State
 from cidd.core.stats import quantile
 from cidd.engine import Engine
@@ -145,7 +146,8 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Yield cid_nodes{state}, cid_nodes_online, cid_captures_running, the windows' gauges,
-        cid_nodes_image{image}, cid_agent_sessions{mode} and cid_heartbeat_age_seconds{quantile}."""
+        cid_nodes_image{image}, cid_agent_sessions{mode}, cid_heartbeat_age_seconds{quantile} and
+        cid_heartbeat_interval_seconds."""
         by_state = Counter(node.state.value for node in self.engine.nodes.values())
         nodes = GaugeMetricFamily("cid_nodes", "Nodes by state", labels=["state"])
         for state in State:
@@ -200,3 +202,7 @@ class EngineCollector(Collector):
             for q in HEARTBEAT_QUANTILES:
                 heard.add_metric([f"{q:g}"], quantile(ages, q) or 0.0)
         yield heard
+        config = engine.config
+        yield GaugeMetricFamily("cid_heartbeat_interval_seconds",
+                                "Heartbeat interval cidd gives its agents now (grows with their number)",
+                                value=heartbeat_interval(sum(modes.values()), config.heartbeat, config.heartbeat_rate))

@@ -36,7 +36,7 @@ from cidd.core.stats import (
     Tally,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _UPGRADES: dict[int, str] = {
     1: """
@@ -86,6 +86,10 @@ _UPGRADES: dict[int, str] = {
     CREATE INDEX rollups_node ON rollups (node, period);
     CREATE TABLE history_marks (name TEXT PRIMARY KEY, value REAL NOT NULL);
     CREATE INDEX events_failed ON events (id) WHERE to_state = 'failed';
+    """,
+    # Cancelled captures (cidcapt --cancel): who cancelled; the state column says 'cancelled'.
+    4: """
+    ALTER TABLE captures ADD COLUMN cancelled_by TEXT;
     """,
 }
 
@@ -225,15 +229,15 @@ class Store:
         cap = capture
         if cap.id is None:
             cursor = self.db.execute(
-                "INSERT INTO captures (job, image, user, requester, created, deadline, state, ended)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO captures (job, image, user, requester, created, deadline, state, ended, cancelled_by)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (cap.job, cap.image, cap.user, cap.requester, cap.created, cap.deadline, cap.state.value,
-                 cap.ended),
+                 cap.ended, cap.cancelled_by),
             )
             cap = Capture(**{**cap.__dict__, "id": cursor.lastrowid})
         else:
-            self.db.execute("UPDATE captures SET state = ?, ended = ? WHERE id = ?",
-                            (cap.state.value, cap.ended, cap.id))
+            self.db.execute("UPDATE captures SET state = ?, ended = ?, cancelled_by = ? WHERE id = ?",
+                            (cap.state.value, cap.ended, cap.cancelled_by, cap.id))
         self.db.executemany(
             "INSERT OR REPLACE INTO capture_nodes (capture_id, node, position, result, reason)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -249,16 +253,17 @@ class Store:
         )
 
     def _capture_from_row(self, row: tuple) -> Capture:
-        cid, job, image, user, requester, created, deadline, state, ended = row
+        cid, job, image, user, requester, created, deadline, state, ended, cancelled_by = row
         results = {
             name: NodeResult(Result(result), reason)
             for name, result, reason in self.db.execute(
                 "SELECT node, result, reason FROM capture_nodes WHERE capture_id = ? ORDER BY position", (cid,))
         }
         return Capture(job=job, image=image, nodes=results, user=user, requester=requester, created=created,
-                       deadline=deadline, state=CaptureState(state), ended=ended, id=cid)
+                       deadline=deadline, state=CaptureState(state), ended=ended, id=cid, cancelled_by=cancelled_by)
 
-    _CAPTURE_SELECT = "SELECT id, job, image, user, requester, created, deadline, state, ended FROM captures"
+    _CAPTURE_SELECT = ("SELECT id, job, image, user, requester, created, deadline, state, ended, cancelled_by"
+                       " FROM captures")
 
     def latest_capture(self, job: str) -> Capture | None:
         """Return the most recent capture of ``job``, or None."""

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from twisted.application.service import IService
 
+from cidcommon.client_config import ClientConfigError, agent_server
 from cidcommon.errors import TokenFileError
 from cidcommon.logs import configure
 from cidcommon.paths import default_state_dir, node_token, read_token, token_path
@@ -39,7 +40,9 @@ It reconnects forever, with jittered exponential backoff (1 s growing to 60 s).
 
 EPILOG = f"""\
 environment:
-  CID_SERVER       default for --server (else 127.0.0.1:{DEFAULT_PORT})
+  CID_SERVER       default for --server (else, on the head node, the client.server or listen address of
+                   cidd's configuration file, else 127.0.0.1:{DEFAULT_PORT}; installers take cid.server=)
+  CID_CONFIG       that configuration file (default /etc/cid/cidd.yaml when it exists)
   CID_TOKEN_FILE   default for --token-file (else <state dir>/secrets/agent.token)
   CID_STATE_DIR    the state directory (default /var/lib/cid for root, else ~/.local/state/cid)
   CID_CA_FILE      default for --ca (else <state dir>/tls/ca.pem)
@@ -67,9 +70,10 @@ def seconds_arg(text: str) -> float:
 def add_session_options(p: argparse.ArgumentParser) -> None:
     """Add the options of the session with cidd (address, token, TLS, logs), shared with ``cid-simfleet``."""
     p.add_argument("--version", action="version", version=AGENT_VERSION)
-    p.add_argument("--server", metavar="HOST:PORT",
-                   default=os.environ.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}",
-                   help="address of cidd's agent port (default: $CID_SERVER, else %(default)s)")
+    p.add_argument("--server", metavar="HOST:PORT", default=None,
+                   help="address of cidd's agent port (default: $CID_SERVER, else the client.server or listen "
+                   "address of $CID_CONFIG or /etc/cid/cidd.yaml when it exists, else "
+                   f"127.0.0.1:{DEFAULT_PORT}); the one address the agent connects to")
     p.add_argument("--token-file", metavar="PATH", type=Path,
                    help="file holding this node's own agent token, mode 0600, made on the head node with "
                         "'cidd agent-token NODE' (default: $CID_TOKEN_FILE, else <state dir>/secrets/agent.token, "
@@ -81,7 +85,7 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
                    help="least important events to log (default: %(default)s)")
     p.add_argument("--request-timeout", metavar="S", type=seconds_arg, default=REQUEST_TIMEOUT,
                    help="seconds cidd has to answer a request before the session is dropped and re-opened "
-                        "(default: %(default)g)")
+                        "(default: %(default)g; the hello gets at least 120 s: a busy cidd is not a dead one)")
     p.add_argument("--ca", metavar="FILE", type=Path,
                    help="the cluster CA certificate that signed cidd's (default: $CID_CA_FILE, else "
                    "<state dir>/tls/ca.pem)")
@@ -149,6 +153,16 @@ def apply_kernel_cmdline(args: argparse.Namespace) -> None:
         args.server = found["cid.server"]
     args.node = args.node or found.get("cid.node")
     args.boot_token = args.boot_token or found.get("cid.token")
+
+
+def default_server(args: argparse.Namespace) -> str:
+    """Fill ``args.server`` when neither --server nor cid.server= named it (cidcommon.client_config.agent_server:
+    $CID_SERVER, else the configuration file's client.server or listen address, else 127.0.0.1:38008); return
+    where it came from. Raises ClientConfigError for an unusable configuration file."""
+    if args.server:
+        return "--server" if getattr(args, "server_given", True) else "cid.server="
+    args.server, origin = agent_server(os.environ)
+    return origin
 
 
 def _token_file(args: argparse.Namespace) -> Path:
@@ -256,12 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.server_given = any(a == "--server" or a.startswith("--server=") for a in (argv or sys.argv[1:]))
         apply_kernel_cmdline(args)
+        server_from = default_server(args)
         if args.boot_token and args.mode != "installer":
             raise ValueError("--boot-token is for the installer (--mode installer); installed systems use "
                              "the agent token file")
         parse_server(args.server)
         check_install_options(args)
-    except ValueError as exc:
+    except (ValueError, ClientConfigError) as exc:
         print(f"cidkid: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -277,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TlsError, TokenFileError) as exc:
         print(f"cidkid: {exc.message}", file=sys.stderr)
         return EXIT_AUTH
-    return serve(reactor, service, server=args.server)
+    return serve(reactor, service, server=args.server, server_from=server_from)
 
 
 if __name__ == "__main__":

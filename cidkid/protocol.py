@@ -46,6 +46,10 @@ from cidkid.reboots import RebootSpec, parse_spec
 log = structlog.get_logger(__name__)
 
 REQUEST_TIMEOUT = 30.0
+#: Seconds cidd has to answer ``hello`` once the connection is up. Longer than other requests: after a restart of
+#: cidd, or when thousands of nodes reboot at once, cidd is up but busy with thousands of TLS handshakes; giving
+#: up sooner only costs cidd this agent's handshake again, later (docs/performance.md).
+HELLO_ANSWER_TIMEOUT = 120.0
 DEFAULT_HEARTBEAT = 10.0
 #: The session is dropped when nothing was received for this many heartbeat intervals.
 SILENCE_FACTOR = 3
@@ -178,11 +182,13 @@ class AgentProtocol(Protocol):
     def __init__(self, platform: Platform, token: str | InstallerCredentials, clock: IReactorTime, *,
                  request_timeout: float = REQUEST_TIMEOUT, max_line: int = MAX_LINE,
                  installs: InstallRunner | None = None, agent: str = AGENT_VERSION,
-                 on_superseded: Callable[[], None] | None = None) -> None:
+                 on_superseded: Callable[[], None] | None = None,
+                 hello_timeout: float = HELLO_ANSWER_TIMEOUT) -> None:
         self._platform = platform
         self._token = token
         self._clock = clock
         self.request_timeout = request_timeout
+        self.hello_timeout = max(hello_timeout, request_timeout)
         self._buffer = LineBuffer(max_line)
         self._installs = installs
         self._agent = agent
@@ -218,8 +224,8 @@ class AgentProtocol(Protocol):
         install = self._installs.status()
         extra = {"install": install} if install is not None else {}
         self._hello_id, d = self._start_request(
-            "hello", proto=PROTOCOL_VERSION, role=AGENT_ROLE, node=ident.node, mode=ident.mode, image=ident.image,
-            boot_id=ident.boot_id, agent=self._agent, **secret, **extra)
+            "hello", timeout=self.hello_timeout, proto=PROTOCOL_VERSION, role=AGENT_ROLE, node=ident.node,
+            mode=ident.mode, image=ident.image, boot_id=ident.boot_id, agent=self._agent, **secret, **extra)
         d.addCallbacks(self._hello_ok, self._hello_failed)
 
     def when_ready(self) -> Deferred[Message]:
@@ -298,27 +304,36 @@ class AgentProtocol(Protocol):
         """
         return self._start_request(kind, **fields)[1]
 
-    def _start_request(self, kind: str, **fields: Any) -> tuple[Any, Deferred[Message]]:
-        """Send a ``kind`` request; return (its id, the Deferred of its answer)."""
-        request_id, d = self._requests.start(kind, self.request_timeout)
+    def _start_request(self, kind: str, timeout: float | None = None, **fields: Any) -> tuple[Any, Deferred[Message]]:
+        """Send a ``kind`` request; return (its id, the Deferred of its answer within ``timeout``, by default the
+        request timeout)."""
+        request_id, d = self._requests.start(kind, self.request_timeout if timeout is None else timeout)
         self.send({"type": kind, "id": request_id, **fields})
         return request_id, d
 
     def _request_timed_out(self, pending: Pending[Any]) -> BaseException:
         """Treat the session as half-open: log, abort the connection; return the request's error."""
-        self._log.warning("agent.request_timeout", request=pending.kind, id=pending.id, timeout=self.request_timeout)
+        timeout = self.hello_timeout if pending.id == self._hello_id else self.request_timeout
+        self._log.warning("agent.request_timeout", request=pending.kind, id=pending.id, timeout=timeout)
         self._abort()
-        return RequestTimeout(f"cidd did not answer '{pending.kind}' within {self.request_timeout:g} s; "
+        return RequestTimeout(f"cidd did not answer '{pending.kind}' within {timeout:g} s; "
                               "the session was dropped and will be re-opened")
 
     # -- heartbeats ------------------------------------------------------------------------------------------
 
-    def _tick(self) -> None:
-        """Send a heartbeat with health figures, unless cidd has been silent for too long (then abort)."""
+    def _tick(self, confirmed: bool = False) -> None:
+        """Send a heartbeat with health figures, unless cidd has been silent for too long (then abort).
+
+        Silence is ``confirmed`` one turn of the reactor later, once what waits on the socket was read (a busy
+        process runs its timers before it reads: cidcommon.twisted_requests.after_reads).
+        """
         self._heartbeat_call = None
         if self._closing or self.heartbeat is None:
             return
         silent = self._clock.seconds() - self._last_received
+        if silent >= SILENCE_FACTOR * self.heartbeat and not confirmed:
+            self._heartbeat_call = self._clock.callLater(0, self._tick, True)
+            return
         if silent >= SILENCE_FACTOR * self.heartbeat:
             self._log.warning("agent.server_silent", silent=round(silent, 1), limit=SILENCE_FACTOR * self.heartbeat)
             self._abort()
@@ -328,8 +343,17 @@ class AgentProtocol(Protocol):
         except Exception as exc:  # a broken sensor must not stop the liveness probe
             self._log.warning("agent.health_failed", error=str(exc))
             health = {}
-        self.request("heartbeat", **health).addErrback(lambda _f: None)
+        self.request("heartbeat", **health).addCallbacks(self._heartbeat_answered, lambda _f: None)
         self._heartbeat_call = self._clock.callLater(self.heartbeat, self._tick)
+
+    def _heartbeat_answered(self, answer: Message) -> None:
+        """Adopt the interval a heartbeat's answer carries, if any: cidd lengthens it when it serves many agents
+        (docs/protocol.md). It applies from the next heartbeat scheduled; an unusable value is ignored."""
+        value = answer.get("heartbeat")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == self.heartbeat:
+            return
+        self._log.info("agent.heartbeat_changed", old=self.heartbeat, new=value)
+        self.heartbeat = float(value)
 
     # -- receiving -------------------------------------------------------------------------------------------
 

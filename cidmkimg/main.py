@@ -16,11 +16,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cidcatalog.catalog import BootHints, CatalogError, Image, render_entry
 from cidcatalog.edit import read_catalog_text, update_catalog, updated_catalog
 from cidmkimg.errors import CatalogUpdateError, MkimgError, ReloadError, UsageError
 from cidmkimg.pack import default_excludes, pack
+
+if TYPE_CHECKING:
+    from cidcommon.client_config import ClientConfig
 
 PLACEHOLDER_SHA = "0" * 64
 
@@ -41,38 +45,38 @@ def exit_code(error: BaseException | None) -> int:
     return 1
 
 
-def _reload_target(address: str, token_file: Path | None) -> tuple[str, str]:
-    """Return (cidd's HOST:PORT, the admin token) for ``--reload``; raise UsageError when either is unusable.
+def _reload_target(address: str, token_file: Path | None) -> tuple[ClientConfig, str]:
+    """Return (how to reach cidd, the admin token: "" on the local socket) for ``--reload``; raise UsageError when
+    either is unusable.
 
-    An empty ``address`` means $CID_SERVER, else 127.0.0.1 on the default port.
+    An empty ``address`` means what every client uses (cidcommon.client_config): $CID_SOCKET, $CID_SERVER, then
+    $CID_CONFIG or /etc/cid/cidd.yaml, then the default socket; a token file asks for TCP.
     """
-    from cidcapt.connection import parse_server  # imported here: cid-mkimg starts faster without them
-    from cidcommon.errors import TokenFileError
-    from cidcommon.paths import default_state_dir, read_token, token_path
-    from cidcommon.wire import DEFAULT_PORT
-
-    server = address or os.environ.get("CID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}"
-    path = token_file or Path(os.environ.get("CID_TOKEN_FILE") or token_path(default_state_dir(), "admin"))
-    try:
-        parse_server(server)
-        return server, read_token(path)
-    except (ValueError, TokenFileError) as exc:
-        raise UsageError(f"--reload: {exc}; nothing was captured")
-
-
-def reload_cidd(server: str, token: str) -> object:
-    """Ask cidd at ``server`` (HOST:PORT) to reload its catalog, as admin; return the reply's ``images``.
-
-    Raises ReloadError with cidd's reason (unreachable, refused token, catalog errors).
-    """
-    from cidcapt.connection import parse_server, simple_request
+    from cidcommon.client_config import ClientOptions, resolve  # imported here: cid-mkimg starts faster without
     from cidcommon.errors import CidError
-    from cidcommon.tlsfiles import client_tls
+    from cidcommon.paths import read_token
 
     try:
-        tls = client_tls(None, None, None, plain=False, env=os.environ)  # $CID_CA_FILE, $CID_PLAIN_TCP
-        reply = simple_request(*parse_server(server), "admin", token, {"type": "reload"}, connect_timeout=10.0,
-                               tls=tls)
+        client = resolve(ClientOptions(server=address or None, token_file=token_file, role="admin"), os.environ)
+        return client, "" if client.token_file is None else read_token(client.token_file)
+    except CidError as exc:
+        raise UsageError(f"--reload: {exc.message}; nothing was captured")
+
+
+def reload_cidd(client: ClientConfig, token: str) -> object:
+    """Ask cidd at ``client``'s one address to reload its catalog, as admin; return the reply's ``images``.
+
+    Raises ReloadError with cidd's reason (unreachable, naming the address and where it came from; refused token;
+    catalog errors). No other address is tried.
+    """
+    from cidcapt.connection import simple_request
+    from cidcommon.errors import CidError
+    from cidcommon.tlsfiles import ClientTls
+
+    try:
+        tls = None if client.ca is None else ClientTls(client.ca, client.cert, client.key)
+        reply = simple_request(*client.host_port, "admin", token, {"type": "reload"}, connect_timeout=10.0,
+                               tls=tls, origin=client.label)
     except CidError as exc:
         raise ReloadError(f"image and catalog are written, but cidd did not reload its catalog: {exc}; "
                           "reload it with 'cidcapt --reload' (or 'systemctl reload cidd')")
@@ -122,14 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initrd", help="initrd path inside the image")
     p.add_argument("--cmdline", default="", help="extra kernel arguments")
     p.add_argument("--reload", nargs="?", const="", metavar="HOST:PORT",
-                   help="then ask cidd to reload its catalog (default $CID_SERVER, else 127.0.0.1:38008)")
-    p.add_argument("--token-file", type=Path, help="admin token (default <state_dir>/secrets/admin.token); "
-                   "the session runs over TLS with the CA in $CID_CA_FILE or <state_dir>/tls/ca.pem")
+                   help="then ask cidd to reload its catalog: at HOST:PORT, else where every client finds it "
+                   "($CID_SOCKET, $CID_SERVER, then $CID_CONFIG or /etc/cid/cidd.yaml, then the default socket "
+                   "<state_dir>/cidd.sock; docs/configuration.md)")
+    p.add_argument("--token-file", type=Path, help="admin token for TCP (default $CID_TOKEN_FILE, else the "
+                   "configuration's client.token_file, else <state_dir>/secrets/admin.token); the session runs over "
+                   "TLS with the CA in $CID_CA_FILE, client.ca or tls.ca, else <state_dir>/tls/ca.pem")
     return p
 
 
-def plan(args: argparse.Namespace) -> tuple[Image, list[str], tuple[str, str] | None]:
-    """Return (the image to write, without size and sha256; the exclude patterns; (server, token) to reload).
+def plan(args: argparse.Namespace) -> tuple[Image, list[str], tuple[ClientConfig, str] | None]:
+    """Return (the image to write, without size and sha256; the exclude patterns; (cidd, token) to reload).
 
     Checks everything that can be checked before the capture. Raises UsageError.
     """
@@ -193,7 +200,7 @@ def run(args: argparse.Namespace) -> None:
                                  f"{out}; fix the catalog and add this entry under 'images:':\n{render_entry(image)}")
     _say(f"catalog {args.catalog}: {'replaced' if replaced else 'added'} {image.id}\n{render_entry(image).rstrip()}")
     if reload is not None:
-        _say(f"cidd at {reload[0]} reloaded its catalog: {reload_cidd(*reload)} images")
+        _say(f"cidd at {reload[0].address} reloaded its catalog: {reload_cidd(*reload)} images")
 
 
 def _in_tree(root: Path, rel: str) -> str | None:

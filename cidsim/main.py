@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cidcommon.client_config import ClientConfigError, agent_server
 from cidcommon.errors import BadHostlist, TokenFileError
 from cidcommon.hostlists import expand
 from cidcommon.logs import configure
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--bmc-credentials", metavar="FILE", type=Path,
                      help="file holding 'user:password' for the simulated BMCs (mode 0600)")
     sim.add_argument("--bmc-dead", metavar="HOSTLIST", help="nodes whose simulated BMC never answers")
+    sim.add_argument("--bmc-slow", metavar="HOSTLIST", help="nodes whose simulated BMC answers each command late")
+    sim.add_argument("--bmc-slow-delay", metavar="S", type=seconds_arg, default=3.0,
+                     help="how late a --bmc-slow BMC answers (default %(default)g s)")
     sim.add_argument("--redfish-hw-port", metavar="PORT", type=int,
                      help="listen on 127.0.0.1:PORT for sushy-emulator's notifications (python -m "
                      "cidsim.redfish_emulator --notify): its fake systems then power the nodes off and on")
@@ -123,6 +127,7 @@ def start_bmcs(args: argparse.Namespace, fleet: Any, reactor: Any) -> None:
     bmcs = SimBmcs(fleet.nodes, args.bmc_base_port, user, password, reactor=reactor)
     bmcs.start()
     bmcs.drop(_names(args.bmc_dead))  # their ports close: calls to these BMCs go unanswered
+    bmcs.slow_down(_names(args.bmc_slow), args.bmc_slow_delay)
     reactor.addSystemEventTrigger("before", "shutdown", bmcs.stop)
 
 
@@ -131,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure(json=args.log_format == "json", level=args.log_level)
     try:
+        if not args.server:
+            args.server = agent_server(os.environ)[0]  # $CID_SERVER, the configuration file, 127.0.0.1:38008
         parse_server(args.server)
-        for hostlist in (args.hostlist, args.hang_reboot, args.fail_install, args.bmc_dead, args.redfish_nodes):
+        for hostlist in (args.hostlist, args.hang_reboot, args.fail_install, args.bmc_dead, args.bmc_slow,
+                         args.redfish_nodes):
             _names(hostlist)
-    except (ValueError, BadHostlist) as exc:
+    except (ValueError, BadHostlist, ClientConfigError) as exc:
         print(f"cid-simfleet: {exc}", file=sys.stderr)
         return EXIT_USAGE
     token_file = args.token_file or (Path(os.environ["CID_TOKEN_FILE"]) if os.environ.get("CID_TOKEN_FILE")

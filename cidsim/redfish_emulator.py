@@ -276,7 +276,7 @@ def _names(hostlist: str) -> set[str]:
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
     p = argparse.ArgumentParser(prog="python -m cidsim.redfish_emulator", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
     p.add_argument("--cert", type=Path, help="TLS certificate (PEM); with --key: HTTPS, else plain HTTP")
     p.add_argument("--key", type=Path, help="TLS private key (PEM)")

@@ -111,7 +111,7 @@ def completion_parser(prog: str, parser: argparse.ArgumentParser) -> argparse.Ar
     """Return the parser to complete ``prog`` with: cidd's gets its set-up commands as subcommands."""
     if prog != "cidd":
         return parser
-    whole = argparse.ArgumentParser(prog="cidd", parents=[parser], add_help=False)
+    whole = argparse.ArgumentParser(prog="cidd", parents=[parser], add_help=False, allow_abbrev=False)
     commands = whole.add_subparsers(dest="command", required=False)
     for name, sub in cidd_commands():
         commands.add_parser(name, parents=[sub], add_help=False, conflict_handler="resolve", help=sub.description)

@@ -5,13 +5,20 @@ The whole build, booted in QEMU, is tested by tests/test_vm_switch.py.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import socket
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from blancmange.build import apt_mirror, module_order
-from blancmange.config import BlancmangeError, load_config
+from blancmange import main as blancmange_main
+from blancmange.build import apt_mirror, debootstrap_tree, module_order, probe_mirror
+from blancmange.config import BlancmangeError, MirrorUnreachable, load_config
 
 HERE = Path(__file__).resolve().parent.parent / "blancmange"
 
@@ -54,6 +61,71 @@ def test_the_mirror_comes_from_the_apt_sources(tmp_path: Path) -> None:
     assert apt_mirror("trixie", tmp_path) == "http://one.example/debian"
     with pytest.raises(BlancmangeError, match="no apt source for Debian bookworm"):
         apt_mirror("bookworm", tmp_path)
+
+
+@pytest.fixture()
+def silent_mirror() -> Iterator[tuple[str, list[socket.socket]]]:
+    """Yield (a mirror URL on loopback whose server accepts connections and never answers, the accepted ones)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/debian", accepted
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+@pytest.fixture()
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Talk to loopback directly, whatever proxy the machine configures (never the internet)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_a_mirror_that_never_answers_stops_the_build_in_bounded_time(tmp_path: Path, no_proxy: None,
+                                                                     silent_mirror: tuple[str, list]) -> None:
+    url, accepted = silent_mirror
+    config = dataclasses.replace(load_config(HERE / "top_config.yaml"), mirror=url, mirror_timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(MirrorUnreachable) as err:
+        debootstrap_tree(config, tmp_path / "cache")
+    assert 1.4 < time.monotonic() - started < 6
+    assert f"Debian mirror {url} cannot be used: no answer within 1.5 s" in err.value.message
+    assert accepted, "the probe never reached the test mirror"
+    assert not (tmp_path / "cache" / "trees").exists()  # nothing was started
+
+
+def test_a_mirror_where_nothing_listens_stops_the_build_at_once(tmp_path: Path, no_proxy: None,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/debian"
+    monkeypatch.setattr(blancmange_main.os, "geteuid", lambda: 0)  # the probe comes before anything needs root
+    started = time.monotonic()
+    code = blancmange_main.main(["--cache", str(tmp_path / "cache"), "--mirror", url, "build", "--out",
+                                 str(tmp_path / "out")])
+    assert code == 1 and time.monotonic() - started < 15
+    err = capsys.readouterr().err
+    assert f"blancmange: Debian mirror {url} cannot be used: " in err and "refused" in err.lower()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_mirror_must_hold_the_suite(tmp_path: Path) -> None:
+    with pytest.raises(MirrorUnreachable, match="has no file://.*/dists/bookworm/Release"):
+        probe_mirror(f"file://{tmp_path}", "bookworm", 1.0)
+    (tmp_path / "dists" / "bookworm").mkdir(parents=True)
+    (tmp_path / "dists" / "bookworm" / "Release").write_text("Suite: bookworm\n")
+    probe_mirror(f"file://{tmp_path}", "bookworm", 1.0)
 
 
 def test_modules_come_with_their_dependencies_first_and_builtins_are_skipped(tmp_path: Path) -> None:

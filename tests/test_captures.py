@@ -18,12 +18,17 @@ from cidd.core.captures import (
     Capture,
     CaptureState,
     NodeResult,
+    NothingToCancel,
     Result,
+    cancel,
+    cancellable,
     node_outcome,
     plan,
     settle,
+    to_cancel,
 )
-from cidd.core.machine import Node, State
+from cidd.core.machine import SWITCHING, Node, State
+from cidd.core.machine_types import Installed
 from tests.fakes import SilentLink
 
 A, B, C = "alma-9-1", "debian-12-1", "rocky-9-2"
@@ -293,3 +298,172 @@ def test_another_job_cannot_take_a_node_a_running_capture_holds_ready(engine):
     assert f"n1 held by job jX for image {A}" in str(err.value)
     assert engine.nodes["n1"].state is State.READY  # nothing was started
     assert "jY" not in engine.captures
+
+
+# --- cancel (cidcapt --cancel): which capture, which nodes, what each becomes --------------------------------
+
+
+def test_cancellable_is_the_running_or_already_cancelled_capture_of_the_job():
+    running = running_capture()
+    assert cancellable("j1", running) is running
+    cancelled = Capture(**{**running.__dict__, "state": CaptureState.CANCELLED, "ended": NOW, "cancelled_by": "bob"})
+    assert cancellable("j1", cancelled) is cancelled  # a second cancel is fine
+
+
+def test_cancelling_an_unknown_job_or_a_capture_that_ended_otherwise_is_a_bad_request():
+    with pytest.raises(NothingToCancel) as unknown:
+        cancellable("j404", None)
+    assert unknown.value.code == "bad_request"
+    assert "job j404 has no capture; nothing to cancel" in unknown.value.message
+    for state in (CaptureState.OK, CaptureState.FAILED, CaptureState.DEADLINE):
+        ended = Capture(**{**running_capture().__dict__, "state": state, "ended": NOW})
+        with pytest.raises(NothingToCancel) as err:
+            cancellable("j1", ended)
+        assert f"the capture of job j1 already ended ({state.value}); nothing to cancel" == err.value.message
+
+
+def test_to_cancel_names_the_pending_switching_nodes_only_this_capture_wants():
+    cap = running_capture(("n1", "n2", "n3", "n4", "n5"), results={"n5": NodeResult(Result.READY)})
+    nodes = {"n1": switching("n1", A, "j1"), "n2": switching("n2", A, "j1", State.INSTALLING),
+             "n3": switching("n3", A, "j1"), "n4": offline("n4", C), "n5": ready("n5", A)}
+    other = running_capture(("n3",), job="j2")  # joined n3's switch: it goes on for j2
+    assert to_cancel(cap, nodes, {"j1": cap, "j2": other}) == ("n1", "n2")
+    other_image = running_capture(("n1",), image=B, job="j3")
+    assert to_cancel(cap, nodes, {"j1": cap, "j3": other_image}) == ("n1", "n2", "n3")
+
+
+def test_cancel_ends_the_capture_with_who_and_what_becomes_of_each_pending_node():
+    cap = running_capture(("n1", "n2", "n3", "n4", "n5"),
+                          results={"n4": NodeResult(Result.READY), "n5": NodeResult(Result.FAILED, "boom")})
+    after = {"n1": ready("n1", C), "n2": switching("n2", A, "j1", State.INSTALLING), "n3": switching("n3", A, "j1"),
+             "n4": ready("n4", A), "n5": failed("n5", A)}
+    left = {"n1": "cancelled by bob: the node was not rebooted yet; it stays ready in " + C}
+    ended = cancel(cap, "bob", after, left, {"j2": running_capture(("n3",), job="j2")}, NOW + 5)
+    assert (ended.state, ended.ended, ended.cancelled_by, ended.running) == (CaptureState.CANCELLED, NOW + 5, "bob",
+                                                                            False)
+    assert ended.nodes["n1"] == NodeResult(Result.PENDING, left["n1"])
+    going_on = f"cancelled by bob while installing: the switch to {A} goes on to its end, as the disk may already " \
+               "hold part of it"
+    assert ended.nodes["n2"] == NodeResult(Result.PENDING, going_on)
+    assert ended.nodes["n3"] == NodeResult(Result.PENDING, f"cancelled by bob; the switch to {A} goes on for job j2")
+    assert ended.nodes["n4"] == NodeResult(Result.READY) and ended.nodes["n5"] == NodeResult(Result.FAILED, "boom")
+    assert settle(ended, {"n2": ready("n2", A)}, NOW + 100) is ended  # an ended capture never changes
+
+
+def test_a_reattach_after_a_cancel_gets_the_cancelled_capture_and_a_new_request_starts_again():
+    cancelled = Capture(**{**running_capture(("n1",)).__dict__, "state": CaptureState.CANCELLED, "ended": NOW - 5,
+                           "cancelled_by": "bob"})
+    nodes = [offline("n1", C)]
+    again = plan("j1", A, ["n1"], "alice", "slurm", 600.0, cancelled, {"n1": nodes[0]}, NOW, {}, reattach=True)
+    assert again.attached and again.capture is cancelled and again.to_switch == ()
+    fresh = new_plan(["n1"], nodes, latest=cancelled)  # a new prolog run: a new capture
+    assert not fresh.attached and fresh.capture.running and fresh.to_switch == ("n1",)
+
+
+# --- through the engine: a cancel with nodes in every step, its history rows, a restart ----------------------
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """Return (engine, link, store path): n1-n5 online running C, n6 online running A, n7 never seen; the reboot
+    window lets 2 nodes reboot at once."""
+    from cidd.engine import Engine
+    from cidd.store import Store
+
+    config = parse_config({"state_dir": str(tmp_path), "nodes": [{"hosts": "n[1-7]"}], "windows": {"reboots": 2}},
+                          "test.yaml")
+    images = [Image("alma", "9", "1", "alma-9-1.tar.zst"), Image("rocky", "9", "2", "rocky-9-2.tar.zst")]
+    catalog = Catalog({image.id: image for image in images})
+    path = tmp_path / "cidd.sqlite"
+    store = Store(path)
+    clock = Clock()
+    clock.advance(1000)
+    link = SilentLink()
+    engine = Engine(config, catalog, store, clock, link)
+    engine.start()
+    for n in range(1, 6):
+        engine.agent_connected(f"n{n}", f"b{n}", "system", C)
+    engine.agent_connected("n6", "b6", "system", A)
+    yield engine, link, path
+    engine.stop()
+    store.close()
+
+
+def test_engine_cancel_leaves_untouched_nodes_sends_back_rebooting_ones_and_lets_installs_finish(fleet):
+    engine, link, path = fleet
+    heard: list[dict] = []
+    engine.capture("jC", [f"n{n}" for n in range(1, 8)], A, "alice", "scheduler", 600.0)
+    engine.watch("jC", heard.append)
+    assert link.reboots() == ["n1", "n2"]  # n3, n4 wait for the window; n7 has no agent; n6 runs A
+    engine.agent_connected("n1", "i1", "installer", None)  # n1 installs; its slot goes to n3
+    engine.agent_lost("n2")  # n2 and n3 are on their way to the installer
+    engine.agent_lost("n3")
+    assert link.reboots() == ["n1", "n2", "n3"]
+    assert engine.reboots.state("n4") == "queued"
+    engine.clock.advance(7)
+
+    capture, already = engine.cancel("jC", "bob")
+    engine.clock.advance(0)  # the done event goes out on the next reactor turn
+
+    assert not already and capture.state is CaptureState.CANCELLED and capture.cancelled_by == "bob"
+    assert "jC" not in engine.captures and engine.store.running_captures() == []
+    states = {name: (node.state, node.target if node.state in SWITCHING else node.image)
+              for name, node in engine.nodes.items()}
+    assert states == {"n1": (State.INSTALLING, A),  # goes on: the disk is being written
+                      "n2": (State.TO_IMAGE, C), "n3": (State.TO_IMAGE, C),  # sent back to what they ran
+                      "n4": (State.READY, C),  # never rebooted: stays as it was
+                      "n5": (State.READY, C),  # same (queued behind n4)
+                      "n6": (State.READY, A), "n7": (State.OFFLINE, None)}
+    assert engine.reboots.state("n4") is None and engine.reboots.state("n5") is None  # dropped from the window
+    rows = {row["node"]: row for row in engine.store.events(job="jC") if row["to"] == "cancelled"}
+    assert sorted(rows) == ["n2", "n3", "n4", "n5", "n7"]
+    assert all(row["detail"].startswith("cancelled by bob: ") and row["image"] == A for row in rows.values())
+    assert rows["n4"]["detail"] == f"cancelled by bob: the node was not rebooted yet; it stays ready in {C}"
+    assert capture.nodes["n1"].reason.startswith("cancelled by bob while installing: the switch to alma-9-1 goes on")
+    assert capture.nodes["n6"] == NodeResult(Result.READY)
+    assert [e["node"] for e in heard if e["type"] == "node" and e["to"] == "cancelled"] == ["n2", "n3", "n4", "n5",
+                                                                                           "n7"]
+    assert heard[-1]["type"] == "done" and heard[-1]["state"] == "cancelled" and heard[-1]["cancelled_by"] == "bob"
+
+    # the install finishes and n1 boots the new image; n2 and n3 go back to C at their installer's hello
+    engine.installed("n1", Installed(A, True, attempt=1))
+    engine.agent_connected("n1", "b9", "system", A)
+    engine.agent_connected("n2", "i2", "installer", None)
+    node, message = link.sent[-1]
+    assert (node, message["type"], message["boot"], message["method"]) == ("n2", "reboot", "disk", "reboot")
+    engine.agent_connected("n2", "b12", "system", C)
+    assert engine.nodes["n1"].state is State.READY and engine.nodes["n1"].image == A
+    assert (engine.nodes["n2"].state, engine.nodes["n2"].image) == (State.READY, C)
+    assert "n4" not in link.reboots()  # n4 and n5 were never told anything
+    assert engine.latest_capture("jC").state is CaptureState.CANCELLED  # the ended capture does not change
+
+    again, already = engine.cancel("jC", "carol")  # idempotent: nothing more happens
+    assert already and again.cancelled_by == "bob"
+    assert len([r for r in engine.store.events(job="jC") if r["to"] == "cancelled"]) == 5
+
+
+def test_a_cancel_survives_a_restart_and_a_reattach_gets_it(fleet):
+    from cidd.engine import Engine
+    from cidd.store import Store
+
+    engine, link, path = fleet
+    engine.capture("jR", ["n1", "n2"], A, "alice", "scheduler", 600.0)
+    engine.cancel("jR", "bob")
+    engine.stop()
+    engine.store.close()
+
+    store = Store(path)
+    restarted = Engine(engine.config, engine.catalog, store, Clock(), SilentLink())
+    restarted.clock.advance(2000)
+    restarted.start()
+    try:
+        latest = restarted.latest_capture("jR")
+        assert (latest.state, latest.cancelled_by) == (CaptureState.CANCELLED, "bob")
+        assert "jR" not in restarted.captures
+        assert {restarted.nodes[n].state for n in ("n1", "n2")} == {State.TO_IMAGE}  # still on their way back
+        reattached = restarted.capture("jR", ["n1", "n2"], A, "alice", "scheduler", 600.0, reattach=True)
+        assert reattached.attached and reattached.capture.state is CaptureState.CANCELLED
+        assert restarted.cancel("jR", "carol")[1] is True
+    finally:
+        restarted.stop()
+        store.close()

@@ -14,8 +14,8 @@ from tests.procs import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cidd(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CID_STATE_DIR": str(state)}
+def cidd(*args: str, state: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CID_STATE_DIR": str(state), **extra_env}
     return subprocess.run([sys.executable, "-m", "cidd.main", *args], capture_output=True, text=True, env=env,
                           timeout=60)
 
@@ -63,6 +63,21 @@ def test_a_bad_configuration_exits_2_naming_the_key(tmp_path: Path) -> None:
     config.write_text("listne: {port: 1}\n")
     result = cidd("check-config", "--config", str(config), state=tmp_path / "state")
     assert result.returncode == 2 and "unknown key 'listne'" in result.stderr
+
+
+def test_without_config_it_checks_the_file_clients_read_from_cid_config(tmp_path: Path) -> None:
+    config = write(tmp_path, [entry("alma", 3)], {"alma-1-1.tar.zst": 3})
+    result = cidd("check-config", state=tmp_path / "state", CID_CONFIG=str(config))
+    assert result.returncode == 0, result.stderr
+    assert f"checked {config} (from $CID_CONFIG)" in result.stdout
+    data = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**data, "client": {"server": "head:http", "role": "root"}}))
+    result = cidd("check-config", state=tmp_path / "state", CID_CONFIG=str(config))
+    assert result.returncode == 2  # the clients' section is checked as the clients read it
+    assert f"{config}: client: bad port in client.server address 'head:http'" in result.stderr
+    assert f"{config}: client: 'role' must be one of admin, scheduler, reader" in result.stderr
+    result = cidd("check-config", state=tmp_path / "state", CID_CONFIG=str(tmp_path / "nothing.yaml"))
+    assert result.returncode == 2 and "$CID_CONFIG names" in result.stderr
 
 
 def test_cidd_starts_with_a_configured_catalog_that_does_not_exist_yet(tmp_path: Path) -> None:

@@ -267,3 +267,141 @@ def test_format_age(seconds: float, text: str) -> None:
 def test_cid_errors_have_user_text() -> None:
     err = CidError("cidd is gone", code="internal")
     assert exit_code(err) == 4 and err.message == "cidd is gone"
+
+
+# --- cidcapt --images and --cancel, and a waiting capture that gets cancelled ----------------------------------
+
+IMAGES = [
+    {"id": "debian-12-1", "name": "debian", "version": "12", "subversion": "1", "os": "linux", "owner": "root",
+     "visibility": "shared", "size": 3 * 1024 ** 3, "date": NOW - 86400, "description": "Debian 12 compute image"},
+    {"id": "alicefs-1-1", "name": "alicefs", "version": "1", "subversion": "1", "os": "debian 12",
+     "owner": "alice", "visibility": "private", "size": None, "date": None, "description": ""},
+]
+
+
+def test_images_lists_the_catalog_and_says_how_many_private_images_are_hidden(token_file: Path) -> None:
+    def script(session: FakeSession) -> None:
+        session.hello(expect_role="scheduler")
+        session.reply(session.expect("images"), images=IMAGES, hidden=2)
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, out, err = run(["--images", "--role", "scheduler", "--user", "alice"], token_file, cidd)
+    assert code == 0, err
+    assert cidd.messages("images")[0]["user"] == "alice"  # the scheduler names the user whose images it may see
+    lines = out.splitlines()
+    assert lines[0].split() == ["IMAGE", "OS", "SIZE", "DATE", "OWNER", "VISIBILITY", "DESCRIPTION"]
+    assert lines[1].split()[:4] == ["debian-12-1", "linux", "3.0", "GiB"]
+    assert lines[1].split()[6:9] == ["root", "shared", "Debian"]
+    assert lines[2].split() == ["alicefs-1-1", "debian", "12", "-", "-", "alice", "private", "-"]
+    assert "cidcapt: 2 private image(s) of other users not shown" in err
+
+
+def test_images_json_is_the_reply(token_file: Path) -> None:
+    def script(session: FakeSession) -> None:
+        session.hello()
+        session.reply(session.expect("images"), images=IMAGES[:1], hidden=0, unavailable=[])
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, out, _ = run(["--images", "--json"], token_file, cidd)
+    assert code == 0 and json.loads(out) == {"images": IMAGES[:1], "hidden": 0, "unavailable": []}
+
+
+CANCELLED_NODES = {
+    "node01": {"state": "installing", "image": "debian-12-1",
+               "reason": "cancelled by bob while installing: the switch to debian-12-2 goes on to its end"},
+    "node02": {"state": "ready", "image": "debian-12-1",
+               "reason": "cancelled by bob: the node was not rebooted yet; it stays ready in debian-12-1"},
+}
+
+
+def test_cancel_sends_the_job_and_user_and_prints_what_becomes_of_each_node(token_file: Path) -> None:
+    def script(session: FakeSession) -> None:
+        session.hello()
+        request = session.expect("cancel")
+        session.reply(request, already=False, capture={"job": "1234", "image": "debian-12-2", "state": "cancelled",
+                                                       "cancelled_by": "bob", "nodes": CANCELLED_NODES})
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, out, err = run(["--cancel", "-j", "1234", "--user", "bob"], token_file, cidd)
+    assert code == 0, err
+    assert {k: v for k, v in cidd.messages("cancel")[0].items() if k != "id"} == {
+        "type": "cancel", "job": "1234", "user": "bob"}
+    assert "cidcapt: job 1234: capture of 2 node(s) to debian-12-2 cancelled by bob" in err
+    lines = out.splitlines()
+    assert lines[0].split() == ["NODE", "STATE", "IMAGE", "WHAT", "BECOMES", "OF", "IT"]
+    assert lines[1].startswith("node01") and "goes on to its end" in lines[1]
+    assert lines[2].startswith("node02") and "it stays ready in debian-12-1" in lines[2]
+
+
+@pytest.mark.parametrize(("code", "message", "exit"), [
+    ("bad_request", "job 99 has no capture; nothing to cancel (see 'cidcapt --captures')", 2),
+    ("bad_request", "the capture of job 99 already ended (ok); nothing to cancel", 2),
+    ("forbidden", "user eve may not cancel the capture of job 99: it was started by user alice", 5),
+])
+def test_cancel_errors_exit_with_their_code_and_message(token_file: Path, code: str, message: str,
+                                                         exit: int) -> None:
+    def script(session: FakeSession) -> None:
+        session.hello()
+        session.error(session.expect("cancel"), code, message)
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        status, _, err = run(["--cancel", "-j", "99"], token_file, cidd)
+    assert status == exit and f"cidcapt: error: {message}" in err
+
+
+@pytest.mark.parametrize("args", [
+    ["--cancel"], ["--cancel", "-j", "1", "-i", "debian-12-1"], ["--cancel", "-j", "1", "-n", "n1"],
+    ["--cancel", "-j", "1", "--captures"], ["--images", "-j", "1"], ["--images", "--status"],
+])
+def test_cancel_and_images_usage_errors_exit_2(token_file: Path, args: list[str]) -> None:
+    code, out, err = run(args + ["--server", "127.0.0.1:1"], token_file)
+    assert code == 2 and out == "" and "cidcapt: error:" in err
+
+
+def test_a_waiting_capture_that_gets_cancelled_exits_6_saying_by_whom(token_file: Path) -> None:
+    def script(session: FakeSession) -> None:
+        session.hello()
+        cap = session.expect("capture")
+        session.accept(cap, {"node01": "to_installer", "node02": "to_installer"})
+        session.node(cap, "node02", "to_installer", "cancelled", detail=CANCELLED_NODES["node02"]["reason"])
+        session.send({"type": "done", "job": cap["job"], "state": "cancelled", "cancelled_by": "bob",
+                      "nodes": CANCELLED_NODES})
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, out, err = run(["-j", "1234", "-n", "node[01-02]", "-i", "debian-12-2", "--json"], token_file, cidd)
+    assert code == 6, err
+    assert "cidcapt: job 1234: the capture was cancelled by bob (cidcapt --cancel)" in err
+    assert "job 1234: cancelled with 2 of 2 nodes not in debian-12-2" in err
+    assert "goes on to its end" in err and "it stays ready in debian-12-1" in err
+    result = json.loads(out.splitlines()[-1])
+    assert (result["state"], result["cancelled_by"], result["exit"]) == ("cancelled", "bob", 6)
+
+
+def test_a_reattach_says_so_and_a_capture_cancelled_meanwhile_ends_it_with_6(token_file: Path) -> None:
+    def script(session: FakeSession) -> None:
+        session.hello()
+        cap = session.expect("capture")
+        if session.index == 0:
+            session.accept(cap, {"node01": "to_installer"})
+            session.drop()  # cidd restarts; meanwhile the capture is cancelled
+            return
+        session.accept(cap, {"node01": CANCELLED_NODES["node01"]}, state="cancelled", attached=True)
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, _, err = run(["-j", "1234", "-n", "node01", "-i", "debian-12-2"], token_file, cidd)
+    first, second = cidd.messages("capture")
+    assert "reattach" not in first and second["reattach"] is True
+    assert code == 6, err
+    assert "the capture was cancelled (cidcapt --cancel)" in err
+
+
+def test_the_exit_code_of_a_cancelled_capture_is_6() -> None:
+    assert exit_code(Outcome(job="1", image="i", state="cancelled", nodes={})) == 6
+
+
+def test_help_documents_cancel_images_and_exit_code_6(token_file: Path) -> None:
+    code, out, _ = run(["--help"], token_file)
+    assert code == 0
+    for text in ("cidcapt --cancel -j JOB", "cidcapt --images", "6  the capture was cancelled",
+                 "installs under way finish and the node boots the new image", "on 6 nothing is drained"):
+        assert text in " ".join(out.split()) or text in out, text

@@ -80,8 +80,7 @@ def test_all_ready_exits_0_with_progress_and_summary(token_file: Path) -> None:
     assert {k: capture[k] for k in ("job", "nodes", "image", "timeout", "user", "watch")} == {
         "job": "1234", "nodes": "node[01-02]", "image": IMAGE, "timeout": 1800, "user": "alice", "watch": True}
     assert "capture of 2 nodes to debian-12-1 accepted (1 already in the image, 1 to switch)" in err
-    assert "cidcapt: node01  installing -> to_image  (image written)" in err
-    assert "cidcapt: node01  to_image -> ready  (booted into the image)" in err
+    assert "->" not in err  # normal transitions get no line of their own; the final summary lists every node
     summary = err[err.index("all 2 nodes run"):]
     assert "  node01  ready  debian-12-1" in summary and "  node02  ready  debian-12-1" in summary
     assert err.rstrip().endswith("cidcapt: job 1234: 2 ready, 0 failed, 0 pending")
@@ -300,7 +299,9 @@ def test_reattaches_after_a_dropped_connection(token_file: Path) -> None:
         code, out, err = run(["-j", "99", "-n", "node[01-02]", "-i", IMAGE, "--json"], token_file, server=cidd)
     assert code == 0, err
     first, second = cidd.messages("capture")
-    assert {k: v for k, v in first.items() if k != "id"} == {k: v for k, v in second.items() if k != "id"}
+    assert "reattach" not in first and second["reattach"] is True  # a cancelled capture is not started again
+    assert {k: v for k, v in first.items() if k != "id"} == {k: v for k, v in second.items()
+                                                             if k not in ("id", "reattach")}
     assert len(cidd.messages("hello")) == 2
     assert "lost the connection to cidd at" in err and "re-attaching to job 99" in err
     assert "job 99: re-attached to the capture of 2 nodes" in err
@@ -351,7 +352,7 @@ def test_json_lines_end_with_the_result(token_file: Path) -> None:
     result = lines[-1]
     assert result["job"] == "1234" and result["state"] == "ok" and result["exit"] == 0
     assert (result["ready"], result["failed"], result["pending"]) == (2, 0, 0)
-    assert "node01  installing -> to_image" in err  # the human lines stay on stderr
+    assert "accepted" in err and "2 ready, 0 failed, 0 pending" in err  # the human lines stay on stderr
 
 
 def test_json_result_for_an_error(token_file: Path) -> None:
@@ -398,12 +399,45 @@ def test_console_script_runs_without_twisted(token_file: Path) -> None:
         code = ("import sys, runpy; sys.argv = ['cidcapt'] + sys.argv[1:]\n"
                 "try:\n    runpy.run_module('cidcapt', run_name='__main__')\n"
                 "finally:\n    assert 'twisted' not in sys.modules, 'cidcapt imported twisted'\n"
+                "    assert 'rich' not in sys.modules, 'cidcapt imported rich off a terminal (slow start)'\n"
                 "    assert 'cryptography' not in sys.modules, 'cidcapt imported cryptography (slow start)'\n")
         proc = subprocess.run([sys.executable, "-c", code, "-j", "1", "-n", "node[01-02]", "-i", IMAGE,
                                "--token-file", str(token_file)], env=env, capture_output=True, text=True,
                               timeout=20)
     assert proc.returncode == 0, proc.stderr
     assert "2 ready, 0 failed, 0 pending" in proc.stderr
+
+
+def test_pipe_gets_failures_climbs_and_summary_lines_not_every_transition(token_file: Path) -> None:
+    """Off a terminal (a prolog's log): failures, ladder climbs and retried installs get a line each, the rest
+    only the periodic summary line (--summary-every), which counts the states and names nodes not moving."""
+    def script(session: FakeSession) -> None:
+        session.hello()
+        cap = session.expect("capture")
+        session.accept(cap, {"node01": "to_installer", "node02": "to_installer", "node03": "to_installer"})
+        session.node(cap, "node01", "to_installer", "installing", detail="installer connected")
+        session.progress(cap, "node01", "writing", 1 << 20, 4 << 20)
+        session.node(cap, "node02", "to_installer", "to_installer", rung=1, detail="no answer 3s after rung 0 (reboot)")
+        session.node(cap, "node03", "to_installer", "failed", detail="ladder exhausted")
+        time.sleep(0.5)  # summary lines are due every 0.2 s; node01 and node02 do not move for 0.3 s
+        session.node(cap, "node01", "installing", "to_image", detail="image written")
+        session.node(cap, "node01", "to_image", "ready", detail="booted into the image")
+        session.done(cap, "failed", {"node01": node_info("ready", IMAGE), "node02": node_info("to_installer", OLD),
+                                     "node03": node_info("failed", OLD, "ladder exhausted")})
+
+    with FakeCidd(script, token=TOKEN) as cidd:
+        code, out, err = run(["-j", "9", "-n", "node[01-03]", "-i", IMAGE, "--summary-every", "0.2",
+                              "--stall-after", "0.3"], token_file, server=cidd)
+    assert code == 1, err
+    assert out == ""
+    assert "cidcapt: node03  to_installer -> failed  (ladder exhausted)" in err
+    assert "cidcapt: node02  to_installer -> to_installer  (no answer 3s after rung 0 (reboot))" in err
+    assert "installing -> to_image" not in err and "to_image -> ready" not in err
+    summaries = [line for line in err.splitlines() if line.startswith("cidcapt: job 9: 0/3 ready")]
+    assert summaries, err
+    assert ", 1 to_installer, 1 installing (1.0 MiB of 4.0 MiB), 1 failed; " in summaries[0]
+    assert "; on ladder rung 1: node02" in summaries[0]
+    assert any(line.endswith("; not moved for 0s+: node[01-02]") for line in summaries), summaries
 
 
 def test_help_documents_the_exit_codes() -> None:

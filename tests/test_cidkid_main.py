@@ -18,7 +18,7 @@ import structlog
 from twisted.internet import reactor
 
 from cidinstall.types import InstallRequest
-from cidkid.main import build_parser, main
+from cidkid.main import build_parser, default_server, main
 from cidkid.platform import LinuxPlatform
 from cidsim.fake_cidd import test_ca_file, test_server_context
 from cidsim.main import main as simfleet_main
@@ -90,11 +90,25 @@ def test_bad_command_line_exits_2(argv: list[str], words: str, token_file: Path,
     assert words in capsys.readouterr().err
 
 
-def test_server_defaults_to_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_defaults_to_environment_then_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CID_SERVER", "head07:4000")
-    assert build_parser().parse_args([]).server == "head07:4000"
+    args = build_parser().parse_args([])
+    assert (default_server(args), args.server) == ("$CID_SERVER", "head07:4000")
     monkeypatch.delenv("CID_SERVER")
-    assert build_parser().parse_args([]).server == "127.0.0.1:38008"
+    config = tmp_path / "cidd.yaml"
+    config.write_text("listen: {host: 0.0.0.0, port: 4100}\n")  # the head node: cidd's own listen address
+    monkeypatch.setenv("CID_CONFIG", str(config))
+    args = build_parser().parse_args([])
+    assert (default_server(args), args.server) == (f"{config}, listen", "127.0.0.1:4100")
+    config.write_text("listen: {port: 4100}\nclient: {server: head07:4200}\n")
+    args = build_parser().parse_args(["--server", "other:1"])
+    assert (default_server(args), args.server) == ("--server", "other:1")  # --server wins over everything
+    args = build_parser().parse_args([])
+    assert (default_server(args), args.server) == (f"{config}, client.server", "head07:4200")
+    monkeypatch.setenv("CID_CONFIG", str(tmp_path / "nothing.yaml"))
+    args = build_parser().parse_args([])
+    assert args.server is None
+    assert main(["--token-file", str(tmp_path / "x.token")]) == 2  # a named file that is missing: usage error
 
 
 # -- real processes against a blocking fake cidd -------------------------------------------------------------------

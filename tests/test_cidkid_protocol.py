@@ -21,7 +21,7 @@ from cidinstall.types import InstallRequest, InstallResult, ProgressCallback
 from cidkid import AGENT_VERSION
 from cidkid.installs import InstallRunner
 from cidkid.platform import Identity, Platform
-from cidkid.protocol import AgentProtocol, RequestTimeout, SessionLost
+from cidkid.protocol import HELLO_ANSWER_TIMEOUT, AgentProtocol, RequestTimeout, SessionLost
 from cidkid.reboots import REBOOT_METHODS, RebootSpec
 
 TOKEN = "s3cret-agent-token"
@@ -142,15 +142,25 @@ def test_id_less_error_before_hello_reply_answers_the_hello() -> None:
 
 
 def test_unanswered_hello_times_out_and_aborts() -> None:
-    proto, transport, clock = connect(timeout=30.0)
+    proto, transport, clock = connect(timeout=30.0, hello_timeout=45.0)
     ready = proto.when_ready()
     failures: list[Failure] = []
     ready.addErrback(failures.append)
-    clock.advance(29.9)
+    clock.advance(44.9)
     assert not transport.disconnected and not failures
     clock.advance(0.1)
     assert transport.disconnected
-    assert failures[0].check(RequestTimeout)
+    assert failures[0].check(RequestTimeout) and "within 45 s" in failures[0].value.message
+
+
+def test_a_busy_cidd_gets_longer_for_hello_than_for_other_requests() -> None:
+    proto, transport, clock = connect(timeout=30.0)  # connected: cidd is up, maybe handshaking with thousands
+    assert proto.hello_timeout == HELLO_ANSWER_TIMEOUT > 30.0
+    clock.advance(HELLO_ANSWER_TIMEOUT - 1)
+    assert not transport.disconnected
+    hello = sent(transport)[0]
+    feed(proto, {"type": "reply", "id": hello["id"], "heartbeat": 10.0})
+    assert proto.established
 
 
 def test_cancelling_ready_aborts_the_connection() -> None:
@@ -224,6 +234,44 @@ def test_bad_heartbeat_interval_falls_back_to_default() -> None:
     assert proto.heartbeat == 10.0
     clock.advance(10.0)
     assert [m["type"] for m in sent(transport)] == ["heartbeat"]
+
+
+def test_a_heartbeat_answer_with_an_interval_changes_the_interval() -> None:
+    proto, transport, clock = established(heartbeat=10.0, timeout=1000.0)
+    sent(transport)
+    clock.advance(10.0)
+    [beat] = sent(transport)
+    with capture_logs() as logs:
+        feed(proto, {"type": "reply", "id": beat["id"], "heartbeat": 30.0})  # cidd serves many agents
+    assert proto.heartbeat == 30.0
+    assert [(e["old"], e["new"]) for e in logs if e["event"] == "agent.heartbeat_changed"] == [(10.0, 30.0)]
+    clock.advance(10.0)  # the heartbeat scheduled before the answer keeps its time...
+    [beat2] = sent(transport)
+    feed(proto, {"type": "reply", "id": beat2["id"]})  # an answer without the key changes nothing
+    clock.advance(29.9)  # ... the next ones follow the new interval
+    assert sent(transport) == []
+    clock.advance(0.1)
+    [beat3] = sent(transport)
+    for bad in ("soon", 0, -5, True, None):
+        feed(proto, {"type": "reply", "id": beat3["id"], "heartbeat": bad})
+        assert proto.heartbeat == 30.0
+    clock.pump([1.0] * 89)  # silence is now judged against 3 x 30 s
+    assert not transport.disconnected
+    clock.advance(1.0)
+    assert transport.disconnected
+
+
+def test_silence_is_confirmed_after_what_waits_is_read() -> None:
+    proto, transport, clock = established(heartbeat=10.0, timeout=1000.0)
+    calls = []
+    clock.callLater = lambda delay, f, *args: calls.append((delay, f, args))  # a reactor that never gets to run
+    proto._last_received -= 100  # the agent's reactor was busy for a long time: the tick finds cidd silent...
+    proto._tick()
+    assert calls[-1][0] == 0 and not transport.disconnected  # ... and looks again after the next reads
+    proto.dataReceived(b"\n")  # what was waiting on the socket
+    _delay, again, args = calls[-1]
+    again(*args)
+    assert not transport.disconnected
 
 
 def test_connection_lost_fails_pending_requests_and_stops_heartbeats() -> None:

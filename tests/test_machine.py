@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 
 from cidd.core.machine import (
+    CANCELLED,
     SWITCHING,
     AlreadySwitching,
     Node,
@@ -23,6 +24,7 @@ from cidd.core.machine import (
     restore,
 )
 from cidd.core.machine_types import (
+    Cancel,
     Connected,
     Disconnected,
     Installed,
@@ -796,3 +798,106 @@ def test_a_node_that_boots_its_disk_with_the_target_after_an_unreported_install_
     assert s.node.state is State.READY and s.node.image == B and s.actions == ()
     other = step(node, Connected("b7", "system", A), 2500.0)  # its old image: the install did not end
     assert other.node.state is State.TO_INSTALLER
+
+
+# --- Cancel: the capture that asked for the switch was cancelled (cidcapt --cancel) ----------------------------
+
+CANCEL = Cancel("j1", "bob")
+
+
+def cancel_row(s: Step) -> tuple:
+    """Return (job, image, from, to, attempt, rung, elapsed) of a cancel's history row."""
+    t = s.transition
+    assert t is not None, "expected a history row"
+    return (t.job, t.image, t.from_state, t.to_state, t.attempt, t.rung, t.elapsed)
+
+
+def test_cancel_of_a_node_whose_reboot_waits_for_the_window_leaves_it_ready_in_its_image_untouched():
+    queued = replace(to_installer(), deadline=None)  # SetDeadline(None): the reboot is queued, not issued
+    s = step(queued, CANCEL, 1030.0)
+    assert (s.node.state, s.node.image, s.node.deadline, s.node.reboot_from) == (State.READY, A, None, None)
+    assert s.node.since == 1030.0 and s.node.state not in SWITCHING
+    assert s.actions == (SetBoot("disk"),)  # no reboot: the node was never told anything
+    assert cancel_row(s) == ("j1", B, "to_installer", CANCELLED, 0, 0, 30.0)
+    assert s.transition.detail == f"cancelled by bob: the node was not rebooted yet; it stays ready in {A}"
+
+
+def test_cancel_of_an_offline_node_whose_reboot_was_never_sent_leaves_it_offline_with_the_disk_as_next_boot():
+    waiting = to_installer(online=False, reboot_from=None)
+    s = step(waiting, CANCEL, 1010.0)
+    assert (s.node.state, s.node.image, s.node.deadline) == (State.OFFLINE, A, None)
+    assert s.actions == (SetBoot("disk"),)
+    assert s.transition.detail == "cancelled by bob: the node was not rebooted yet; it stays offline, next boot " \
+                                  "from its disk"
+    again = step(s.node, Connected("b0", "system", A), 1020.0)  # its agent comes back: nothing to do, ready
+    assert again.node.state is State.READY and again.actions == ()
+
+
+def test_cancel_of_a_node_on_its_way_to_the_installer_sends_it_back_to_its_image_at_its_next_hello():
+    rebooting = to_installer(online=False)  # the reboot into the installer was issued from boot b1
+    s = step(rebooting, Cancel("j7", "bob"), 1040.0)
+    node = s.node
+    assert (node.state, node.target, node.job, node.rung, node.attempt) == (State.TO_IMAGE, A, "j7", 0, 0)
+    assert (node.deadline, node.reboot_from, node.since) == (1140.0, None, 1040.0)
+    assert s.actions == (SetBoot("disk"),)  # the reboot into the disk goes to the agent's next hello
+    assert cancel_row(s) == ("j7", B, "to_installer", CANCELLED, 0, 0, 40.0)
+    assert s.transition.detail == (f"cancelled by bob: nothing written yet; the node goes back to {A} on its disk; "
+                                   "rung 0: reboot when the agent connects")
+    # the installer says hello (a new boot): it is told to boot its disk, at rung 0, no climb and no row
+    installer = step(node, Connected("i9", "installer", None), 1050.0)
+    assert installer.actions == (Reboot("disk", "reboot"),) and installer.transition is None
+    assert (installer.node.state, installer.node.rung, installer.node.reboot_from) == (State.TO_IMAGE, 0, "i9")
+    back = step(installer.node, Connected("b2", "system", A), 1060.0)
+    assert (back.node.state, back.node.image) == (State.READY, A)
+    assert row(back)[:2] == ("to_image", "ready") and row(back)[5] == f"booted {A}"
+
+
+def test_cancel_of_a_node_that_climbed_the_ladder_sends_it_back_too():
+    climbed = to_installer(rung=1, deadline=1300.0)
+    s = step(climbed, CANCEL, 1200.0)
+    assert (s.node.state, s.node.target, s.node.rung) == (State.TO_IMAGE, A, 0)
+    assert cancel_row(s)[2:6] == ("to_installer", CANCELLED, 0, 1)  # the row keeps the rung it ended
+
+
+def test_cancel_with_a_power_rung_first_power_cycles_the_node_back_to_its_disk_at_once():
+    policy = Policy(ladder=(Rung("power_cycle", 50.0),), install_timeout=100.0, install_attempts=1)
+    s = step(to_installer(online=False), CANCEL, 1020.0, policy)
+    assert s.actions == (SetBoot("disk"), Reboot("disk", "power_cycle"))
+    assert (s.node.state, s.node.reboot_from, s.node.deadline) == (State.TO_IMAGE, "b1", 1070.0)
+
+
+def test_cancel_of_a_node_with_no_verified_image_leaves_the_switch_with_the_disk_as_next_boot():
+    unknown = replace(to_installer(online=False), image=None)
+    s = step(unknown, CANCEL, 1020.0)
+    assert (s.node.state, s.node.deadline) == (State.OFFLINE, None)
+    assert s.actions == (SetBoot("disk"),)
+    assert s.transition.to_state == CANCELLED and "never verified an image" in s.transition.detail
+
+
+@pytest.mark.parametrize("node", [
+    installing(),  # the installer is writing the target
+    installing(online=False),
+    to_image(),  # the target is written
+    replace(to_installer(), attempt=1),  # an install began, then the node left the installer
+], ids=["installing", "installing-offline", "to_image", "to_installer-after-an-attempt"])
+def test_cancel_never_stops_a_switch_whose_disk_may_hold_part_of_the_image(node):
+    s = step(node, CANCEL, 2500.0)
+    assert s == Step(node)  # the switch goes on to its end: no change, no action, no row
+
+
+def test_after_a_cancel_an_install_under_way_still_ends_ready_in_the_new_image():
+    node = step(installing(), CANCEL, 2500.0).node
+    written = step(node, Installed(B, True, attempt=1), 2600.0)
+    assert written.node.state is State.TO_IMAGE and written.node.target == B
+    assert step(written.node, Connected("b5", "system", B), 2700.0).node.state is State.READY
+
+
+@pytest.mark.parametrize("node", [ready(), offline(), in_installer(), failed()], ids=lambda n: n.state.value)
+def test_cancel_of_a_node_that_is_not_switching_changes_nothing(node):
+    assert step(node, CANCEL, 5000.0) == Step(node)
+
+
+def test_a_sent_back_node_is_restored_waiting_for_its_old_image_after_a_restart():
+    node = step(to_installer(online=False), CANCEL, 1040.0).node
+    restored = restore(node, now=1050.0, grace=90.0)
+    assert (restored.state, restored.target, restored.deadline) == (State.TO_IMAGE, A, 1140.0)

@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "test-cache"
-TOOLS = ["dpkg-buildpackage", "dh", "pybuild", "dh_python3", "debootstrap", "chroot", "mount", "umount", "dpkg-deb"]
+TOOLS = ["dpkg-buildpackage", "dh", "pybuild", "dh_python3", "debootstrap", "chroot", "mount", "umount", "dpkg-deb",
+         "unshare", "nsenter", "ip"]
 BUILD_MODULES = ["build_manpages", "shtab", "build", "installer", "wheel"]
 # python3-cffi-backend: debootstrap does not resolve virtual packages (python3-cryptography needs its cffi API).
 EXTRA_IN_ROOT = ["systemd", "man-db", "bash-completion", "python3-cffi-backend"]
@@ -198,7 +199,10 @@ printf '%s\\n' "${COMPREPLY[@]}"
 
 
 def test_cidd_starts_on_debians_libraries_and_answers_cidcapt(root: Root) -> None:
-    daemon = subprocess.Popen(["chroot", str(root.path), "/usr/bin/cidd"], env={**ENV, "CID_STATE_DIR": "/tmp/st"},
+    # In a network namespace of its own: cidd's default ports (38008, 38080) may be in use on this machine.
+    isolated = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    daemon = subprocess.Popen([*isolated, "chroot", str(root.path), "/usr/bin/cidd"],
+                              env={**ENV, "CID_STATE_DIR": "/tmp/st"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -211,6 +215,24 @@ def test_cidd_starts_on_debians_libraries_and_answers_cidcapt(root: Root) -> Non
     finally:
         daemon.terminate()
         daemon.wait(timeout=30)
+
+
+def test_readme_running_it_for_real_switches_a_node(root: Root, tmp_path: Path) -> None:
+    """The README's "Running it for real" block, run as written (tests/readme_run.py: the substitution table)."""
+    from tests.readme_run import NODE_ROOT, run_readme
+
+    started = time.monotonic()
+    steps = run_readme(root.path, ENV, tmp_path)
+    root.timings["readme"] = time.monotonic() - started
+    capture = next(step for step in steps if step.readme.startswith("cidcapt -j"))
+    assert capture.returncode == 0 and "node001" in capture.ran, capture
+    status = next(step for step in steps if step.readme.startswith("cidcapt --status"))
+    assert re.search(r"^node001 +ready +debian-12-1 ", status.output, re.M), status.output
+    disk = root.path / NODE_ROOT.lstrip("/")
+    assert (disk / "etc/cid-image").read_text().splitlines()[0] == "debian-12-1"  # the installed node's marker
+    assert (disk / "usr/bin/hello").read_text().startswith("#!/bin/sh")  # the image's tree, on node001's disk
+    assert (disk / "etc/cid/ca.pem").read_bytes() == (root.path / "var/lib/cid/tls/ca.pem").read_bytes()
+    assert (disk / "etc/cid/agent.token").read_text().strip() == root.sh("cidd agent-token node001").stdout.strip()
 
 
 def test_purge_removes_what_was_installed_but_keeps_state(root: Root) -> None:

@@ -204,6 +204,64 @@ def test_capture_request_errors(world):
     assert engine.captures == {}
 
 
+def test_cancel_rights_admin_or_the_scheduler_for_the_captures_own_user(world):
+    _clock, engine, factory = world
+    agent = Peer(factory)
+    agent.send(agent_hello())
+    scheduler = client(factory, role="scheduler")
+    scheduler.send({"type": "capture", "id": 2, "job": "77", "nodes": "n1", "image": "rocky-9-3", "user": "alice"})
+    assert scheduler.received()[0]["capture"]["state"] == "running"
+    reader = client(factory, role="reader")
+    reader.send({"type": "cancel", "id": 3, "job": "77", "user": "alice"})
+    reader.send({"type": "cancel", "id": 4, "job": "nosuch"})  # refused before saying whether the job exists
+    assert [(e["code"], "may not cancel captures" in e["message"]) for e in reader.received()] == [
+        ("forbidden", True), ("forbidden", True)]
+    scheduler.send({"type": "cancel", "id": 5, "job": "77", "user": "bob"})
+    [refused] = scheduler.received()
+    assert refused["code"] == "forbidden"
+    assert "user bob may not cancel the capture of job 77: it was started by user alice" in refused["message"]
+    assert engine.captures["77"].running  # nothing happened
+    scheduler.send({"type": "cancel", "id": 6, "job": "77", "user": "alice"})
+    [cancelled] = scheduler.received()
+    [row] = [row for row in engine.store.events(job="77") if row["to"] == "cancelled"]
+    assert row["node"] == "n1" and row["detail"].startswith("cancelled by alice: ")
+    assert cancelled["already"] is False and cancelled["capture"]["state"] == "cancelled"
+    assert cancelled["capture"]["cancelled_by"] == "alice"
+    admin = client(factory)
+    admin.send({"type": "cancel", "id": 7, "job": "77", "user": "root"})  # a second cancel is fine
+    admin.send({"type": "cancel", "id": 8, "job": "nosuch"})
+    again, unknown = admin.received()
+    assert again["already"] is True and again["capture"]["cancelled_by"] == "alice"
+    assert unknown["code"] == "bad_request" and "job nosuch has no capture; nothing to cancel" in unknown["message"]
+
+
+def test_images_hides_the_private_images_of_other_users_but_not_from_admin(world):
+    from cidcatalog.catalog import Image
+
+    _clock, engine, factory = world
+    engine.catalog = engine.catalog.with_image(Image("alicefs", "1", "1", "alicefs-1-1.tar.zst", os="debian 12",
+                                                     owner="alice", visibility="private"))
+    shared = sorted(image_id for image_id in engine.catalog if image_id != "alicefs-1-1")
+    reader = client(factory, role="reader")
+    reader.send({"type": "images", "id": 2, "user": "alice"})  # a reader's token proves no user
+    [seen] = reader.received()
+    assert [row["id"] for row in seen["images"]] == shared and seen["hidden"] == 1
+    assert "unavailable" not in seen
+    scheduler = client(factory, role="scheduler")
+    scheduler.send({"type": "images", "id": 3, "user": "bob"})
+    scheduler.send({"type": "images", "id": 4, "user": "alice"})  # the scheduler vouches for the user it names
+    bob, alice = scheduler.received()
+    assert "alicefs-1-1" not in [row["id"] for row in bob["images"]] and bob["hidden"] == 1
+    [own] = [row for row in alice["images"] if row["id"] == "alicefs-1-1"]
+    assert (own["owner"], own["visibility"], own["os"], own["name"]) == ("alice", "private", "debian 12", "alicefs")
+    assert own["size"] is None and own["date"] is None  # no file in the image directory
+    admin = client(factory)
+    admin.send({"type": "images", "id": 5})
+    [everything] = admin.received()
+    assert len(everything["images"]) == len(shared) + 1 and everything["hidden"] == 0
+    assert everything["unavailable"] == []
+
+
 def test_features_request_returns_the_scheduler_map(tmp_path):
     clock = Clock()
     config = parse_config({"state_dir": str(tmp_path), "scheduler": {

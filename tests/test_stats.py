@@ -40,7 +40,7 @@ from cidd.core.stats import (
 )
 from cidd.engine import Engine
 from cidd.history import History, StatsQuery, compute_stats, parse_query, query_from_args
-from cidd.store import _UPGRADES, Store
+from cidd.store import _UPGRADES, SCHEMA_VERSION, Store
 from cidsim.fake_cidd import FakeCidd, FakeSession, test_ca_file
 
 A, B = "alma-9-1", "debian-12-1"
@@ -364,7 +364,7 @@ def test_a_version_2_database_is_upgraded_with_its_history_kept(tmp_path: Path) 
     old.commit()
     old.close()
     store = Store(path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION  # 3, then 4 (cancels)
     assert store.history_size() == (1, 0)
     figures = compute_stats(path, StatsQuery(), {}, {}, 7 * DAY)
     assert figures["total"]["switches"] == 1 and figures["total"]["phases"]["to_image"]["median"] == 12.0

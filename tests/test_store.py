@@ -44,7 +44,7 @@ def transition(node: str = "n1", job: str | None = "j1", to: str = "to_installer
 
 def test_new_database_gets_the_schema_version_and_its_tables(store, db_path):
     assert db_path.exists()
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     tables = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"nodes", "captures", "capture_nodes", "events", "boot_profiles"} <= tables
 
@@ -135,6 +135,42 @@ def test_capture_updates_and_queries(store):
     assert store.latest_capture("j1") == ended
     assert [c.id for c in store.recent_captures()] == [second.id, first.id]
     assert [c.id for c in store.recent_captures(limit=1)] == [second.id]
+
+
+def test_a_cancelled_capture_keeps_its_state_who_cancelled_it_and_its_reasons_when_reopened(db_path):
+    s = Store(db_path)
+    saved = s.save_capture(capture())
+    results = {**saved.nodes, "n3": NodeResult(Result.PENDING, "cancelled by bob: the node was not rebooted yet")}
+    s.save_capture(Capture(**{**saved.__dict__, "nodes": results, "state": CaptureState.CANCELLED, "ended": 150.0,
+                              "cancelled_by": "bob"}))
+    s.close()
+    again = Store(db_path)
+    try:
+        loaded = again.latest_capture("j1")
+        assert (loaded.state, loaded.ended, loaded.cancelled_by) == (CaptureState.CANCELLED, 150.0, "bob")
+        assert loaded.nodes["n3"].reason == "cancelled by bob: the node was not rebooted yet"
+        assert again.running_captures() == []
+    finally:
+        again.close()
+
+
+def test_a_version_3_database_gets_the_cancelled_by_column_keeping_its_captures(tmp_path):
+    from cidd.store import _UPGRADES
+
+    path = tmp_path / "v3.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(";".join(_UPGRADES[v] for v in (1, 2, 3)) + "; PRAGMA user_version=3;")
+    old.execute("INSERT INTO captures (job, image, user, requester, created, deadline, state)"
+                " VALUES ('j9', 'debian-12-1', 'alice', 'scheduler', 1.0, 2.0, 'running')")
+    old.commit()
+    old.close()
+    store = Store(path)
+    try:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        loaded = store.latest_capture("j9")
+        assert (loaded.state, loaded.cancelled_by) == (CaptureState.RUNNING, None)
+    finally:
+        store.close()
 
 
 def test_latest_capture_is_the_newest_of_the_job(store):

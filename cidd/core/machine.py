@@ -17,6 +17,7 @@ from cidcommon.vocabulary import BootTarget, Mode
 from cidd.core.machine_types import (
     AGENT_METHODS,
     Action,
+    Cancel,
     Connected,
     Disconnected,
     Event,
@@ -33,7 +34,7 @@ from cidd.core.machine_types import (
     Tick,
 )
 
-__all__ = ["State", "Node", "Step", "Transition", "apply", "restore", "SWITCHING", "AlreadySwitching"]
+__all__ = ["State", "Node", "Step", "Transition", "apply", "restore", "SWITCHING", "CANCELLED", "AlreadySwitching"]
 
 
 class State(StrEnum):
@@ -50,6 +51,11 @@ class State(StrEnum):
 
 
 SWITCHING = frozenset({State.TO_INSTALLER, State.INSTALLING, State.TO_IMAGE})
+
+#: The ``to_state`` of the history row that ends a switch because its capture was cancelled. Not a node state:
+#: the row's detail says where the node went (its idle state, or ``to_image`` back to its old image), and the
+#: node's next row starts from there. The statistics count such a row as neither a success nor a failure.
+CANCELLED = "cancelled"
 
 
 class AlreadySwitching(CidError):
@@ -319,6 +325,60 @@ def _on_rung_failed(node: Node, event: RungFailed, policy: Policy, now: float) -
     return _climb(node, policy, now, event.reason)
 
 
+def _on_cancel(node: Node, event: Cancel, policy: Policy, now: float) -> Step:
+    """Return the Step that takes ``node`` out of its switch, if nothing of the target can be on its disk yet.
+
+    - ``to_installer`` at rung 0 whose reboot was not issued (no agent to send it to, or queued behind the
+      reboot window): the node was never touched; it goes back to its idle state (offline, or ready in its
+      image), next boot from the disk.
+    - ``to_installer`` otherwise (the node is on its way to the installer, or there): nothing was written; it
+      is sent back to the image it ran (``to_image`` with that image as target, rung 0: the reboot into the
+      disk goes to the agent's next hello, or out at once for a power rung), or, when cidd never verified an
+      image on it, goes back to its idle state with the disk as next boot.
+    - ``installing``, ``to_image``, or ``to_installer`` after an install attempt began (the node left the
+      installer mid-install): the disk may hold part of the target, so the switch goes on to its end (ready in
+      the target, or failed); nothing changes here and no row is written.
+    Any other state: nothing. A node that leaves its switch gets one history row to ``CANCELLED``.
+    """
+    if node.state is not State.TO_INSTALLER or node.attempt > 0:
+        return Step(node)
+    who = f"cancelled by {event.by}"
+    if node.rung == 0 and (node.reboot_from is None or node.deadline is None):
+        idle = _idle_state(node)
+        where = f"ready in {node.image}" if idle is State.READY else f"{idle.value}, next boot from its disk"
+        new = replace(node, state=idle, deadline=None, reason=None, reboot_from=None, since=now)
+        return _cancel_step(node, new, (SetBoot(BootTarget.DISK),), event, now,
+                            f"{who}: the node was not rebooted yet; it stays {where}")
+    if node.image is None:
+        idle = _idle_state(node)
+        new = replace(node, state=idle, deadline=None, reason=None, reboot_from=None, since=now)
+        return _cancel_step(node, new, (SetBoot(BootTarget.DISK),), event, now,
+                            f"{who}: nothing written yet, and cidd never verified an image on this node to send it "
+                            "back to; next boot from its disk")
+    # Its reboot into the installer was issued: it is on its way there (or already there). An agent rung's
+    # reboot into the disk goes to the agent's next hello (the installer's); a power rung is issued now.
+    rung = policy.ladder[0]
+    back = replace(node, state=State.TO_IMAGE, target=node.image, job=event.job, attempt=0, rung=0,
+                   deadline=now + rung.timeout, reason=None, reboot_from=None, since=now)
+    detail = f"{who}: nothing written yet; the node goes back to {node.image} on its disk; rung 0: {rung.method}"
+    actions: tuple[Action, ...] = (SetBoot(BootTarget.DISK),)
+    if rung.method in AGENT_METHODS:
+        detail += " when the agent connects"
+    else:
+        actions += (Reboot(BootTarget.DISK, rung.method),)
+        back = replace(back, reboot_from=node.boot_id or "")
+    return _cancel_step(node, back, actions, event, now, detail)
+
+
+def _cancel_step(old: Node, new: Node, actions: tuple[Action, ...], event: Cancel, now: float,
+                 detail: str) -> Step:
+    """Return a Step whose history row ends ``old``'s switch as cancelled (job and image of the cancelled switch)."""
+    transition = Transition(node=old.name, job=event.job, image=old.target, from_state=old.state.value,
+                            to_state=CANCELLED, attempt=old.attempt, rung=old.rung,
+                            elapsed=max(0.0, now - old.since), detail=detail)
+    return Step(new, actions, transition)
+
+
 def _on_set_deadline(node: Node, event: SetDeadline, policy: Policy, now: float) -> Step:
     if node.state not in (State.TO_INSTALLER, State.TO_IMAGE) or event.state != node.state.value or \
             event.rung != node.rung:
@@ -346,4 +406,5 @@ _HANDLERS: dict[type, Callable[[Node, Any, Policy, float], Step]] = {
     RungFailed: _on_rung_failed,
     SetDeadline: _on_set_deadline,
     Tick: _on_tick,
+    Cancel: _on_cancel,
 }

@@ -123,7 +123,19 @@ class Tick:
     """Time passed: check the node's deadline."""
 
 
-Event = Switch | Connected | Disconnected | Installed | RungFailed | SetDeadline | Tick
+@dataclass(frozen=True)
+class Cancel:
+    """``by`` cancelled the capture of ``job``, and no other running capture wants the node's switch.
+
+    The node leaves its switch where nothing of the target was written yet; otherwise the switch goes on
+    (docs/state-machine.md, "Cancelling a capture").
+    """
+
+    job: str
+    by: str
+
+
+Event = Switch | Connected | Disconnected | Installed | RungFailed | SetDeadline | Tick | Cancel
 
 
 # --- actions (outputs) ---

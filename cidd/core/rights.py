@@ -7,6 +7,10 @@ is covered by at least one rule that matches the user and the image; otherwise i
 first uncovered node and the rules that were checked. Whatever the rules say, a private image goes only onto
 the nodes of its owner's jobs. With no ``rights:`` section at all, every user may capture every shared image
 (as before rights existed). The admin role bypasses all of this; the caller (cidd.client_api) decides that.
+
+Two more rules live here: who may cancel a running capture (``check_cancel``: the admin role, or the scheduler
+role for the capture's own user) and who may see an image in the image list (``may_see``: a private image
+only its owner, as only its owner may use it, whatever the rules say; the admin role every image).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ GroupsOf = Callable[[str], frozenset[str]]
 
 class RightsRefused(Forbidden):
     """A capture that no rights rule allows (wire code ``forbidden``: cidcapt exit code 5)."""
+
+
+class CancelRefused(Forbidden):
+    """A cancel by a role or user that may not cancel that capture (wire code ``forbidden``: exit code 5)."""
 
 
 @dataclass(frozen=True)
@@ -140,3 +148,31 @@ def _words(value: Any, key: str, where: str, problem: Callable[[str, str], None]
         problem(where, f"'{key}' must be a list of names")
         return []
     return list(value)
+
+
+def check_cancel(role: str | None, user: str | None, job: str, owner: str | None) -> None:
+    """Return when a client of ``role``, speaking for ``user``, may cancel the capture of ``job`` whose user is
+    ``owner``.
+
+    The admin role may cancel any capture; the scheduler role a capture whose user is the user it names (the
+    user who started it, as the scheduler vouches for the job's user when it starts one); nobody else (the
+    reader role never changes anything). Raises CancelRefused saying who may.
+    """
+    if role == "admin":
+        return
+    if role != "scheduler":
+        raise CancelRefused(f"role {role!r} may not cancel captures; use the admin token, or the scheduler's "
+                            "for the job's own user")
+    if not user or owner is None or user != owner:
+        started = f"by user {owner}" if owner else "without a user (only the admin role may cancel it)"
+        raise CancelRefused(f"user {user or '(none)'} may not cancel the capture of job {job}: it was started "
+                            f"{started}; only that user (through the scheduler role) or an admin may cancel it")
+
+
+def may_see(role: str | None, user: str | None, image: ImageFacts) -> bool:
+    """Return whether a client of ``role`` speaking for ``user`` may see ``image`` in the image list.
+
+    Shared images are seen by every client role; a private image only by the admin role and by its owner (no
+    rights rule gives a private image to another user, so nobody else learns its name, size or date).
+    """
+    return role == "admin" or image.visibility != "private" or (bool(user) and user == image.owner)

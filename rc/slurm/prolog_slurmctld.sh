@@ -11,7 +11,7 @@
 # drain nodes or end a job, looks the controller up with a DNS SRV query.
 #
 # Exit code: cidcapt's (0 the nodes run the image, 1 some failed, 2 bad request, 3 deadline, 4 cidd unreachable,
-# 5 refused). Non-zero makes Slurm requeue a batch job; before that cidcapt drains the nodes that failed or timed
+# 5 refused, 6 the capture was cancelled with cidcapt --cancel: nothing drained). Non-zero makes Slurm requeue a batch job; before that cidcapt drains the nodes that failed or timed
 # out, and ends (does not requeue) a job whose request can never succeed (2, or 5 from the rights rules), with
 # the reason in its AdminComment. 126/127: cidcapt could not be run at all: the job's nodes are drained, saying so.
 #
