@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from cidcapt.capture import CaptureRequest
 from cidcapt.progress import ProgressModel, ProgressOptions
-from cidcapt.progress_text import Follower, PlainFollower, change_line
+from cidcapt.progress_text import Follower, PlainFollower, change_line, size
 from cidcommon.hostlists import collect
 
 #: With more nodes than this, summary rows that differ only by node name are merged into one hostlist row.
@@ -336,12 +336,7 @@ def format_bytes(count: Any) -> str:
     """Return a byte count such as ``512 B``, ``3.4 GiB``; ``-`` for none or zero."""
     if not isinstance(count, int | float) or isinstance(count, bool) or count <= 0:
         return "-"
-    value, units = float(count), ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
-    unit = 0
-    while value >= 1024 and unit < len(units) - 1:
-        value /= 1024
-        unit += 1
-    return f"{value:.0f} {units[unit]}" if unit == 0 or value >= 10 else f"{value:.1f} {units[unit]}"
+    return size(count)
 
 
 def _rate(figures: dict[str, Any]) -> str:

@@ -33,7 +33,25 @@ class CertificateRefused(AuthError):
         self.kind = kind
 
 
-class HelloChecks:
+class SessionSurface:
+    """What a cidd session (cidd.sessions.PeerProtocol) offers the halves mixed into it: stubs for the type checker,
+    overridden by the session."""
+
+    @property
+    def peer(self) -> str:
+        """Return the peer's address as logs show it (the session's)."""
+        raise NotImplementedError
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write one message to the peer (the session's)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the session (the session's)."""
+        raise NotImplementedError
+
+
+class HelloChecks(SessionSurface):
     """The hello and authentication half of a cidd session (see the module docstring)."""
 
     # What the session (cidd.sessions.PeerProtocol) provides to this half: declared here for the type checker.
@@ -50,19 +68,6 @@ class HelloChecks:
     _held: bytes
     _identity_pending: bool
     _hello_timer: Any
-
-    @property
-    def peer(self) -> str:
-        """Return the peer's address as logs show it (the session's)."""
-        raise NotImplementedError
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Write one message to the peer (the session's)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Close the session (the session's)."""
-        raise NotImplementedError
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         """Take bytes from the peer (the session's)."""

@@ -18,6 +18,7 @@ from cidcommon import wire
 from cidcommon.twisted_requests import after_reads
 from cidcommon.wire import HELLO_TIMEOUT
 from cidd.core.heartbeats import heartbeat_interval, silence_limit, worth_retelling
+from cidd.session_hello import SessionSurface
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +30,7 @@ log = structlog.get_logger(__name__)
 HANDSHAKE_TIMEOUT = 120.0
 
 
-class SessionLiveness:
+class SessionLiveness(SessionSurface):
     """The timers of one session and the heartbeat interval of an agent (see the module docstring)."""
 
     # What the session (cidd.sessions.PeerProtocol) provides: declared here for the type checker.
@@ -44,19 +45,6 @@ class SessionLiveness:
     _idle_timer: IDelayedCall | None
     heartbeat: float | None  # the interval this agent was last told
     silence_limit: float  # grows with the intervals told
-
-    @property
-    def peer(self) -> str:
-        """Return the peer's address as logs show it (the session's)."""
-        raise NotImplementedError
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Write one message to the peer (the session's)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Close the session (the session's)."""
-        raise NotImplementedError
 
     # --- hello ---
 
