@@ -66,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--bmc-credentials", metavar="FILE", type=Path,
                      help="file holding 'user:password' for the simulated BMCs (mode 0600)")
     sim.add_argument("--bmc-dead", metavar="HOSTLIST", help="nodes whose simulated BMC never answers")
-    sim.add_argument("--bmc-slow", metavar="HOSTLIST", help="nodes whose simulated BMC answers each command late")
+    sim.add_argument("--bmc-slow", metavar="HOSTLIST",
+                     help="nodes whose simulated BMC handles every IPMI packet late (logins too)")
     sim.add_argument("--bmc-slow-delay", metavar="S", type=seconds_arg, default=3.0,
-                     help="how late a --bmc-slow BMC answers (default %(default)g s)")
+                     help="how late a --bmc-slow BMC handles each packet (default %(default)g s; pyghmi retransmits "
+                     "a packet unanswered for 0.5-1 s, so a delay above that also brings repeated requests)")
     sim.add_argument("--redfish-hw-port", metavar="PORT", type=int,
                      help="listen on 127.0.0.1:PORT for sushy-emulator's notifications (python -m "
                      "cidsim.redfish_emulator --notify): its fake systems then power the nodes off and on")
